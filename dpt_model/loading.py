@@ -1,0 +1,241 @@
+"""Find, fetch and load DPT checkpoints: hub id, local directory or fsspec URI.
+
+Weights load from safetensors only and never run remote code. A checkpoint at an
+fsspec URI (``s3://bucket/models/dpt-large``) is copied once into a local cache
+directory and loaded from there, like a hub download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import torch
+from filelock import FileLock
+
+from dpt_model.processing import PreprocessSpec
+
+Task = Literal["depth", "segmentation"]
+
+# model_type values whose checkpoints this project knows how to run, per task.
+SUPPORTED_MODEL_TYPES: dict[Task, frozenset[str]] = {
+    "depth": frozenset({"dpt", "depth_anything"}),
+    "segmentation": frozenset({"dpt"}),
+}
+# The only files a checkpoint directory needs; anything else (pickled .bin
+# weights, remote code) is never fetched.
+CHECKPOINT_FILE_SUFFIXES = (".json", ".safetensors")
+DEFAULT_CACHE_DIR = Path(
+    os.environ.get("DPT_ANNOTATE_CACHE", Path.home() / ".cache" / "dpt-annotate" / "models")
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be found, fetched or run; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced an output: the name the user gave plus a hash of the weights."""
+
+    name: str
+    weights_sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@sha256:{self.weights_sha256[:16]}"
+
+
+def is_fsspec_uri(uri: str) -> bool:
+    return "://" in uri
+
+
+def _cache_key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:24]
+
+
+def resolve_checkpoint_dir(
+    model_uri: str,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    storage_options: dict[str, Any] | None = None,
+) -> Path:
+    """Return a local directory holding the checkpoint's config and safetensors files."""
+    local = Path(model_uri).expanduser()
+    if not is_fsspec_uri(model_uri) and local.is_dir():
+        return local
+    if is_fsspec_uri(model_uri):
+        return _fetch_fsspec_checkpoint(model_uri, cache_dir, storage_options or {})
+    return _fetch_hub_checkpoint(model_uri)
+
+
+def _fetch_fsspec_checkpoint(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
+    target = cache_dir / _cache_key(uri)
+    complete_marker = target / ".complete"
+    if complete_marker.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Several actors on one node may start at once: one downloads, the others wait.
+    with FileLock(str(target) + ".lock"):
+        if complete_marker.exists():
+            return target
+        try:
+            fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+            names = [
+                name
+                for name in fs.ls(root, detail=False)
+                if name.endswith(CHECKPOINT_FILE_SUFFIXES)
+            ]
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot list model {uri}: {error}") from None
+        if not names:
+            raise ModelLoadError(f"model {uri} holds no .json or .safetensors files")
+        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
+        try:
+            for name in names:
+                fs.get(name, str(staging / Path(name).name))
+            (staging / ".complete").write_text(uri)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        except OSError as error:
+            raise ModelLoadError(f"cannot download model {uri}: {error}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fetch_hub_checkpoint(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            model_id, allow_patterns=[f"*{suffix}" for suffix in CHECKPOINT_FILE_SUFFIXES]
+        )
+    except Exception as error:  # the hub client raises many unrelated types
+        raise ModelLoadError(
+            f"model {model_id!r} is neither a local directory nor reachable on the model hub: "
+            f"{type(error).__name__}"
+        ) from None
+    return Path(path)
+
+
+def read_model_config(checkpoint_dir: Path) -> dict[str, Any]:
+    path = checkpoint_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{checkpoint_dir} has no config.json")
+    return json.loads(path.read_text())
+
+
+def check_supported(config: dict[str, Any], task: Task, model_uri: str) -> None:
+    model_type = config.get("model_type")
+    supported = SUPPORTED_MODEL_TYPES[task]
+    if model_type not in supported:
+        raise ModelLoadError(
+            f"model {model_uri} has model_type {model_type!r}; {task} supports {sorted(supported)}"
+        )
+    if task == "segmentation":
+        num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 0)
+        # Class maps are 8-bit PNGs and 255 means "ignore".
+        if num_labels > 255:
+            raise ModelLoadError(
+                f"model {model_uri} has {num_labels} classes; segmentation maps hold at most 255"
+            )
+
+
+def weights_sha256(checkpoint_dir: Path) -> str:
+    """Hash of every safetensors file (names and bytes), stable across copies of a checkpoint."""
+    digest = hashlib.sha256()
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"{checkpoint_dir} has no .safetensors weights (other formats are refused)"
+        )
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_name(model_uri: str) -> str:
+    if is_fsspec_uri(model_uri) or Path(model_uri).expanduser().is_dir():
+        return Path(model_uri.rstrip("/")).name
+    return model_uri
+
+
+def load_network(
+    checkpoint_dir: Path, task: Task, device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """Instantiate the network from safetensors weights, in eval mode, on ``device``."""
+    from transformers import AutoModelForDepthEstimation, DPTForSemanticSegmentation
+    from transformers.utils import logging as transformers_logging
+
+    # One progress bar per actor per model is noise in a cluster's logs.
+    transformers_logging.disable_progress_bar()
+
+    model_class = AutoModelForDepthEstimation if task == "depth" else DPTForSemanticSegmentation
+    try:
+        model = model_class.from_pretrained(
+            str(checkpoint_dir), use_safetensors=True, trust_remote_code=False, dtype=dtype
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load {task} model from {checkpoint_dir}: {error}") from None
+    model.eval().to(device)
+    _enable_non_square_grids(model)
+    return model
+
+
+def check_input_geometry(config: dict[str, Any], spec: PreprocessSpec, model_uri: str) -> None:
+    """Refuse processor settings the network cannot run, before any image is read."""
+    if config.get("is_hybrid"):
+        image_size = config.get("image_size", 384)
+        if spec.keep_aspect_ratio or (spec.height_px, spec.width_px) != (image_size, image_size):
+            raise ModelLoadError(
+                f"model {model_uri} is a hybrid DPT, which accepts exactly "
+                f"{image_size}×{image_size} input; its processor config must resize to that "
+                "size without keep_aspect_ratio"
+            )
+
+
+def _enable_non_square_grids(model: torch.nn.Module) -> None:
+    """Let ViT-backbone DPT run on non-square inputs.
+
+    transformers' DPT reshapes the ViT tokens into a square grid unless the model
+    passes the grid's height and width to its neck, which only the Dinov2-style
+    ``backbone_config`` path does; ``DPTForSemanticSegmentation`` never does. A
+    keep-aspect-ratio input then crashes ("shape '[1, 29, 29, 32]' is invalid").
+    The patch embedding and position-embedding interpolation already handle any
+    grid, so passing the real grid to the neck is all MiDaS-style non-square
+    inference needs.
+    """
+    config = model.config
+    neck = getattr(model, "neck", None)
+    if config.model_type != "dpt" or config.is_hybrid or neck is None:
+        return
+    if getattr(model, "backbone", None) is not None:
+        return  # the backbone_config path already passes the grid
+    patch_size = config.patch_size
+    grid: dict[str, tuple[int, int]] = {}
+
+    def remember_grid(_module, args, kwargs):
+        pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        grid["hw"] = (pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)
+
+    def pass_grid_to_neck(_module, args, kwargs):
+        hidden_states = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        passed = [value for value in args[1:3] if value is not None]
+        passed += [kwargs.get(key) for key in ("patch_height", "patch_width") if kwargs.get(key)]
+        if passed:
+            return None
+        patch_height, patch_width = grid["hw"]
+        return (hidden_states,), {"patch_height": patch_height, "patch_width": patch_width}
+
+    model.register_forward_pre_hook(remember_grid, with_kwargs=True)
+    neck.register_forward_pre_hook(pass_grid_to_neck, with_kwargs=True)

@@ -1,0 +1,177 @@
+"""Batched DPT inference: model-sized uint8 images in, full-size maps out.
+
+A predictor is built once (weights on the device) and called per batch. Images of
+different model-input sizes in one batch (keep-aspect-ratio checkpoints) are run
+as one forward pass per distinct size rather than padded to a common size:
+padding would change what the attention layers see and so the predictions, while
+grouping keeps every image's output equal to running it alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpt_model.loading import (
+    DEFAULT_CACHE_DIR,
+    ModelIdentity,
+    Task,
+    check_input_geometry,
+    check_supported,
+    load_network,
+    model_name,
+    read_model_config,
+    resolve_checkpoint_dir,
+    weights_sha256,
+)
+from dpt_model.processing import (
+    PreprocessSpec,
+    to_model_tensor,
+    upsample_depth,
+    upsample_segmentation,
+)
+from dpt_model.quantize import quantize_depth
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DepthPrediction:
+    """Depth at the image's original size, quantised to 16 bits (see ``quantize``)."""
+
+    depth_levels: np.ndarray | None  # (H, W) uint16
+    depth_min: float | None
+    depth_max: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SegmentationPrediction:
+    """Class ids at the image's original size with the mean max-softmax confidence."""
+
+    class_ids: np.ndarray  # (H, W) uint8
+    labels_present: list[int]
+    confidence_mean: float
+    confidence: np.ndarray | None = None  # (H, W) float32, only when asked for
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the CPU stages need to know about a checkpoint, without its weights."""
+
+    task: Task
+    uri: str
+    checkpoint_dir: Path
+    spec: PreprocessSpec
+    config: dict[str, Any]
+
+    @classmethod
+    def fetch(
+        cls,
+        task: Task,
+        model_uri: str,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        storage_options: dict[str, Any] | None = None,
+    ) -> ModelCard:
+        checkpoint_dir = resolve_checkpoint_dir(model_uri, cache_dir, storage_options)
+        config = read_model_config(checkpoint_dir)
+        check_supported(config, task, model_uri)
+        spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)
+        check_input_geometry(config, spec, model_uri)
+        return cls(task, model_uri, checkpoint_dir, spec, config)
+
+
+class _Predictor:
+    task: Task
+
+    def __init__(
+        self,
+        model_uri: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        card = ModelCard.fetch(self.task, model_uri, cache_dir, storage_options)
+        self.spec = card.spec
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.identity = ModelIdentity(model_name(model_uri), weights_sha256(card.checkpoint_dir))
+        self.model = load_network(card.checkpoint_dir, self.task, self.device, self.dtype)
+        self.id2label = {int(k): v for k, v in (self.model.config.id2label or {}).items()}
+
+    def _forward_groups(self, model_inputs: Sequence[np.ndarray]):
+        """Yield (indices, model output) once per distinct input shape."""
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, pixels in enumerate(model_inputs):
+            groups[pixels.shape].append(index)
+        for indices in groups.values():
+            stacked = torch.from_numpy(np.stack([model_inputs[i] for i in indices]))
+            if self.device.type == "cuda":
+                stacked = stacked.pin_memory().to(self.device, non_blocking=True)
+            pixel_values = to_model_tensor(stacked, self.spec, self.dtype)
+            with torch.inference_mode():
+                yield indices, self.model(pixel_values=pixel_values)
+
+
+class DepthPredictor(_Predictor):
+    """``DPTForDepthEstimation`` / Depth Anything checkpoints."""
+
+    task: Task = "depth"
+
+    def predict(
+        self, model_inputs: Sequence[np.ndarray], original_sizes: Sequence[tuple[int, int]]
+    ) -> list[DepthPrediction]:
+        """model_inputs: (h, w, 3) uint8 from ``resize_for_model``; sizes: (H, W) each."""
+        results: list[DepthPrediction | None] = [None] * len(model_inputs)
+        for indices, output in self._forward_groups(model_inputs):
+            with torch.inference_mode():
+                for row, index in enumerate(indices):
+                    depth = upsample_depth(output.predicted_depth[row], original_sizes[index])
+                    try:
+                        levels, depth_min, depth_max = quantize_depth(depth)
+                    except ValueError as error:
+                        results[index] = DepthPrediction(None, None, None, error=str(error))
+                        continue
+                    results[index] = DepthPrediction(levels, depth_min, depth_max)
+        return results  # type: ignore[return-value]
+
+
+class SegmentationPredictor(_Predictor):
+    """``DPTForSemanticSegmentation`` checkpoints."""
+
+    task: Task = "segmentation"
+
+    def predict(
+        self,
+        model_inputs: Sequence[np.ndarray],
+        original_sizes: Sequence[tuple[int, int]],
+        return_confidence: bool = False,
+    ) -> list[SegmentationPrediction]:
+        results: list[SegmentationPrediction | None] = [None] * len(model_inputs)
+        for indices, output in self._forward_groups(model_inputs):
+            with torch.inference_mode():
+                for row, index in enumerate(indices):
+                    class_ids, confidence = upsample_segmentation(
+                        output.logits[row], original_sizes[index]
+                    )
+                    results[index] = SegmentationPrediction(
+                        class_ids=class_ids.to(torch.uint8).cpu().numpy(),
+                        labels_present=[int(v) for v in torch.unique(class_ids).cpu()],
+                        confidence_mean=float(confidence.mean()),
+                        confidence=confidence.cpu().numpy() if return_confidence else None,
+                    )
+        return results  # type: ignore[return-value]
+
+
+def make_predictor(
+    task: Task, model_uri: str, **kwargs: Any
+) -> DepthPredictor | SegmentationPredictor:
+    predictor_class = DepthPredictor if task == "depth" else SegmentationPredictor
+    return predictor_class(model_uri, **kwargs)

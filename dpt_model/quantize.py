@@ -1,0 +1,38 @@
+"""Depth quantisation to 16-bit and back; the PNG contract in one place.
+
+``depth = depth_min + v / 65535 * (depth_max - depth_min)`` for a stored value v.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DEPTH_LEVELS = 65535
+
+
+def quantize_depth(depth: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """(H, W) float depth → (uint16 array, depth_min, depth_max).
+
+    Runs on the tensor's device, so on a GPU only the 2-byte result is copied back.
+    Raises ValueError on non-finite values (a float16 overflow, say), which no
+    16-bit encoding can represent.
+    """
+    depth = depth.to(torch.float32)
+    if not bool(torch.isfinite(depth).all()):
+        raise ValueError("model produced non-finite depth values")
+    depth_min = float(depth.min())
+    depth_max = float(depth.max())
+    depth_range = depth_max - depth_min
+    if depth_range == 0.0:
+        levels = torch.zeros_like(depth, dtype=torch.int32)
+    else:
+        levels = torch.round((depth - depth_min) * (DEPTH_LEVELS / depth_range)).to(torch.int32)
+        levels = levels.clamp_(0, DEPTH_LEVELS)
+    return levels.cpu().numpy().astype(np.uint16), depth_min, depth_max
+
+
+def dequantize_depth(levels: np.ndarray, depth_min: float, depth_max: float) -> np.ndarray:
+    """Inverse of ``quantize_depth``: uint16 levels → float32 depth."""
+    scale = (depth_max - depth_min) / DEPTH_LEVELS
+    return (depth_min + levels.astype(np.float64) * scale).astype(np.float32)

@@ -1,0 +1,132 @@
+"""Small seeded DPT checkpoints, written with ``save_pretrained``.
+
+The demo, the tests and the benchmark use these instead of hub weights, and load
+them through the same code path as real checkpoints. transformers' default init
+gives a tiny DPT a depth range near 1e-8 and near-tied class logits, on which
+nothing can be checked; ``initializer_range=0.1`` gives usable ranges and margins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Backbone = Literal["vit", "dinov2", "depth_anything"]
+
+# Class names for seeded segmentation checkpoints (a few ADE20k-like ones).
+SEEDED_LABELS = ("wall", "floor", "sky", "tree", "person", "car")
+
+
+def _vit_config_kwargs(hidden_size: int, num_layers: int, image_size_px: int) -> dict:
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "intermediate_size": hidden_size * 2,
+        "image_size": image_size_px,
+        "patch_size": 16,
+        "backbone_out_indices": list(range(num_layers - 4, num_layers)),
+        "neck_hidden_sizes": [16, 16, 32, 32],
+        "fusion_hidden_size": 16,
+        "head_hidden_size": 16,
+    }
+
+
+def _dinov2_backbone(hidden_size: int, num_layers: int) -> dict:
+    return {
+        "model_type": "dinov2",
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "mlp_ratio": 2,
+        "image_size": 518,
+        "patch_size": 14,
+        "out_indices": list(range(num_layers - 3, num_layers + 1)),
+        "reshape_hidden_states": False,
+        "initializer_range": 0.1,
+    }
+
+
+def build_seeded_checkpoint(
+    output_dir: str | Path,
+    task: Literal["depth", "segmentation"],
+    backbone: Backbone = "vit",
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 4,
+) -> Path:
+    """Write a randomly initialised (seeded) checkpoint and its processor config.
+
+    ``vit``: fixed 384×384 input, as Intel/dpt-large and dpt-large-ade ship.
+    ``dinov2`` / ``depth_anything``: keep-aspect-ratio 518 input, multiple of 14,
+    raw 0–255 pixels normalised with ImageNet mean/std in pixel units, as the
+    dpt-dinov2 and Depth Anything checkpoints ship (depth only).
+    """
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        DPTConfig,
+        DPTForDepthEstimation,
+        DPTForSemanticSegmentation,
+        DPTImageProcessorPil,
+    )
+
+    output_dir = Path(output_dir)
+    torch.manual_seed(seed)
+    id2label = dict(enumerate(SEEDED_LABELS))
+    label_kwargs = (
+        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if task == "segmentation"
+        else {}
+    )
+    if backbone == "vit":
+        config = DPTConfig(
+            **_vit_config_kwargs(hidden_size, num_layers, 384),
+            initializer_range=0.1,
+            **label_kwargs,
+        )
+        processor = DPTImageProcessorPil(
+            size={"height": 384, "width": 384},
+            keep_aspect_ratio=False,
+            ensure_multiple_of=1,
+            resample=3,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+    else:
+        if task != "depth":
+            raise ValueError(f"the {backbone} backbone is a depth-only checkpoint here")
+        backbone_config = _dinov2_backbone(hidden_size, num_layers)
+        common = {
+            "backbone_config": backbone_config,
+            "reassemble_factors": [4, 2, 1, 0.5],
+            "neck_hidden_sizes": [16, 16, 32, 32],
+            "fusion_hidden_size": 16,
+            "head_hidden_size": 16,
+            "initializer_range": 0.1,
+        }
+        if backbone == "dinov2":
+            config = DPTConfig(is_hybrid=False, hidden_size=hidden_size, **common)
+        else:
+            config = DepthAnythingConfig(reassemble_hidden_size=hidden_size, **common)
+        processor = DPTImageProcessorPil(
+            size={"height": 518, "width": 518},
+            keep_aspect_ratio=True,
+            ensure_multiple_of=14,
+            resample=3,
+            do_rescale=False,
+            image_mean=[123.675, 116.28, 103.53],
+            image_std=[58.395, 57.12, 57.375],
+        )
+    if backbone == "depth_anything":
+        model = DepthAnythingForDepthEstimation(config)
+    elif task == "depth":
+        model = DPTForDepthEstimation(config)
+    else:
+        model = DPTForSemanticSegmentation(config)
+    model.eval()
+    model.save_pretrained(output_dir, safe_serialization=True)
+    processor.save_pretrained(output_dir)
+    return output_dir

@@ -1,0 +1,70 @@
+"""``python -m jobs.run --config FILE [--set dotted.key=value ...]``.
+
+Parses and validates the config, calls ``pipeline.run_annotation`` and prints a
+summary. Exit codes: 0 done (error rows included), 2 bad config, 1 the job
+could not start or finish (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs.config import ConfigError, load_config
+
+EXIT_CONFIG_ERROR = 2
+EXIT_JOB_FAILED = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML job config (only what differs from defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set inference.batch_size=16 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def format_summary(summary) -> str:
+    lines = [
+        f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors "
+        f"of {summary.images_listed} images in {summary.elapsed_s:.1f} s "
+        f"({summary.images_per_s:.2f} images/s)",
+        f"  predictions: {summary.predictions_uri}",
+        f"  run report:  {summary.report_uri}",
+    ]
+    for reason, count in summary.error_reasons.items():
+        lines.append(f"  {count:>6} × {reason}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    from dpt_model import ModelLoadError
+    from pipeline.listing import InputNotFoundError
+    from pipeline.run import ClusterTooSmallError, OutputExistsError, run_annotation
+
+    try:
+        summary = run_annotation(config)
+    except (ModelLoadError, InputNotFoundError, OutputExistsError, ClusterTooSmallError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Decode: bytes → RGB uint8 at original size, then resized for each model.
+
+The one place images are decoded. Anything that does not decode becomes an error
+row with its reason; the rest of the batch carries on.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dpt_model.processing import PreprocessSpec, resize_for_model
+from pipeline.schema import error_reason
+
+EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a usable image; the message says why."""
+
+
+def decode_image(data: bytes, max_image_pixels: int, max_side_px: int) -> np.ndarray:
+    """Decode to an (H, W, 3) uint8 RGB array with EXIF orientation applied.
+
+    Size limits are checked from the header, before pixel data is decoded.
+    Animated images give their first frame.
+    """
+    if not data:
+        raise DecodeError("empty file")
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice it; treat that as an error too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise DecodeError("not an image: unrecognised format") from None
+        except Image.DecompressionBombError as error:
+            raise DecodeError(f"decompression bomb: {error}") from None
+        width, height = image.size
+        if width * height > max_image_pixels:
+            raise DecodeError(
+                f"decompression bomb: {width}×{height} = {width * height} pixels exceeds "
+                f"decode.max_image_pixels={max_image_pixels}"
+            )
+        if max(width, height) > max_side_px:
+            raise DecodeError(
+                f"image is {width}×{height}; a side exceeds decode.max_side_px={max_side_px}"
+            )
+        try:
+            image.seek(0)
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise DecodeError(f"truncated or corrupt image data: {error}") from None
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode → (H, W, 3) uint8; 16-bit and float images are scaled, not clipped."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 0..65535 → 0..255
+        if mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        gray = np.clip(np.round(values), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    specs: Mapping[str, PreprocessSpec],
+    max_image_pixels: int,
+    max_side_px: int,
+) -> dict[str, np.ndarray]:
+    """Replace ``image_bytes`` with ``width``, ``height`` and one ``<task>_input`` per model."""
+    count = len(batch["image_bytes"])
+    status = batch["status"].astype(object)
+    error = batch["error"].astype(object)
+    width = np.zeros(count, dtype=np.int32)
+    height = np.zeros(count, dtype=np.int32)
+    model_inputs = {task: np.empty(count, dtype=object) for task in specs}
+    for index in range(count):
+        for column in model_inputs.values():
+            column[index] = EMPTY_IMAGE
+        if status[index] != "ok":
+            continue
+        try:
+            rgb = decode_image(batch["image_bytes"][index], max_image_pixels, max_side_px)
+            for task, spec in specs.items():
+                model_inputs[task][index] = resize_for_model(rgb, spec)
+        except DecodeError as problem:
+            status[index], error[index] = "error", error_reason("decode", str(problem))
+            continue
+        except Exception as problem:  # a decoder bug on odd input is still one bad row
+            status[index], error[index] = "error", error_reason("decode", problem)
+            continue
+        height[index], width[index] = rgb.shape[:2]
+    out = {key: value for key, value in batch.items() if key != "image_bytes"}
+    out.update(status=status, error=error, width=width, height=height)
+    out.update({f"{task}_input": column for task, column in model_inputs.items()})
+    return out

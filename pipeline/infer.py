@@ -1,0 +1,91 @@
+"""Infer: the Ray Data actor that holds the DPT models and runs them per batch.
+
+Thin by design: models are built once in ``__init__`` by ``dpt_model``; each call
+picks the rows that decoded, runs the predictors and adds their outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpt_model import DepthPredictor, SegmentationPredictor
+from dpt_model.loading import DEFAULT_CACHE_DIR
+from pipeline.schema import error_reason
+
+EMPTY_DEPTH = np.zeros((0, 0), dtype=np.uint16)
+EMPTY_CLASSES = np.zeros((0, 0), dtype=np.uint8)
+
+
+class InferenceActor:
+    """Callable class for ``map_batches``: ``<task>_input`` columns in, map columns out."""
+
+    def __init__(
+        self,
+        depth_model: str | None,
+        segmentation_model: str | None,
+        device: str,
+        dtype: str,
+        cache_dir: str | None,
+        storage_options: dict[str, Any],
+    ) -> None:
+        options = {
+            "device": device,
+            "dtype": dtype,
+            "cache_dir": Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
+            "storage_options": storage_options,
+        }
+        self.depth = DepthPredictor(depth_model, **options) if depth_model else None
+        self.segmentation = (
+            SegmentationPredictor(segmentation_model, **options) if segmentation_model else None
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["status"])
+        status = batch["status"].astype(object)
+        error = batch["error"].astype(object)
+        ready = [index for index in range(count) if status[index] == "ok"]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ready]
+        out = {key: value for key, value in batch.items() if not key.endswith("_input")}
+
+        if self.depth is not None:
+            levels = _filled(count, EMPTY_DEPTH)
+            depth_min = np.full(count, np.nan)
+            depth_max = np.full(count, np.nan)
+            inputs = [batch["depth_input"][i] for i in ready]
+            for index, prediction in zip(ready, self.depth.predict(inputs, sizes), strict=True):
+                if prediction.error is not None:
+                    status[index], error[index] = "error", error_reason("depth", prediction.error)
+                    continue
+                levels[index] = prediction.depth_levels
+                depth_min[index], depth_max[index] = prediction.depth_min, prediction.depth_max
+            out.update(depth_levels=levels, depth_min=depth_min, depth_max=depth_max)
+            out["model_depth"] = np.full(count, str(self.depth.identity), dtype=object)
+
+        if self.segmentation is not None:
+            class_ids = _filled(count, EMPTY_CLASSES)
+            labels = _filled(count, np.zeros(0, dtype=np.int32))
+            confidence_mean = np.full(count, np.nan)
+            inputs = [batch["segmentation_input"][i] for i in ready]
+            predictions = self.segmentation.predict(inputs, sizes)
+            for index, prediction in zip(ready, predictions, strict=True):
+                class_ids[index] = prediction.class_ids
+                labels[index] = np.asarray(prediction.labels_present, dtype=np.int32)
+                confidence_mean[index] = prediction.confidence_mean
+            out.update(seg_class_ids=class_ids, seg_labels=labels)
+            out["seg_confidence_mean"] = confidence_mean
+            out["model_segmentation"] = np.full(
+                count, str(self.segmentation.identity), dtype=object
+            )
+
+        out.update(status=status, error=error)
+        return out
+
+
+def _filled(count: int, value: np.ndarray) -> np.ndarray:
+    column = np.empty(count, dtype=object)
+    for index in range(count):
+        column[index] = value
+    return column

@@ -1,0 +1,42 @@
+"""Stable ids and output keys derived from source keys.
+
+Output keys keep the source's folder structure, so ``a/x.jpg`` and ``b/x.jpg``
+never collide, and keep spaces and non-ASCII characters as they are. Only what
+could escape the output prefix or be misread by a filesystem layer is
+percent-encoded: ``%`` itself (so the mapping stays injective), ``\\``, control
+characters (NUL included), glob and URL metacharacters, and ``.``/``..``/empty
+segments. The result is always a relative key under the output prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+_ENCODED_CHARACTERS = frozenset("%\\?#*[]") | {chr(code) for code in range(32)} | {"\x7f"}
+_RESERVED_SEGMENTS = {".": "%2E", "..": "%2E%2E", "": "%"}
+
+
+def image_id_for(source_uri: str) -> str:
+    """A stable 32-hex-digit id: the same source URI gives the same id in every run."""
+    return hashlib.sha256(source_uri.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _encode_segment(segment: str) -> str:
+    if segment in _RESERVED_SEGMENTS:
+        return _RESERVED_SEGMENTS[segment]
+    return "".join(
+        "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+        if char in _ENCODED_CHARACTERS
+        else char
+        for char in segment
+    )
+
+
+def output_key_for(source_key: str) -> str:
+    """Relative source key → relative output key (without suffix), injective."""
+    return "/".join(_encode_segment(segment) for segment in source_key.split("/"))
+
+
+def map_file_key(kind: str, source_key: str, suffix: str = ".png") -> str:
+    """Key under the output prefix of one map file, e.g. ``depth/a/x.jpg.png``."""
+    return f"{kind}/{output_key_for(source_key)}{suffix}"

@@ -1,0 +1,38 @@
+"""The output contract: one Parquet row per input file, and error reasons."""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),  # after EXIF orientation
+        pa.field("height", pa.int32()),
+        pa.field("depth_uri", pa.string()),
+        pa.field("depth_min", pa.float64()),
+        pa.field("depth_max", pa.float64()),
+        pa.field("segmentation_uri", pa.string()),
+        pa.field("seg_labels", pa.list_(pa.int32())),
+        pa.field("seg_confidence_mean", pa.float64()),
+        pa.field("model_depth", pa.string()),
+        pa.field("model_segmentation", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+_URL_QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*")
+_URL_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]+@")
+_MAX_REASON_CHARS = 300
+
+
+def error_reason(stage: str, error: BaseException | str) -> str:
+    """``"<stage>: <Type>: <message>"``, with URL queries (signatures) and userinfo removed."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    text = _URL_USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
+    return f"{stage}: {text}"[:_MAX_REASON_CHARS]

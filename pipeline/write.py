@@ -1,0 +1,78 @@
+"""Write: map files to the output prefix, then rows in the Parquet schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.encode import encode_depth_png, encode_segmentation_png
+from pipeline.keys import map_file_key
+from pipeline.schema import PREDICTION_SCHEMA, error_reason
+from pipeline.storage import filesystem_for, full_uri, join
+
+
+def write_maps_batch(
+    batch: dict[str, np.ndarray],
+    output_uri: str,
+    storage_options: dict[str, Any],
+    compress_level: int,
+    run_id: str,
+) -> pa.Table:
+    """Encode and write each ok row's maps; return the batch as Parquet-schema rows."""
+    fs, root = filesystem_for(output_uri, storage_options)
+    count = len(batch["status"])
+    status = batch["status"].astype(object)
+    error = batch["error"].astype(object)
+    depth_uri = np.full(count, None, dtype=object)
+    segmentation_uri = np.full(count, None, dtype=object)
+    for index in range(count):
+        if status[index] != "ok":
+            continue
+        source_key = str(batch["source_key"][index])
+        try:
+            if "depth_levels" in batch:
+                path = join(root, map_file_key("depth", source_key))
+                fs.pipe_file(path, encode_depth_png(batch["depth_levels"][index], compress_level))
+                depth_uri[index] = full_uri(fs, path)
+            if "seg_class_ids" in batch:
+                path = join(root, map_file_key("segmentation", source_key))
+                png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
+                fs.pipe_file(path, png)
+                segmentation_uri[index] = full_uri(fs, path)
+        except (OSError, ValueError) as problem:
+            status[index], error[index] = "error", error_reason("write", problem)
+            depth_uri[index] = segmentation_uri[index] = None
+
+    ok = status == "ok"
+    return pa.Table.from_pydict(
+        {
+            "image_id": batch["image_id"].tolist(),
+            "source_uri": batch["source_uri"].tolist(),
+            "status": status.tolist(),
+            "error": [reason or None for reason in error.tolist()],
+            "width": _where(ok, batch["width"]),
+            "height": _where(ok, batch["height"]),
+            "depth_uri": depth_uri.tolist(),
+            "depth_min": _where(ok, batch.get("depth_min")),
+            "depth_max": _where(ok, batch.get("depth_max")),
+            "segmentation_uri": segmentation_uri.tolist(),
+            "seg_labels": _where(ok, batch.get("seg_labels"), lambda v: [int(x) for x in v]),
+            "seg_confidence_mean": _where(ok, batch.get("seg_confidence_mean")),
+            "model_depth": _column_or_nulls(batch, "model_depth", count),
+            "model_segmentation": _column_or_nulls(batch, "model_segmentation", count),
+            "run_id": [run_id] * count,
+        },
+        schema=PREDICTION_SCHEMA,
+    )
+
+
+def _where(ok: np.ndarray, values: np.ndarray | None, convert=lambda v: v.item()) -> list:
+    if values is None:
+        return [None] * len(ok)
+    return [convert(value) if keep else None for keep, value in zip(ok, values, strict=True)]
+
+
+def _column_or_nulls(batch: dict[str, np.ndarray], key: str, count: int) -> list:
+    return batch[key].tolist() if key in batch else [None] * count
