@@ -10,18 +10,17 @@ STAMP := $(VENV)/.installed
 # they are harmless, so keep the install log readable.
 PIP_QUIET := -q --disable-pip-version-check
 
-.PHONY: demo test lint format install clean bench
+.PHONY: demo test lint format install clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
 	# torch first and pinned: on CPU machines this is the CPU wheel, and nothing
 	# later may swap it for a CUDA build.
 	$(BIN)/python -m pip install $(PIP_QUIET) torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[test]' 2>&1 | { grep -v "is ignored" || true; }
-	$(BIN)/python -c "import torch, transformers, ray, pyarrow, s3fs, PIL, moto" 
+	$(BIN)/python -c "import torch, transformers, ray, pyarrow, s3fs, PIL, moto"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -39,9 +38,6 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
-
-bench: $(STAMP)
-	$(BIN)/python -m pipeline.bench
 
 clean:
 	rm -rf $(VENV) outputs demo_data .pytest_cache .ruff_cache

@@ -1,0 +1,65 @@
+"""Shared fixtures: seeded tiny checkpoints, a small Ray cluster, image corpora."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpt_model.seeded import build_seeded_checkpoint
+from jobs.sample_images import encoded, synthetic_photo
+
+# (height, width) of the parity images: landscape, portrait, square, wide, tiny.
+PARITY_SIZES = ((240, 320), (400, 300), (256, 256), (120, 500), (37, 53))
+
+
+def _checked_depth_range(model_dir: Path, backbone: str) -> Path:
+    """A parity test on a model whose outputs are all ~0 proves nothing; refuse one."""
+    from dpt_model import DepthPredictor, resize_for_model
+
+    predictor = DepthPredictor(str(model_dir))
+    image = np.asarray(synthetic_photo(96, 64, seed=0))
+    [prediction] = predictor.predict([resize_for_model(image, predictor.spec)], [(64, 96)])
+    depth_range = prediction.depth_max - prediction.depth_min
+    assert depth_range > 1e-3, f"seeded {backbone} depth model is degenerate: {depth_range}"
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {
+        "depth-vit": build_seeded_checkpoint(root / "depth-vit", "depth", "vit"),
+        "segmentation-vit": build_seeded_checkpoint(
+            root / "segmentation-vit", "segmentation", "vit"
+        ),
+        "depth-dinov2": build_seeded_checkpoint(root / "depth-dinov2", "depth", "dinov2"),
+        "depth-anything": build_seeded_checkpoint(
+            root / "depth-anything", "depth", "depth_anything"
+        ),
+    }
+    for name in ("depth-vit", "depth-dinov2", "depth-anything"):
+        _checked_depth_range(paths[name], name)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def parity_images() -> list[np.ndarray]:
+    """RGB arrays of different sizes and aspect ratios, decoded from real JPEGs."""
+    from pipeline.decode import decode_image
+
+    return [
+        decode_image(encoded(synthetic_photo(w, h, seed=i), "JPEG"), 10**8, 10**5)
+        for i, (h, w) in enumerate(PARITY_SIZES)
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One 2-CPU local Ray instance shared by every test that needs Ray."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

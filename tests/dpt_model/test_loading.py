@@ -1,0 +1,110 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import DPTForSemanticSegmentation
+
+from dpt_model import (
+    DepthPredictor,
+    ModelCard,
+    ModelLoadError,
+    SegmentationPredictor,
+    resize_for_model,
+)
+from dpt_model.loading import resolve_checkpoint_dir, weights_sha256
+from dpt_model.processing import PreprocessSpec
+
+
+def copy_checkpoint(source, target, **processor_changes):
+    shutil.copytree(source, target)
+    if processor_changes:
+        path = target / "preprocessor_config.json"
+        config = json.loads(path.read_text())
+        config.update(processor_changes)
+        path.write_text(json.dumps(config))
+    return target
+
+
+def test_loads_from_an_fsspec_uri_through_the_cache(checkpoints, tmp_path):
+    uri = f"file://{checkpoints['depth-vit']}"
+    cache_dir = tmp_path / "cache"
+    local = resolve_checkpoint_dir(uri, cache_dir)
+    assert local.parent == cache_dir and (local / "config.json").is_file()
+    assert weights_sha256(local) == weights_sha256(checkpoints["depth-vit"])
+    predictor = DepthPredictor(uri, cache_dir=cache_dir)
+    assert predictor.identity.weights_sha256 == weights_sha256(checkpoints["depth-vit"])
+    assert str(predictor.identity).startswith("depth-vit@sha256:")
+
+
+def test_refuses_checkpoints_without_safetensors(checkpoints, tmp_path):
+    model_dir = copy_checkpoint(checkpoints["depth-vit"], tmp_path / "pickled")
+    state = DepthPredictor(str(model_dir)).model.state_dict()
+    for path in model_dir.glob("*.safetensors"):
+        path.unlink()
+    torch.save(state, model_dir / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        DepthPredictor(str(model_dir))
+
+
+def test_refuses_a_segmentation_checkpoint_for_depth_by_type(checkpoints, tmp_path):
+    model_dir = copy_checkpoint(checkpoints["depth-vit"], tmp_path / "other")
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = "segformer"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="model_type 'segformer'"):
+        ModelCard.fetch("depth", str(model_dir))
+
+
+def test_missing_model_names_the_uri(tmp_path):
+    with pytest.raises(ModelLoadError, match="nothing-here"):
+        ModelCard.fetch("depth", f"file://{tmp_path}/nothing-here")
+
+
+def test_non_square_vit_segmentation_runs_at_the_real_grid(checkpoints, tmp_path):
+    """transformers' DPTForSemanticSegmentation crashes on non-square input; ours must not."""
+    model_dir = copy_checkpoint(
+        checkpoints["segmentation-vit"],
+        tmp_path / "seg-keep-aspect",
+        keep_aspect_ratio=True,
+        ensure_multiple_of=32,
+    )
+    spec = PreprocessSpec.from_pretrained_dir(model_dir)
+    image = np.random.default_rng(0).integers(0, 256, (200, 500, 3), dtype=np.uint8)
+    model_input = resize_for_model(image, spec)
+    assert model_input.shape[0] != model_input.shape[1]
+
+    plain = DPTForSemanticSegmentation.from_pretrained(model_dir).eval()
+    pixel_values = torch.zeros(1, 3, *model_input.shape[:2])
+    with pytest.raises(RuntimeError, match="shape"), torch.inference_mode():
+        plain(pixel_values=pixel_values)
+
+    predictor = SegmentationPredictor(str(model_dir))
+    [prediction] = predictor.predict([model_input], [(200, 500)])
+    assert prediction.class_ids.shape == (200, 500)
+
+
+def test_grid_hook_leaves_square_inputs_unchanged(checkpoints, parity_images):
+    model_dir = checkpoints["segmentation-vit"]
+    plain = DPTForSemanticSegmentation.from_pretrained(model_dir).eval()
+    predictor = SegmentationPredictor(str(model_dir))
+    pixel_values = torch.randn(2, 3, 384, 384)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            predictor.model(pixel_values=pixel_values).logits,
+            plain(pixel_values=pixel_values).logits,
+        )
+
+
+def test_hybrid_with_keep_aspect_ratio_is_refused_before_loading(checkpoints, tmp_path):
+    model_dir = copy_checkpoint(
+        checkpoints["depth-vit"], tmp_path / "hybrid", keep_aspect_ratio=True
+    )
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["is_hybrid"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="hybrid"):
+        ModelCard.fetch("depth", str(model_dir))

@@ -1,0 +1,75 @@
+"""Predictor output equals transformers' own pipeline (Pillow processor + model + post-process)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForDepthEstimation,
+    DPTForSemanticSegmentation,
+    DPTImageProcessorPil,
+)
+
+from dpt_model import DepthPredictor, SegmentationPredictor, dequantize_depth, resize_for_model
+
+
+def reference_depth(model_dir, image: np.ndarray) -> np.ndarray:
+    processor = DPTImageProcessorPil.from_pretrained(model_dir)
+    model = AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
+    inputs = processor(images=Image.fromarray(image), return_tensors="pt")
+    with torch.inference_mode():
+        outputs = model(**inputs)
+    [result] = processor.post_process_depth_estimation(outputs, target_sizes=[image.shape[:2]])
+    return result["predicted_depth"].numpy()
+
+
+def reference_segmentation(model_dir, image: np.ndarray) -> np.ndarray:
+    processor = DPTImageProcessorPil.from_pretrained(model_dir)
+    model = DPTForSemanticSegmentation.from_pretrained(model_dir).eval()
+    inputs = processor(images=Image.fromarray(image), return_tensors="pt")
+    with torch.inference_mode():
+        outputs = model(**inputs)
+    return processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[
+        0
+    ].numpy()
+
+
+@pytest.mark.parametrize("checkpoint", ["depth-vit", "depth-dinov2", "depth-anything"])
+def test_depth_matches_reference_within_one_step(checkpoints, parity_images, checkpoint):
+    model_dir = checkpoints[checkpoint]
+    predictor = DepthPredictor(str(model_dir))
+    inputs = [resize_for_model(image, predictor.spec) for image in parity_images]
+    if checkpoint != "depth-vit":
+        assert len({i.shape for i in inputs}) > 1, "keep-aspect inputs should differ in shape"
+    predictions = predictor.predict(inputs, [image.shape[:2] for image in parity_images])
+    for image, prediction in zip(parity_images, predictions, strict=True):
+        reference = reference_depth(model_dir, image)
+        ours = dequantize_depth(prediction.depth_levels, prediction.depth_min, prediction.depth_max)
+        assert ours.shape == image.shape[:2]
+        depth_range = float(reference.max() - reference.min())
+        step = depth_range / 65535
+        assert np.abs(ours - reference).max() <= step + 1e-4 * depth_range
+
+
+def test_segmentation_matches_reference(checkpoints, parity_images):
+    model_dir = checkpoints["segmentation-vit"]
+    predictor = SegmentationPredictor(str(model_dir))
+    inputs = [resize_for_model(image, predictor.spec) for image in parity_images]
+    predictions = predictor.predict(inputs, [image.shape[:2] for image in parity_images])
+    for image, prediction in zip(parity_images, predictions, strict=True):
+        reference = reference_segmentation(model_dir, image)
+        assert prediction.class_ids.shape == reference.shape
+        assert (prediction.class_ids == reference).mean() >= 0.999
+        assert prediction.labels_present == sorted(np.unique(prediction.class_ids).tolist())
+        assert 1 / len(predictor.id2label) <= prediction.confidence_mean <= 1
+
+
+def test_batching_does_not_change_results(checkpoints, parity_images):
+    predictor = DepthPredictor(str(checkpoints["depth-dinov2"]))
+    inputs = [resize_for_model(image, predictor.spec) for image in parity_images]
+    sizes = [image.shape[:2] for image in parity_images]
+    together = predictor.predict(inputs, sizes)
+    for index in range(len(inputs)):
+        [alone] = predictor.predict([inputs[index]], [sizes[index]])
+        diff = np.abs(alone.depth_levels.astype(int) - together[index].depth_levels.astype(int))
+        assert diff.max() <= 1

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from transformers import DPTImageProcessorPil
+from transformers.models.dpt.image_processing_pil_dpt import get_resize_output_image_size
+
+from dpt_model.processing import (
+    PreprocessSpec,
+    model_input_size,
+    resize_for_model,
+    to_model_tensor,
+    upsample_segmentation,
+)
+
+KEEP_ASPECT_518 = {
+    "size": {"height": 518, "width": 518},
+    "keep_aspect_ratio": True,
+    "ensure_multiple_of": 14,
+    "do_rescale": False,
+    "image_mean": [123.675, 116.28, 103.53],
+    "image_std": [58.395, 57.12, 57.375],
+}
+PADDED = {**KEEP_ASPECT_518, "ensure_multiple_of": 1, "do_pad": True, "size_divisor": 14}
+FIXED_480_BILINEAR = {"size": {"height": 480, "width": 480}, "resample": 2}
+
+
+@pytest.mark.parametrize("height,width", [(240, 320), (401, 97), (1, 1), (64, 4000), (518, 518)])
+@pytest.mark.parametrize("processor_config", [KEEP_ASPECT_518, FIXED_480_BILINEAR, {}])
+def test_model_input_size_matches_transformers(height, width, processor_config):
+    spec = PreprocessSpec.from_processor_config(processor_config)
+    expected = get_resize_output_image_size(
+        np.zeros((3, height, width)),
+        output_size=(spec.height_px, spec.width_px),
+        keep_aspect_ratio=spec.keep_aspect_ratio,
+        multiple=spec.ensure_multiple_of,
+    )
+    got = model_input_size(height, width, spec)
+    # transformers can round a side to 0; we clamp to one multiple instead.
+    assert got == (
+        max(expected.height, spec.ensure_multiple_of),
+        max(expected.width, spec.ensure_multiple_of),
+    )
+
+
+@pytest.mark.parametrize("processor_config", [KEEP_ASPECT_518, FIXED_480_BILINEAR, PADDED, {}])
+def test_resize_and_normalise_equal_the_pillow_processor(processor_config):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(123, 201, 3), dtype=np.uint8)
+    reference = DPTImageProcessorPil(**processor_config)(images=image, return_tensors="pt")
+    spec = PreprocessSpec.from_processor_config(reference_config(processor_config))
+    ours = to_model_tensor(
+        torch.from_numpy(resize_for_model(image, spec))[None], spec, torch.float32
+    )
+    assert ours.shape == reference["pixel_values"].shape
+    torch.testing.assert_close(ours, reference["pixel_values"], rtol=0, atol=1e-5)
+
+
+def reference_config(processor_config):
+    return DPTImageProcessorPil(**processor_config).to_dict()
+
+
+def test_spec_reads_every_value_from_the_processor_config():
+    spec = PreprocessSpec.from_processor_config(reference_config(PADDED))
+    assert (spec.height_px, spec.keep_aspect_ratio, spec.do_rescale) == (518, True, False)
+    assert spec.do_pad and spec.size_divisor == 14
+    assert spec.image_mean == (123.675, 116.28, 103.53)
+    assert PreprocessSpec.from_processor_config(FIXED_480_BILINEAR).resample == 2
+
+
+def test_banded_segmentation_upsample_matches_interpolate():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 24, 31) * 3
+    size = (203, 157)
+    class_ids, confidence = upsample_segmentation(logits, size, budget_bytes=10**12)
+    banded_ids, banded_confidence = upsample_segmentation(
+        logits, size, budget_bytes=7 * 157 * 4 * 9
+    )
+    assert (class_ids == banded_ids).float().mean() >= 0.999
+    torch.testing.assert_close(confidence, banded_confidence, rtol=1e-4, atol=1e-5)
+    # confidence is the max softmax probability of the upsampled logits
+    reference = torch.nn.functional.interpolate(logits[None], size=size, mode="bilinear")[0]
+    torch.testing.assert_close(confidence, reference.softmax(0).max(0).values, rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_non_rgb_input():
+    with pytest.raises(ValueError, match="uint8"):
+        resize_for_model(np.zeros((4, 4), dtype=np.uint8), PreprocessSpec())

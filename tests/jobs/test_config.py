@@ -1,0 +1,68 @@
+import pytest
+
+from jobs.config import ConfigError, load_config
+
+MINIMAL = ["input.uri=in", "output.uri=out", "models.depth=some/model"]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_plus_overrides():
+    config = load_config(None, [*MINIMAL, "inference.batch_size=16", "resources.actors.max=4"])
+    assert config.inference.batch_size == 16 and config.resources.actors.max == 4
+    assert config.models.segmentation is None and config.device == "cpu"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path, "inference:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, MINIMAL)
+    assert "unknown key 'inference.batchsize'" in str(raised.value)
+    assert "did you mean 'batch_size'" in str(raised.value)
+
+
+def test_wrong_type_names_the_key_and_value():
+    with pytest.raises(ConfigError, match=r"inference\.batch_size.*'lots'"):
+        load_config(None, [*MINIMAL, "inference.batch_size=lots"])
+
+
+def test_missing_input_is_reported():
+    with pytest.raises(ConfigError, match="missing key 'input'"):
+        load_config(None, ["output.uri=out", "models.depth=m"])
+
+
+def test_no_model_at_all_is_refused():
+    with pytest.raises(ConfigError, match="set at least one"):
+        load_config(None, ["input.uri=in", "output.uri=out"])
+
+
+def test_cuda_without_gpus_is_refused():
+    with pytest.raises(ConfigError, match="gpus_per_actor"):
+        load_config(None, [*MINIMAL, "inference.device=cuda"])
+
+
+def test_actor_bounds_are_checked():
+    with pytest.raises(ConfigError, match="must not exceed"):
+        load_config(None, [*MINIMAL, "resources.actors.min=3", "resources.actors.max=2"])
+
+
+def test_null_override_disables_a_task(tmp_path):
+    path = write(tmp_path, "models:\n  depth: a\n  segmentation: b\n")
+    config = load_config(path, ["input.uri=in", "output.uri=out", "models.segmentation=null"])
+    assert config.models.segmentation is None
+
+
+def test_redacted_config_hides_credentials():
+    config = load_config(None, [*MINIMAL, "storage.endpoint_url=http://key:secret@127.0.0.1:9000"])
+    assert "secret" not in str(config.redacted())
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    for path in Path("jobs/configs").glob("*.yaml"):
+        load_config(path, ["input.uri=in", "output.uri=out"])

@@ -1,0 +1,48 @@
+import posixpath
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.keys import image_id_for, map_file_key, output_key_for
+
+source_keys = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=40
+)
+
+
+@settings(max_examples=500)
+@given(source_keys, source_keys)
+def test_output_keys_are_injective(first, second):
+    if first != second:
+        assert output_key_for(first) != output_key_for(second)
+
+
+@settings(max_examples=500)
+@given(source_keys)
+def test_output_key_stays_under_the_prefix(source_key):
+    key = map_file_key("depth", source_key)
+    assert not key.startswith("/") and "\\" not in key and "\x00" not in key
+    normalised = posixpath.normpath(posixpath.join("/out", key))
+    assert normalised.startswith("/out/depth/")
+    assert all(segment not in (".", "..", "") for segment in key.split("/"))
+
+
+def test_same_name_in_two_folders_does_not_collide():
+    assert map_file_key("depth", "a/x.jpg") != map_file_key("depth", "b/x.jpg")
+    assert map_file_key("depth", "x.jpg") != map_file_key("depth", "x.png")
+
+
+def test_spaces_and_non_ascii_survive_as_written():
+    assert map_file_key("depth", "Straße/café photo.jpg") == "depth/Straße/café photo.jpg.png"
+
+
+def test_escaping_keys_are_neutralised():
+    assert map_file_key("depth", "../../etc/passwd") == "depth/%2E%2E/%2E%2E/etc/passwd.png"
+    assert map_file_key("depth", "/abs/x.jpg") == "depth/%/abs/x.jpg.png"
+    assert map_file_key("segmentation", "a\\..\\b\x00.jpg") == "segmentation/a%5C..%5Cb%00.jpg.png"
+
+
+def test_image_id_is_stable_and_distinct():
+    assert image_id_for("s3://bucket/a.jpg") == image_id_for("s3://bucket/a.jpg")
+    assert image_id_for("s3://bucket/a.jpg") != image_id_for("s3://bucket/b.jpg")
+    assert len(image_id_for("x")) == 32

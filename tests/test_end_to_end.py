@@ -1,0 +1,171 @@
+"""The whole job over a folder of mixed valid, odd and hostile images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dpt_model import dequantize_depth
+from jobs.config import load_config
+from jobs.sample_images import encoded, synthetic_photo
+from pipeline.encode import decode_depth_png, decode_segmentation_png
+from tests.conftest import PARITY_SIZES
+from tests.corpus import hostile_files, odd_files, write_files
+from tests.dpt_model.test_parity import reference_depth, reference_segmentation
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_files(
+        root / "photos",
+        {
+            f"p{i}.jpg": encoded(synthetic_photo(w, h, seed=i), "JPEG")
+            for i, (h, w) in enumerate(PARITY_SIZES)
+        },
+    )
+    # the same file name in another folder, and a name with a space and non-ASCII
+    write_files(root / "more", {"p0.jpg": encoded(synthetic_photo(90, 60, seed=50), "JPEG")})
+    write_files(root / "more", {"café photo.png": encoded(synthetic_photo(70, 50, seed=51), "PNG")})
+    write_files(root / "hostile", hostile_files())
+    write_files(root / "odd", {name: data for name, (data, _) in odd_files().items()})
+    (root / "readme.txt").write_text("not listed: wrong extension")
+    return root
+
+
+def run_job(ray_cluster, corpus: Path, output: Path, checkpoints, *overrides: str):
+    from pipeline.run import run_annotation
+
+    config = load_config(
+        None,
+        [
+            f"input.uri={corpus}",
+            f"output.uri={output}",
+            f"models.depth={checkpoints['depth-vit']}",
+            f"models.segmentation={checkpoints['segmentation-vit']}",
+            "inference.batch_size=4",
+            "run_id=test-run",
+            *overrides,
+        ],
+    )
+    return run_annotation(config)
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, mixed_corpus, checkpoints, tmp_path_factory):
+    output = tmp_path_factory.mktemp("output")
+    summary = run_job(ray_cluster, mixed_corpus, output, checkpoints)
+    table = pq.read_table(output / "predictions")
+    return summary, {row["source_uri"]: row for row in table.to_pylist()}
+
+
+def test_one_row_per_input_file_with_error_rows_for_hostile_files(finished_run, mixed_corpus):
+    summary, rows = finished_run
+    files = sorted(p for p in mixed_corpus.rglob("*") if p.is_file() and p.suffix != ".txt")
+    assert sorted(rows) == sorted(str(p) for p in files)
+    assert summary.images_listed == len(files)
+    for name in hostile_files():
+        row = rows[str(mixed_corpus / "hostile" / name)]
+        assert row["status"] == "error" and row["error"].startswith("decode: ")
+        assert row["depth_uri"] is None and row["segmentation_uri"] is None
+    assert summary.images_error == len(hostile_files())
+    assert summary.images_ok == len(files) - len(hostile_files())
+
+
+def test_odd_images_are_annotated_at_their_oriented_size(finished_run, mixed_corpus):
+    _, rows = finished_run
+    for name, (_, (height, width)) in odd_files().items():
+        row = rows[str(mixed_corpus / "odd" / name)]
+        assert row["status"] == "ok", row["error"]
+        assert (row["height"], row["width"]) == (height, width)
+        depth = decode_depth_png(Path(row["depth_uri"]).read_bytes())
+        classes = decode_segmentation_png(Path(row["segmentation_uri"]).read_bytes())
+        assert depth.shape == classes.shape == (height, width)
+
+
+def test_map_files_match_the_transformers_reference(finished_run, mixed_corpus, checkpoints):
+    _, rows = finished_run
+    for index in range(len(PARITY_SIZES)):
+        path = mixed_corpus / "photos" / f"p{index}.jpg"
+        row = rows[str(path)]
+        image = np.asarray(Image.open(path).convert("RGB"))
+        depth = dequantize_depth(
+            decode_depth_png(Path(row["depth_uri"]).read_bytes()),
+            row["depth_min"],
+            row["depth_max"],
+        )
+        reference = reference_depth(checkpoints["depth-vit"], image)
+        depth_range = float(reference.max() - reference.min())
+        assert np.abs(depth - reference).max() <= depth_range / 65535 + 1e-4 * depth_range
+        classes = decode_segmentation_png(Path(row["segmentation_uri"]).read_bytes())
+        expected = reference_segmentation(checkpoints["segmentation-vit"], image)
+        assert (classes == expected).mean() >= 0.999
+        assert row["seg_labels"] == sorted(np.unique(classes).tolist())
+        assert 0 < row["seg_confidence_mean"] <= 1
+
+
+def test_rows_carry_ids_models_and_keys_under_the_output(finished_run, mixed_corpus):
+    summary, rows = finished_run
+    output = Path(summary.output_uri)
+    same_name = [rows[str(mixed_corpus / folder / "p0.jpg")] for folder in ("photos", "more")]
+    assert same_name[0]["depth_uri"] != same_name[1]["depth_uri"]
+    assert rows[str(mixed_corpus / "more" / "café photo.png")]["depth_uri"].endswith(
+        "depth/more/café photo.png.png"
+    )
+    for row in rows.values():
+        assert len(row["image_id"]) == 32 and row["run_id"] == "test-run"
+        assert row["model_depth"].startswith("depth-vit@sha256:")
+        assert row["model_segmentation"].startswith("segmentation-vit@sha256:")
+        for uri in (row["depth_uri"], row["segmentation_uri"]):
+            assert uri is None or Path(uri).resolve().is_relative_to(output.resolve())
+    assert (output / "_runs" / "test-run.json").is_file()
+
+
+def test_a_second_run_on_the_same_output_is_refused(
+    ray_cluster, finished_run, checkpoints, mixed_corpus
+):
+    from pipeline.run import OutputExistsError
+
+    summary, _ = finished_run
+    with pytest.raises(OutputExistsError, match=r"output\.overwrite"):
+        run_job(ray_cluster, mixed_corpus, Path(summary.output_uri), checkpoints)
+
+
+def test_depth_only_job_through_the_command_line(mixed_corpus, checkpoints, tmp_path):
+    output = tmp_path / "cli-output"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "jobs.run",
+            "--config", str(REPO_ROOT / "jobs/configs/local.yaml"),
+            "--set", f"input.uri={mixed_corpus / 'photos'}",
+            "--set", f"output.uri={output}",
+            "--set", f"models.depth={checkpoints['depth-dinov2']}",
+            "--set", "models.segmentation=null",
+        ],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(PARITY_SIZES)} ok, 0 errors" in result.stdout
+    table = pq.read_table(output / "predictions").to_pylist()
+    assert len(table) == len(PARITY_SIZES)
+    assert all(row["segmentation_uri"] is None and row["depth_uri"] for row in table)
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.run", "--set", "input.uri=x", "--set", "output.uri=y",
+         "--set", "models.depth=m", "--set", "inference.dtype=float64"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "inference.dtype" in result.stderr and "float64" in result.stderr
