@@ -14,10 +14,10 @@ PIP_QUIET := -q --disable-pip-version-check
 
 install: $(STAMP)
 
+# torch goes in first and pinned: on CPU machines that is the CPU wheel, and the
+# project install after it then has nothing to swap for a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first and pinned: on CPU machines this is the CPU wheel, and nothing
-	# later may swap it for a CUDA build.
 	$(BIN)/python -m pip install $(PIP_QUIET) torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[test]' 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, transformers, ray, pyarrow, s3fs, PIL, moto"

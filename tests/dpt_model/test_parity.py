@@ -13,25 +13,24 @@ from transformers import (
 from dpt_model import DepthPredictor, SegmentationPredictor, dequantize_depth, resize_for_model
 
 
-def reference_depth(model_dir, image: np.ndarray) -> np.ndarray:
+def _reference_run(model_class, model_dir, image: np.ndarray):
     processor = DPTImageProcessorPil.from_pretrained(model_dir)
-    model = AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
+    model = model_class.from_pretrained(model_dir).eval()
     inputs = processor(images=Image.fromarray(image), return_tensors="pt")
     with torch.inference_mode():
-        outputs = model(**inputs)
+        return processor, model(**inputs)
+
+
+def reference_depth(model_dir, image: np.ndarray) -> np.ndarray:
+    processor, outputs = _reference_run(AutoModelForDepthEstimation, model_dir, image)
     [result] = processor.post_process_depth_estimation(outputs, target_sizes=[image.shape[:2]])
     return result["predicted_depth"].numpy()
 
 
 def reference_segmentation(model_dir, image: np.ndarray) -> np.ndarray:
-    processor = DPTImageProcessorPil.from_pretrained(model_dir)
-    model = DPTForSemanticSegmentation.from_pretrained(model_dir).eval()
-    inputs = processor(images=Image.fromarray(image), return_tensors="pt")
-    with torch.inference_mode():
-        outputs = model(**inputs)
-    return processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[
-        0
-    ].numpy()
+    processor, outputs = _reference_run(DPTForSemanticSegmentation, model_dir, image)
+    [result] = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])
+    return result.numpy()
 
 
 @pytest.mark.parametrize("checkpoint", ["depth-vit", "depth-dinov2", "depth-anything"])
@@ -73,3 +72,20 @@ def test_batching_does_not_change_results(checkpoints, parity_images):
         [alone] = predictor.predict([inputs[index]], [sizes[index]])
         diff = np.abs(alone.depth_levels.astype(int) - together[index].depth_levels.astype(int))
         assert diff.max() <= 1
+
+
+def test_bfloat16_stays_close_to_float32(checkpoints, parity_images):
+    model_dir = str(checkpoints["depth-vit"])
+    image = parity_images[0]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        predictor = DepthPredictor(model_dir, dtype=dtype)
+        [prediction] = predictor.predict(
+            [resize_for_model(image, predictor.spec)], [image.shape[:2]]
+        )
+        results[dtype] = dequantize_depth(
+            prediction.depth_levels, prediction.depth_min, prediction.depth_max
+        )
+    depth_range = float(results["float32"].max() - results["float32"].min())
+    # bfloat16 keeps 8 mantissa bits: a few percent of the range, not a different map
+    assert np.abs(results["bfloat16"] - results["float32"]).mean() < 0.05 * depth_range
