@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from dpt_model.seeded import build_seeded_checkpoint
 from jobs.sample_images import encoded, synthetic_photo
+from tests.s3_server import TEST_CREDENTIALS
 
 # (height, width) of the parity images: landscape, portrait, square, wide, tiny.
 PARITY_SIZES = ((240, 320), (400, 300), (256, 256), (120, 500), (37, 53))
@@ -56,10 +58,22 @@ def parity_images() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port, for the whole session."""
+    from tests.s3_server import moto_s3_server
+
+    with moto_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One 2-CPU local Ray instance shared by every test that needs Ray."""
     import ray
 
+    # Workers inherit the environment at start: give them the S3 test credentials.
+    for key, value in TEST_CREDENTIALS.items():
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
