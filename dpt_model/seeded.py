@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-Backbone = Literal["vit", "dinov2", "depth_anything"]
+Backbone = Literal["vit", "hybrid", "dinov2", "depth_anything"]
 
 # Class names for seeded segmentation checkpoints (a few ADE20k-like ones).
 SEEDED_LABELS = ("wall", "floor", "sky", "tree", "person", "car")
@@ -31,6 +31,21 @@ def _vit_config_kwargs(hidden_size: int, num_layers: int, image_size_px: int) ->
         "neck_hidden_sizes": [16, 16, 32, 32],
         "fusion_hidden_size": 16,
         "head_hidden_size": 16,
+    }
+
+
+def _bit_backbone() -> dict:
+    """A tiny BiT ResNet stem for the hybrid DPT (stride 16 → a 24×24 grid at 384 px)."""
+    return {
+        "model_type": "bit",
+        "global_padding": "same",
+        "layer_type": "bottleneck",
+        "depths": [1, 1, 1],
+        "hidden_sizes": [16, 32, 64],
+        "embedding_size": 16,
+        "num_groups": 8,
+        "out_features": ["stage1", "stage2", "stage3"],
+        "embedding_dynamic_padding": True,
     }
 
 
@@ -60,6 +75,7 @@ def build_seeded_checkpoint(
     """Write a randomly initialised (seeded) checkpoint and its processor config.
 
     ``vit``: fixed 384×384 input, as Intel/dpt-large and dpt-large-ade ship.
+    ``hybrid``: a BiT stem before the ViT, exactly 384×384, as Intel/dpt-hybrid-midas.
     ``dinov2`` / ``depth_anything``: keep-aspect-ratio 518 input, multiple of 14,
     raw 0–255 pixels normalised with ImageNet mean/std in pixel units, as the
     dpt-dinov2 and Depth Anything checkpoints ship (depth only).
@@ -81,9 +97,19 @@ def build_seeded_checkpoint(
         if task == "segmentation"
         else {}
     )
-    if backbone == "vit":
+    if backbone in ("vit", "hybrid"):
+        hybrid_kwargs = (
+            {
+                "is_hybrid": True,
+                "backbone_config": _bit_backbone(),
+                "backbone_featmap_shape": [1, 64, 24, 24],
+                "neck_hidden_sizes": [16, 32, 32, 32],
+            }
+            if backbone == "hybrid"
+            else {}
+        )
         config = DPTConfig(
-            **_vit_config_kwargs(hidden_size, num_layers, 384),
+            **{**_vit_config_kwargs(hidden_size, num_layers, 384), **hybrid_kwargs},
             initializer_range=0.1,
             **label_kwargs,
         )

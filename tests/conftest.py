@@ -36,12 +36,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "segmentation-vit": build_seeded_checkpoint(
             root / "segmentation-vit", "segmentation", "vit"
         ),
+        "depth-hybrid": build_seeded_checkpoint(root / "depth-hybrid", "depth", "hybrid"),
         "depth-dinov2": build_seeded_checkpoint(root / "depth-dinov2", "depth", "dinov2"),
         "depth-anything": build_seeded_checkpoint(
             root / "depth-anything", "depth", "depth_anything"
         ),
     }
-    for name in ("depth-vit", "depth-dinov2", "depth-anything"):
+    for name in ("depth-vit", "depth-hybrid", "depth-dinov2", "depth-anything"):
         _checked_depth_range(paths[name], name)
     return paths
 

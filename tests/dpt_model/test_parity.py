@@ -33,12 +33,14 @@ def reference_segmentation(model_dir, image: np.ndarray) -> np.ndarray:
     return result.numpy()
 
 
-@pytest.mark.parametrize("checkpoint", ["depth-vit", "depth-dinov2", "depth-anything"])
+@pytest.mark.parametrize(
+    "checkpoint", ["depth-vit", "depth-hybrid", "depth-dinov2", "depth-anything"]
+)
 def test_depth_matches_reference_within_one_step(checkpoints, parity_images, checkpoint):
     model_dir = checkpoints[checkpoint]
     predictor = DepthPredictor(str(model_dir))
     inputs = [resize_for_model(image, predictor.spec) for image in parity_images]
-    if checkpoint != "depth-vit":
+    if checkpoint in ("depth-dinov2", "depth-anything"):
         assert len({i.shape for i in inputs}) > 1, "keep-aspect inputs should differ in shape"
     predictions = predictor.predict(inputs, [image.shape[:2] for image in parity_images])
     for image, prediction in zip(parity_images, predictions, strict=True):
