@@ -56,10 +56,6 @@ def is_fsspec_uri(uri: str) -> bool:
     return "://" in uri
 
 
-def _cache_key(uri: str) -> str:
-    return hashlib.sha256(uri.encode()).hexdigest()[:24]
-
-
 def resolve_checkpoint_dir(
     model_uri: str,
     cache_dir: Path = DEFAULT_CACHE_DIR,
@@ -75,31 +71,47 @@ def resolve_checkpoint_dir(
 
 
 def _fetch_fsspec_checkpoint(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
-    target = cache_dir / _cache_key(uri)
-    complete_marker = target / ".complete"
-    if complete_marker.exists():
+    """Copy a checkpoint into ``cache_dir`` once; reuse it while the remote files are unchanged.
+
+    The cache folder is named by a hash of the URI and each remote file's name,
+    size and ETag (or mtime), so new weights at the same URI get a new folder.
+    A folder is used only once complete (download to a staging folder, then an
+    atomic rename) and only while every file still has its recorded size, so a
+    partial or truncated cache is fetched again.
+    """
+    protocol = fsspec.core.split_protocol(uri)[0]
+    options = storage_options if protocol in ("s3", "s3a") else {}
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **options)
+        remote_files = {
+            Path(entry["name"]).name: entry
+            for entry in fs.ls(root, detail=True)
+            if entry["type"] == "file" and entry["name"].endswith(CHECKPOINT_FILE_SUFFIXES)
+        }
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot list model {uri}: {error}") from None
+    if not remote_files:
+        raise ModelLoadError(f"model {uri} holds no .json or .safetensors files")
+    fingerprint = hashlib.sha256(uri.encode())
+    for name, entry in sorted(remote_files.items()):
+        version_tag = entry.get("ETag") or entry.get("mtime") or entry.get("LastModified")
+        fingerprint.update(f"{name}\0{entry.get('size')}\0{version_tag}\0".encode())
+    target = cache_dir / fingerprint.hexdigest()[:24]
+    expected_sizes = {name: entry.get("size") for name, entry in remote_files.items()}
+    if _cache_is_complete(target, expected_sizes):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Several actors on one node may start at once: one downloads, the others wait.
     with FileLock(str(target) + ".lock"):
-        if complete_marker.exists():
+        if _cache_is_complete(target, expected_sizes):
             return target
-        try:
-            fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-            names = [
-                name
-                for name in fs.ls(root, detail=False)
-                if name.endswith(CHECKPOINT_FILE_SUFFIXES)
-            ]
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"cannot list model {uri}: {error}") from None
-        if not names:
-            raise ModelLoadError(f"model {uri} holds no .json or .safetensors files")
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
         try:
-            for name in names:
-                fs.get(name, str(staging / Path(name).name))
-            (staging / ".complete").write_text(uri)
+            for name, entry in remote_files.items():
+                fs.get(entry["name"], str(staging / name))
+            (staging / _COMPLETE_MARKER).write_text(
+                json.dumps({"uri": uri, "files": expected_sizes})
+            )
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
@@ -108,6 +120,19 @@ def _fetch_fsspec_checkpoint(uri: str, cache_dir: Path, storage_options: dict[st
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+_COMPLETE_MARKER = ".complete.json"
+
+
+def _cache_is_complete(target: Path, expected_sizes: dict[str, int | None]) -> bool:
+    if not (target / _COMPLETE_MARKER).is_file():
+        return False
+    for name, size in expected_sizes.items():
+        path = target / name
+        if not path.is_file() or (size is not None and path.stat().st_size != size):
+            return False
+    return True
 
 
 def _fetch_hub_checkpoint(model_id: str) -> Path:

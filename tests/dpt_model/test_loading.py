@@ -108,3 +108,28 @@ def test_hybrid_with_keep_aspect_ratio_is_refused_before_loading(checkpoints, tm
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="hybrid"):
         ModelCard.fetch("depth", str(model_dir))
+
+
+def test_truncated_cache_is_fetched_again(checkpoints, tmp_path):
+    uri = f"file://{checkpoints['depth-vit']}"
+    cache_dir = tmp_path / "cache"
+    first = resolve_checkpoint_dir(uri, cache_dir)
+    [weights] = first.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    second = resolve_checkpoint_dir(uri, cache_dir)
+    assert second == first
+    assert weights_sha256(second) == weights_sha256(checkpoints["depth-vit"])
+
+
+def test_changed_remote_weights_get_a_new_cache_folder(checkpoints, tmp_path):
+    remote = copy_checkpoint(checkpoints["depth-vit"], tmp_path / "remote")
+    cache_dir = tmp_path / "cache"
+    first = resolve_checkpoint_dir(f"file://{remote}", cache_dir)
+    copy_checkpoint(checkpoints["depth-hybrid"], tmp_path / "other")
+    for path in remote.glob("*"):
+        path.unlink()
+    for path in (tmp_path / "other").glob("*"):
+        shutil.copy(path, remote / path.name)
+    second = resolve_checkpoint_dir(f"file://{remote}", cache_dir)
+    assert second != first
+    assert weights_sha256(second) == weights_sha256(checkpoints["depth-hybrid"])
