@@ -27,7 +27,8 @@ def quantize_depth(depth: torch.Tensor) -> tuple[np.ndarray, float, float]:
     if depth_range == 0.0:
         levels = torch.zeros_like(depth, dtype=torch.int32)
     else:
-        levels = torch.round((depth - depth_min) * (DEPTH_LEVELS / depth_range)).to(torch.int32)
+        # Divide before scaling: DEPTH_LEVELS / range overflows for tiny (subnormal) ranges.
+        levels = torch.round((depth - depth_min) / depth_range * DEPTH_LEVELS).to(torch.int32)
         levels = levels.clamp_(0, DEPTH_LEVELS)
     return levels.cpu().numpy().astype(np.uint16), depth_min, depth_max
 
