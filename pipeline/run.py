@@ -111,7 +111,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     actors = config.resources.actors
     # On a GPU actor pool Ray keeps read/decode in separate CPU tasks that overlap
     # with inference; with CPU-only actors of the same CPU request it fuses them
-    # into the actor, which on a CPU machine costs nothing (all stages share cores).
+    # into the actor (not yet measured against the unfused layout).
     dataset = dataset.map_batches(
         InferenceActor,
         batch_size=config.inference.batch_size,
