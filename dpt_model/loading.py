@@ -60,17 +60,32 @@ def resolve_checkpoint_dir(
     model_uri: str,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     storage_options: dict[str, Any] | None = None,
+    with_weights: bool = True,
 ) -> Path:
-    """Return a local directory holding the checkpoint's config and safetensors files."""
+    """Return a local directory holding the checkpoint's config and safetensors files.
+
+    ``with_weights=False`` fetches only the JSON files, which is all the job's
+    driver needs to validate a model and plan preprocessing: weights are then
+    downloaded once per node, by the first actor that needs them.
+    """
     local = Path(model_uri).expanduser()
     if not is_fsspec_uri(model_uri) and local.is_dir():
         return local
+    suffixes = CHECKPOINT_FILE_SUFFIXES if with_weights else (".json",)
     if is_fsspec_uri(model_uri):
-        return _fetch_fsspec_checkpoint(model_uri, cache_dir, storage_options or {})
-    return _fetch_hub_checkpoint(model_uri)
+        return _fetch_fsspec_checkpoint(model_uri, cache_dir, storage_options or {}, suffixes)
+    return _fetch_hub_checkpoint(model_uri, suffixes)
 
 
-def _fetch_fsspec_checkpoint(uri: str, cache_dir: Path, storage_options: dict[str, Any]) -> Path:
+def storage_options_for(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """The job's storage options apply to S3 only; other protocols take none."""
+    protocol = fsspec.core.split_protocol(uri)[0]
+    return dict(storage_options) if protocol in ("s3", "s3a") else {}
+
+
+def _fetch_fsspec_checkpoint(
+    uri: str, cache_dir: Path, storage_options: dict[str, Any], suffixes: tuple[str, ...]
+) -> Path:
     """Copy a checkpoint into ``cache_dir`` once; reuse it while the remote files are unchanged.
 
     The cache folder is named by a hash of the URI and each remote file's name,
@@ -79,19 +94,21 @@ def _fetch_fsspec_checkpoint(uri: str, cache_dir: Path, storage_options: dict[st
     atomic rename) and only while every file still has its recorded size, so a
     partial or truncated cache is fetched again.
     """
-    protocol = fsspec.core.split_protocol(uri)[0]
-    options = storage_options if protocol in ("s3", "s3a") else {}
     try:
-        fs, root = fsspec.core.url_to_fs(uri, **options)
-        remote_files = {
+        fs, root = fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
+        listed = {
             Path(entry["name"]).name: entry
             for entry in fs.ls(root, detail=True)
             if entry["type"] == "file" and entry["name"].endswith(CHECKPOINT_FILE_SUFFIXES)
         }
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot list model {uri}: {error}") from None
-    if not remote_files:
-        raise ModelLoadError(f"model {uri} holds no .json or .safetensors files")
+    if not any(name.endswith(".safetensors") for name in listed):
+        raise ModelLoadError(
+            f"model {uri} holds no .safetensors weights (found: {', '.join(listed) or 'nothing'};"
+            " other weight formats are refused)"
+        )
+    remote_files = {name: entry for name, entry in listed.items() if name.endswith(suffixes)}
     fingerprint = hashlib.sha256(uri.encode())
     for name, entry in sorted(remote_files.items()):
         version_tag = entry.get("ETag") or entry.get("mtime") or entry.get("LastModified")
@@ -135,13 +152,11 @@ def _cache_is_complete(target: Path, expected_sizes: dict[str, int | None]) -> b
     return True
 
 
-def _fetch_hub_checkpoint(model_id: str) -> Path:
+def _fetch_hub_checkpoint(model_id: str, suffixes: tuple[str, ...]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        path = snapshot_download(
-            model_id, allow_patterns=[f"*{suffix}" for suffix in CHECKPOINT_FILE_SUFFIXES]
-        )
+        path = snapshot_download(model_id, allow_patterns=[f"*{suffix}" for suffix in suffixes])
     except Exception as error:  # the hub client raises many unrelated types
         raise ModelLoadError(
             f"model {model_id!r} is neither a local directory nor reachable on the model hub: "

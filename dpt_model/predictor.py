@@ -78,8 +78,16 @@ class ModelCard:
         model_uri: str,
         cache_dir: Path = DEFAULT_CACHE_DIR,
         storage_options: dict[str, Any] | None = None,
+        with_weights: bool = True,
     ) -> ModelCard:
-        checkpoint_dir = resolve_checkpoint_dir(model_uri, cache_dir, storage_options)
+        """Fetch (or find in the cache) and validate a checkpoint.
+
+        ``with_weights=False`` fetches only its JSON files: enough to validate it
+        and to plan preprocessing, without pulling gigabytes to the job's driver.
+        """
+        checkpoint_dir = resolve_checkpoint_dir(
+            model_uri, cache_dir, storage_options, with_weights=with_weights
+        )
         config = read_model_config(checkpoint_dir)
         check_supported(config, task, model_uri)
         spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)

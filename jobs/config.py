@@ -28,12 +28,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+InputFormat = Literal["auto", "files", "webdataset", "parquet", "manifest"]
+
+
 class InputConfig(_Section):
-    uri: str = Field(description="Folder or bucket prefix holding the images.")
+    uri: str = Field(description="Folder, bucket prefix or single shard/manifest file.")
+    format: InputFormat = Field(
+        default="auto",
+        description="files: image objects; webdataset: .tar shards; parquet: image-bytes "
+        "column; manifest: text or Parquet list of URIs; auto: picked from what uri holds.",
+    )
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     limit: int | None = Field(
         default=None, ge=1, description="Annotate only the first N images (smoke runs)."
     )
+    image_column: str = Field(
+        default="image", description="parquet: column of encoded image bytes."
+    )
+    id_column: str | None = Field(
+        default=None, description="parquet: column of per-row ids; None uses the row number."
+    )
+    uri_column: str = Field(default="uri", description="Parquet manifest: column of URIs.")
 
 
 class OutputConfig(_Section):

@@ -1,14 +1,14 @@
 """Ray Data stages for batch DPT annotation.
 
-list (``listing``) → read (``read``) → decode (``decode``) → infer (``infer``)
-→ encode (``encode``) / write (``write``) → Parquet, composed in ``run``.
+list (``listing``) → read (``read``, ``shards``) → decode (``decode``) → infer
+(``infer``) → encode (``encode``) / write (``write``) → Parquet, composed in ``run``.
 """
 
 from pipeline.decode import decode_batch, decode_image
 from pipeline.encode import decode_depth_png, decode_segmentation_png
 from pipeline.infer import InferenceActor
-from pipeline.listing import list_images
-from pipeline.read import read_batch
+from pipeline.listing import list_input
+from pipeline.read import read_batch, read_shard
 from pipeline.run import RunSummary, run_annotation
 from pipeline.write import write_maps_batch
 
@@ -19,8 +19,9 @@ __all__ = [
     "decode_depth_png",
     "decode_image",
     "decode_segmentation_png",
-    "list_images",
+    "list_input",
     "read_batch",
+    "read_shard",
     "run_annotation",
     "write_maps_batch",
 ]

@@ -1,16 +1,49 @@
-"""List: image objects under an input URI, as rows with stable ids."""
+"""List: what to annotate under ``input.uri``, streamed as small rows with stable ids.
+
+``files`` and ``manifest`` give one row per image (``image_id``, ``source_uri``,
+``source_key``); ``webdataset`` and ``parquet`` give one row per shard
+(``shard_uri``, ``shard_key``), which the read stage expands into image rows.
+Only names travel: the driver never holds image bytes, and object listings are
+consumed page by page, so a prefix of millions of keys is never held as one list.
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+import fsspec.asyn
+import pyarrow.parquet as pq
+from fsspec.core import split_protocol
+
 from pipeline.keys import image_id_for
+from pipeline.schema import error_reason, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
+
+INPUT_FORMATS = ("files", "webdataset", "parquet", "manifest")
+SHARD_FORMATS = frozenset({"webdataset", "parquet"})
+WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TEXT_MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest")
+# Objects looked at before `auto` decides; enough to see past a few stray files.
+AUTO_PEEK_OBJECTS = 1000
+_S3_PAGE_OBJECTS = 1000
 
 
 class InputNotFoundError(FileNotFoundError):
-    """The input URI cannot be listed or holds no images."""
+    """The input URI cannot be listed, holds nothing to annotate, or is ambiguous."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The chosen input format, why it was chosen, and the rows, not yet listed."""
+
+    format: str
+    reason: str
+    rows: Iterator[dict[str, str]]
 
 
 def has_image_extension(path: str, extensions: Iterable[str]) -> bool:
@@ -18,36 +51,194 @@ def has_image_extension(path: str, extensions: Iterable[str]) -> bool:
     return len(suffix) == 2 and suffix[1].lower() in {ext.lower() for ext in extensions}
 
 
-def list_images(
-    input_uri: str,
-    extensions: Iterable[str],
-    storage_options: dict[str, Any],
-    limit: int | None = None,
-) -> Iterator[dict[str, str]]:
-    """Yield ``{image_id, source_uri, source_key}`` for each image, in key order.
+def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    # Spark/Hadoop side files (_SUCCESS, _metadata, .crc) are never data.
+    return not name.startswith(("_", ".")) and name.lower().endswith(suffixes)
 
-    ``source_key`` is the object's key relative to ``input_uri``; output keys are
-    derived from it. Only names travel: the driver never holds image bytes.
+
+def iter_object_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
+    """Every file below ``root``, streamed: S3 page by page, others folder by folder."""
+    if "s3" in fs.protocol:
+        yield from _iter_s3_keys(fs, root)
+        return
+    for folder, subfolders, files in fs.walk(root):
+        subfolders.sort()  # walk is top-down: sorting in place orders the descent
+        for name in sorted(files):
+            yield f"{folder.rstrip('/')}/{name}"
+
+
+def _iter_s3_keys(fs: Any, root: str) -> Iterator[str]:
+    bucket, key, _ = fs.split_path(root)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    # s3fs's own listing calls collect every page first; drive its page iterator
+    # directly instead, one page's worth of keys at a time.
+    entries = fs._iterdir(bucket, delimiter="", prefix=prefix)
+
+    async def next_page() -> list[str]:
+        page = []
+        try:
+            while len(page) < _S3_PAGE_OBJECTS:
+                entry = await entries.__anext__()
+                if entry["type"] == "file":
+                    page.append(entry["name"])
+        except StopAsyncIteration:
+            pass
+        return page
+
+    while page := fsspec.asyn.sync(fs.loop, next_page):
+        yield from page
+
+
+def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
+    """Decide the input format (``auto`` looks first) and return its streamed rows.
+
+    ``input_config`` is the job config's ``input`` section. Raises
+    :class:`InputNotFoundError` when the URI cannot be listed.
     """
-    fs, root = filesystem_for(input_uri, storage_options)
-    root = root.rstrip("/")
+    uri = input_config.uri
+    fs, root = filesystem_for(uri, storage_options)
+    root = root.rstrip("/") if len(root) > 1 else root
     try:
-        if not fs.isdir(root):
-            raise InputNotFoundError(f"input.uri {input_uri} is not a folder or prefix")
-        paths = fs.find(root, withdirs=False)
-    except (OSError, PermissionError) as error:
-        raise InputNotFoundError(f"cannot list input.uri {input_uri}: {error}") from None
-    extensions = tuple(extensions)
-    count = 0
-    for path in sorted(paths):
-        if not has_image_extension(path, extensions):
-            continue
-        source_uri = full_uri(fs, path)
-        yield {
-            "image_id": image_id_for(source_uri),
-            "source_uri": source_uri,
-            "source_key": path[len(root) + 1 :],
-        }
-        count += 1
-        if limit is not None and count >= limit:
+        is_file = fs.isfile(root)
+        if not is_file and not fs.isdir(root):
+            raise InputNotFoundError(f"input.uri {uri} is not a folder, prefix or file")
+    except InputNotFoundError:
+        raise
+    except Exception as error:  # credentials, endpoint, permissions: all surface here
+        raise InputNotFoundError(
+            f"cannot list input.uri {uri}: {error_reason('list', error)}"
+        ) from None
+
+    if is_file:
+        paths: Iterator[str] = iter([root])
+        base = root.rsplit("/", 1)[0]
+    else:
+        paths = iter_object_paths(fs, root)
+        base = root
+    fmt, reason = input_config.format, "set by input.format"
+    if fmt == "auto":
+        peeked = list(itertools.islice(paths, AUTO_PEEK_OBJECTS))
+        fmt, reason = _detect_format(fs, peeked, input_config)
+        paths = itertools.chain(peeked, paths)
+
+    def relative(path: str) -> str:
+        return path.rsplit("/", 1)[-1] if is_file else path[len(base) + 1 :]
+
+    if fmt == "files":
+        rows = _image_rows(fs, paths, input_config.extensions, relative)
+    elif fmt == "manifest":
+        if not is_file:
+            paths = (p for p in paths if _has_suffix(p, PARQUET_SUFFIXES + TEXT_MANIFEST_SUFFIXES))
+        rows = _manifest_rows(fs, paths, input_config)
+    else:
+        suffixes = WEBDATASET_SUFFIXES if fmt == "webdataset" else PARQUET_SUFFIXES
+        rows = (
+            {"shard_uri": full_uri(fs, path), "shard_key": relative(path)}
+            for path in paths
+            if is_file or _has_suffix(path, suffixes)
+        )
+    # Shard formats know their image count only when read; run() limits those.
+    if input_config.limit is not None and fmt not in SHARD_FORMATS:
+        rows = itertools.islice(rows, input_config.limit)
+    return Listing(format=fmt, reason=reason, rows=rows)
+
+
+def _detect_format(
+    fs: fsspec.AbstractFileSystem, paths: list[str], input_config: Any
+) -> tuple[str, str]:
+    images = [p for p in paths if has_image_extension(p, input_config.extensions)]
+    tars = [p for p in paths if _has_suffix(p, WEBDATASET_SUFFIXES)]
+    parquets = [p for p in paths if _has_suffix(p, PARQUET_SUFFIXES)]
+    texts = [p for p in paths if _has_suffix(p, TEXT_MANIFEST_SUFFIXES)]
+    seen = f"{len(images)} images, {len(tars)} .tar shards, {len(parquets)} Parquet files"
+    if images:
+        ignored = " (other files ignored; set input.format to choose)" if tars or parquets else ""
+        return "files", f"auto: found {seen} among the first keys{ignored}"
+    if tars:
+        return "webdataset", f"auto: found {seen}"
+    if parquets:
+        columns = set(_parquet_columns(fs, parquets[0]))
+        if input_config.image_column in columns:
+            return "parquet", f"auto: {parquets[0]} has image column {input_config.image_column!r}"
+        if input_config.uri_column in columns:
+            return "manifest", f"auto: {parquets[0]} has URI column {input_config.uri_column!r}"
+        raise InputNotFoundError(
+            f"input.uri holds Parquet files, but {parquets[0]} has neither image column "
+            f"{input_config.image_column!r} (input.image_column) nor URI column "
+            f"{input_config.uri_column!r} (input.uri_column); its columns: "
+            f"{', '.join(sorted(columns))}"
+        )
+    if len(paths) == 1 and texts:
+        return "manifest", f"auto: {paths[0]} is a text manifest"
+    raise InputNotFoundError(
+        f"nothing to annotate under input.uri {input_config.uri}: found {seen} with "
+        f"extensions {', '.join(input_config.extensions)}; set input.format or input.extensions"
+    )
+
+
+def _parquet_columns(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    with fs.open(path, "rb") as file:
+        return pq.ParquetFile(file).schema_arrow.names
+
+
+def _image_rows(
+    fs: fsspec.AbstractFileSystem,
+    paths: Iterator[str],
+    extensions: tuple[str, ...],
+    relative: Any,
+) -> Iterator[dict[str, str]]:
+    for path in paths:
+        if has_image_extension(path, extensions):
+            source_uri = full_uri(fs, path)
+            yield {
+                "image_id": image_id_for(source_uri),
+                "source_uri": source_uri,
+                "source_key": relative(path),
+            }
+
+
+def _manifest_rows(
+    fs: fsspec.AbstractFileSystem,
+    manifests: Iterator[str],
+    input_config: Any,
+) -> Iterator[dict[str, str]]:
+    """One image row per manifest entry; entries may point anywhere fsspec reaches.
+
+    ``source_uri`` (written out, and the id's basis) drops any query string, so a
+    presigned URL's signature never reaches the output and re-signed URLs keep
+    their ids; ``fetch_uri`` keeps the entry as given, for the read stage only.
+    """
+    for manifest in manifests:
+        folder_uri = full_uri(fs, manifest.rsplit("/", 1)[0])
+        for entry in _manifest_entries(fs, manifest, input_config.uri_column):
+            relative = "://" not in entry and not entry.startswith("/")
+            fetch_uri = f"{folder_uri}/{entry}" if relative else entry
+            source_uri = strip_url_secrets(fetch_uri)
+            # Entries from several buckets keep the bucket (or host) in the key,
+            # so s3://a/x.jpg and s3://b/x.jpg never share an output path.
+            source_key = entry if relative else split_protocol(source_uri)[1].lstrip("/")
+            yield {
+                "image_id": image_id_for(source_uri),
+                "source_uri": source_uri,
+                "source_key": source_key,
+                "fetch_uri": fetch_uri,
+            }
+
+
+def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str) -> Iterator[str]:
+    with fs.open(path, "rb") as file:
+        if path.lower().endswith(PARQUET_SUFFIXES):
+            parquet = pq.ParquetFile(file)
+            if uri_column not in parquet.schema_arrow.names:
+                raise InputNotFoundError(
+                    f"manifest {full_uri(fs, path)} has no column {uri_column!r} "
+                    f"(input.uri_column); its columns: {', '.join(parquet.schema_arrow.names)}"
+                )
+            for batch in parquet.iter_batches(batch_size=10_000, columns=[uri_column]):
+                yield from (str(value) for value in batch.column(0).to_pylist() if value)
             return
+        for line in file:
+            entry = line.decode("utf-8").strip()
+            if entry and not entry.startswith("#"):
+                yield entry

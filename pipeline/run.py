@@ -5,14 +5,17 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
+import re
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpt_model import ModelCard
@@ -20,8 +23,9 @@ from dpt_model.loading import DEFAULT_CACHE_DIR
 from jobs.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
-from pipeline.listing import InputNotFoundError, list_images
-from pipeline.read import read_batch
+from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
+from pipeline.read import read_batch, read_shard
+from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.storage import arrow_filesystem, filesystem_for, full_uri, join
 from pipeline.write import write_maps_batch
 
@@ -30,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Rows per read/decode task: big enough to amortise task overhead, small enough
 # that a task's decoded images (original size, briefly) stay well under 1 GB.
 DECODE_BATCH_ROWS = 16
+# Listing blocks: DECODE_BATCH_ROWS each for the first rows, then this many.
+SMALL_BLOCKS_ROWS = 1024
+LISTING_BLOCK_ROWS = 256
 OUTPUT_FOLDERS = ("predictions", "depth", "segmentation")
 
 
@@ -47,7 +54,9 @@ class RunSummary:
     output_uri: str
     predictions_uri: str
     report_uri: str
-    images_listed: int
+    input_format: str
+    images_listed: int  # for shard formats: image rows read from the shards
+    shards_listed: int
     images_ok: int
     images_error: int
     elapsed_s: float
@@ -73,30 +82,51 @@ def run_annotation(config: JobConfig) -> RunSummary:
     cards = _fetch_model_cards(config, cache_dir, storage_options)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
     _prepare_output(out_fs, out_root, config)
-    rows = list(
-        list_images(config.input.uri, config.input.extensions, storage_options, config.input.limit)
-    )
-    if not rows:
-        raise InputNotFoundError(
-            f"no files with extensions {', '.join(config.input.extensions)} "
-            f"under input.uri {config.input.uri}"
-        )
-    logger.info("listed %d images under %s", len(rows), config.input.uri)
+    listing = list_input(config.input, storage_options)
+    logger.info("input.format %s (%s)", listing.format, listing.reason)
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     _check_cluster_fits(config)
+    _retry_transient_parquet_writes()
 
-    dataset = ray.data.from_items(
-        rows, override_num_blocks=math.ceil(len(rows) / DECODE_BATCH_ROWS)
-    )
-    dataset = dataset.map_batches(
-        read_batch,
-        batch_size=DECODE_BATCH_ROWS,
-        batch_format="numpy",
-        fn_kwargs={"storage_options": storage_options},
-        num_cpus=config.resources.cpus_per_decode_task,
-    )
+    sharded = listing.format in SHARD_FORMATS
+    block_refs, listed = put_listing_blocks(listing.rows, sharded)
+    if not listed:
+        raise InputNotFoundError(
+            f"no {'shards' if sharded else 'images'} to annotate under input.uri "
+            f"{config.input.uri} (input.format {listing.format}, extensions "
+            f"{', '.join(config.input.extensions)})"
+        )
+    unit = "shards" if sharded else "images"
+    logger.info("listed %d %s under %s", listed, unit, config.input.uri)
+
+    dataset = ray.data.from_arrow_refs(block_refs)
+    if sharded:
+        dataset = dataset.map_batches(
+            read_shard,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={
+                "input_format": listing.format,
+                "storage_options": storage_options,
+                "extensions": config.input.extensions,
+                "image_column": config.input.image_column,
+                "id_column": config.input.id_column,
+                "rows_per_batch": DECODE_BATCH_ROWS,
+            },
+            num_cpus=config.resources.cpus_per_decode_task,
+        )
+        if config.input.limit is not None:
+            dataset = dataset.limit(config.input.limit)
+    else:
+        dataset = dataset.map_batches(
+            read_batch,
+            batch_size=DECODE_BATCH_ROWS,
+            batch_format="numpy",
+            fn_kwargs={"storage_options": storage_options},
+            num_cpus=config.resources.cpus_per_decode_task,
+        )
     dataset = dataset.map_batches(
         decode_batch,
         batch_size=DECODE_BATCH_ROWS,
@@ -163,15 +193,61 @@ def run_annotation(config: JobConfig) -> RunSummary:
         output_uri=config.output.uri,
         predictions_uri=full_uri(out_fs, predictions_path),
         report_uri=full_uri(out_fs, report_path),
-        images_listed=len(rows),
+        input_format=listing.format,
+        images_listed=len(statuses["status"]) if sharded else listed,
+        shards_listed=listed if sharded else 0,
         images_ok=images_ok,
         images_error=len(statuses["status"]) - images_ok,
         elapsed_s=round(elapsed_s, 3),
-        images_per_s=round(len(rows) / elapsed_s, 3),
+        images_per_s=round(len(statuses["status"]) / elapsed_s, 3),
         error_reasons=dict(reasons.most_common(10)),
     )
     _write_run_report(out_fs, report_path, config, summary)
     return summary
+
+
+def put_listing_blocks(rows: Iterator[dict[str, str]], sharded: bool) -> tuple[list[Any], int]:
+    """Move listed rows into Ray's object store in blocks as they stream in.
+
+    The driver holds one block at a time, not the listing. Blocks are what Ray
+    Data schedules, so their size sets the read parallelism: one shard per
+    block, and for images small blocks first (a short job still spreads over
+    every CPU) and larger ones after (a million images stay a few thousand
+    objects).
+    """
+    import ray
+
+    refs, listed, block = [], 0, []
+    for row in rows:
+        block.append(row)
+        if sharded:
+            target = 1
+        else:
+            target = DECODE_BATCH_ROWS if listed < SMALL_BLOCKS_ROWS else LISTING_BLOCK_ROWS
+        if len(block) == target:
+            refs.append(ray.put(pa.Table.from_pylist(block)))
+            listed, block = listed + len(block), []
+    if block:
+        refs.append(ray.put(pa.Table.from_pylist(block)))
+        listed += len(block)
+    return refs, listed
+
+
+def _retry_transient_parquet_writes() -> None:
+    """Ray Data retries file writes whose error text matches one of these patterns.
+
+    Its defaults only name pyarrow's own S3 client; our Parquet goes through
+    fsspec, whose transient errors read differently.
+    """
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    words = [re.escape(word) for word in TRANSIENT_ERROR_WORDS]
+    with warnings.catch_warnings():
+        # Ray warns on any change here that substring matching is going away;
+        # these patterns are already escaped regexes.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *words]))
 
 
 def _fetch_model_cards(
@@ -179,7 +255,7 @@ def _fetch_model_cards(
 ) -> dict[str, ModelCard]:
     uris = {"depth": config.models.depth, "segmentation": config.models.segmentation}
     return {
-        task: ModelCard.fetch(task, uri, Path(cache_dir), storage_options)
+        task: ModelCard.fetch(task, uri, Path(cache_dir), storage_options, with_weights=False)
         for task, uri in uris.items()
         if uri is not None
     }

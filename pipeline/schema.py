@@ -23,6 +23,8 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("model_depth", pa.string()),
         pa.field("model_segmentation", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
+        # JSON object of a webdataset sample's side members ({"json": "...", "cls": "3"}).
+        pa.field("source_metadata", pa.string()),
     ]
 )
 
@@ -31,8 +33,12 @@ _URL_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]+@")
 _MAX_REASON_CHARS = 300
 
 
+def strip_url_secrets(text: str) -> str:
+    """Remove URL query strings (presigned signatures) and userinfo (user:password@)."""
+    return _URL_USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
+
+
 def error_reason(stage: str, error: BaseException | str) -> str:
-    """``"<stage>: <Type>: <message>"``, with URL queries (signatures) and userinfo removed."""
+    """``"<stage>: <Type>: <message>"``, with URL secrets removed, at most 300 characters."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    text = _URL_USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
-    return f"{stage}: {text}"[:_MAX_REASON_CHARS]
+    return f"{stage}: {strip_url_secrets(text)}"[:_MAX_REASON_CHARS]

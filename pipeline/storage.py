@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import os
+import uuid
 from typing import Any
 
 import fsspec
+import pyarrow
 import pyarrow.fs
+
+from dpt_model.loading import storage_options_for
 
 
 def filesystem_for(
@@ -13,7 +19,7 @@ def filesystem_for(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URI or plain local path."""
     protocol = fsspec.core.split_protocol(uri)[0] or "file"
-    options = dict(storage_options) if protocol in ("s3", "s3a") else {}
+    options = storage_options_for(uri, storage_options)
     if protocol in ("file", "local"):
         options["auto_mkdir"] = True
     return fsspec.core.url_to_fs(uri, **options)
@@ -33,5 +39,48 @@ def join(root: str, key: str) -> str:
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
-    """Ray Data's Parquet writer takes a pyarrow filesystem; wrap the same fsspec one."""
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    """Ray Data's Parquet writer takes a pyarrow filesystem; wrap the same fsspec one.
+
+    Files written through it become visible only once complete: object stores
+    publish an object when its upload finishes, and local files are written
+    under a hidden name (which Parquet readers skip) and renamed on close.
+    """
+    return pyarrow.fs.PyFileSystem(_CompleteFilesHandler(fs))
+
+
+class _CompleteFilesHandler(pyarrow.fs.FSSpecHandler):
+    def open_output_stream(self, path: str, metadata: Any) -> pyarrow.PythonFile:
+        if not is_local(self.fs):
+            return super().open_output_stream(path, metadata)
+        return pyarrow.PythonFile(_RenamedOnClose(path), mode="w")
+
+
+class _RenamedOnClose(io.RawIOBase):
+    """A local file written under ``.<name>.<random>.tmp`` and renamed when closed."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        self._path = path
+        self._temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        self._file = open(self._temporary, "wb")  # noqa: SIM115 (closed in close())
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+            os.replace(self._temporary, self._path)
+        super().close()

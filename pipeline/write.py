@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from pipeline.encode import encode_depth_png, encode_segmentation_png
 from pipeline.keys import map_file_key
+from pipeline.retry import retry_transient
 from pipeline.schema import PREDICTION_SCHEMA, error_reason
 from pipeline.storage import filesystem_for, full_uri, join
 
@@ -34,12 +35,13 @@ def write_maps_batch(
         try:
             if "depth_levels" in batch:
                 path = join(root, map_file_key("depth", source_key))
-                fs.pipe_file(path, encode_depth_png(batch["depth_levels"][index], compress_level))
+                png = encode_depth_png(batch["depth_levels"][index], compress_level)
+                retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
                 depth_uri[index] = full_uri(fs, path)
             if "seg_class_ids" in batch:
                 path = join(root, map_file_key("segmentation", source_key))
                 png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
-                fs.pipe_file(path, png)
+                retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
                 segmentation_uri[index] = full_uri(fs, path)
         except (OSError, ValueError) as problem:
             status[index], error[index] = "error", error_reason("write", problem)
@@ -63,6 +65,9 @@ def write_maps_batch(
             "model_depth": _column_or_nulls(batch, "model_depth", count),
             "model_segmentation": _column_or_nulls(batch, "model_segmentation", count),
             "run_id": [run_id] * count,
+            "source_metadata": [
+                value or None for value in _column_or_nulls(batch, "source_metadata", count)
+            ],
         },
         schema=PREDICTION_SCHEMA,
     )

@@ -133,3 +133,19 @@ def test_changed_remote_weights_get_a_new_cache_folder(checkpoints, tmp_path):
     second = resolve_checkpoint_dir(f"file://{remote}", cache_dir)
     assert second != first
     assert weights_sha256(second) == weights_sha256(checkpoints["depth-hybrid"])
+
+
+def test_a_card_without_weights_fetches_only_json_but_checks_weights_exist(checkpoints, tmp_path):
+    uri = f"file://{checkpoints['depth-vit']}"
+    card = ModelCard.fetch("depth", uri, tmp_path / "cache", with_weights=False)
+    fetched = sorted(p.name for p in card.checkpoint_dir.iterdir() if not p.name.startswith("."))
+    assert fetched == ["config.json", "preprocessor_config.json"]
+    assert card.spec == PreprocessSpec.from_pretrained_dir(checkpoints["depth-vit"])
+    full = resolve_checkpoint_dir(uri, tmp_path / "cache")
+    assert full != card.checkpoint_dir and list(full.glob("*.safetensors"))
+
+    unweighted = copy_checkpoint(checkpoints["depth-vit"], tmp_path / "unweighted")
+    for path in unweighted.glob("*.safetensors"):
+        path.unlink()
+    with pytest.raises(ModelLoadError, match=r"no \.safetensors weights"):
+        ModelCard.fetch("depth", f"file://{unweighted}", tmp_path / "cache", with_weights=False)

@@ -1,34 +1,133 @@
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.listing import InputNotFoundError, has_image_extension, list_images
+from jobs.config import InputConfig
+from pipeline import listing
+from pipeline.keys import image_id_for
+from pipeline.listing import InputNotFoundError, has_image_extension, list_input
+
+
+def _write(root, names, data=b"x"):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def _list(uri, **settings):
+    result = list_input(InputConfig(uri=str(uri), **settings), {})
+    return result.format, list(result.rows)
 
 
 def test_lists_images_of_any_letter_case_with_relative_keys(tmp_path):
-    for name in ("a/x.JPG", "b/x.jpg", "c/d/y.TiFf", "notes.txt", "z.webp", ".hidden/k.png"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
-    rows = list(list_images(str(tmp_path), ("jpg", "tiff", "webp", "png"), {}))
-    assert [row["source_key"] for row in rows] == [
+    _write(tmp_path, ("a/x.JPG", "b/x.jpg", "c/d/y.TiFf", "notes.txt", "z.webp", ".hidden/k.png"))
+    fmt, rows = _list(tmp_path, extensions=("jpg", "tiff", "webp", "png"))
+    assert fmt == "files"
+    assert sorted(row["source_key"] for row in rows) == [
         ".hidden/k.png",
         "a/x.JPG",
         "b/x.jpg",
         "c/d/y.TiFf",
         "z.webp",
     ]
-    assert rows[1]["source_uri"] == str(tmp_path / "a/x.JPG")
+    by_key = {row["source_key"]: row for row in rows}
+    assert by_key["a/x.JPG"]["source_uri"] == str(tmp_path / "a/x.JPG")
+    assert by_key["a/x.JPG"]["image_id"] == image_id_for(str(tmp_path / "a/x.JPG"))
     assert len({row["image_id"] for row in rows}) == 5
 
 
 def test_limit_stops_the_listing(tmp_path):
-    for index in range(5):
-        (tmp_path / f"{index}.png").write_bytes(b"x")
-    assert len(list(list_images(str(tmp_path), ("png",), {}, limit=2))) == 2
+    _write(tmp_path, [f"{index}.png" for index in range(5)])
+    assert len(_list(tmp_path, limit=2)[1]) == 2
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(InputNotFoundError, match="not a folder"):
-        list(list_images(str(tmp_path / "missing"), ("png",), {}))
+    with pytest.raises(InputNotFoundError, match="not a folder, prefix or file"):
+        _list(tmp_path / "missing")
 
 
 def test_extension_needs_a_dot():
     assert has_image_extension("a/b.PNG", ["png"]) and not has_image_extension("a/png", ["png"])
+
+
+def test_auto_picks_webdataset_shards_and_skips_side_files(tmp_path):
+    _write(tmp_path, ("s/000.tar", "s/001.tar", "s/_SUCCESS", "s/readme.md"))
+    result = list_input(InputConfig(uri=str(tmp_path / "s")), {})
+    assert result.format == "webdataset" and "2 .tar shards" in result.reason
+    assert [row["shard_key"] for row in result.rows] == ["000.tar", "001.tar"]
+
+
+def test_auto_prefers_images_and_says_what_it_ignored(tmp_path):
+    _write(tmp_path, ("a.jpg", "b.tar"))
+    result = list_input(InputConfig(uri=str(tmp_path)), {})
+    assert result.format == "files" and "set input.format" in result.reason
+    assert [row["source_key"] for row in result.rows] == ["a.jpg"]
+
+
+def test_auto_tells_image_parquet_from_manifest_parquet_by_columns(tmp_path):
+    (tmp_path / "images").mkdir()
+    pq.write_table(pa.table({"image": [b"x"], "id": ["a"]}), tmp_path / "images/part-0.parquet")
+    (tmp_path / "manifest").mkdir()
+    pq.write_table(pa.table({"uri": ["s3://b/x.jpg"]}), tmp_path / "manifest/part-0.parquet")
+    assert _list(tmp_path / "images")[0] == "parquet"
+    fmt, rows = _list(tmp_path / "manifest")
+    assert fmt == "manifest" and rows[0]["source_uri"] == "s3://b/x.jpg"
+    pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "other.parquet")
+    with pytest.raises(InputNotFoundError, match=r"input\.image_column.*columns: pixels"):
+        _list(tmp_path / "other.parquet")
+
+
+def test_auto_with_nothing_recognisable_names_what_it_found(tmp_path):
+    _write(tmp_path, ("notes.md", "data.bin"))
+    with pytest.raises(InputNotFoundError, match=r"set input\.format or input\.extensions"):
+        _list(tmp_path)
+
+
+def test_text_manifest_resolves_relative_entries_and_drops_signatures(tmp_path):
+    _write(tmp_path, ("pics/a.jpg",))
+    signed = "https://bucket.example.com/k/b.jpg?X-Amz-Signature=abc&X-Amz-Credential=KEY"
+    (tmp_path / "list.txt").write_text(
+        f"# images to annotate\n\npics/a.jpg\n{signed}\ns3://other-bucket/c/d.png\n"
+    )
+    fmt, rows = _list(tmp_path / "list.txt")
+    assert fmt == "manifest"
+    assert [row["source_key"] for row in rows] == [
+        "pics/a.jpg",
+        "bucket.example.com/k/b.jpg",
+        "other-bucket/c/d.png",
+    ]
+    assert rows[0]["fetch_uri"] == str(tmp_path / "pics/a.jpg")
+    assert rows[1]["source_uri"] == "https://bucket.example.com/k/b.jpg"
+    assert rows[1]["fetch_uri"] == signed
+    assert "Signature" not in json.dumps(
+        [{k: v for k, v in r.items() if k != "fetch_uri"} for r in rows]
+    )
+    assert rows[1]["image_id"] == image_id_for("https://bucket.example.com/k/b.jpg")
+
+
+def test_manifest_without_its_uri_column_names_the_key(tmp_path):
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"path": ["x.jpg"]}), buffer)
+    (tmp_path / "m.parquet").write_bytes(buffer.getvalue())
+    with pytest.raises(InputNotFoundError, match=r"input\.uri_column"):
+        _list(tmp_path / "m.parquet", format="manifest")
+
+
+def test_s3_listing_streams_in_pages(s3_endpoint, monkeypatch):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("listing-pages")
+    keys = [f"p/{index:03d}.jpg" for index in range(23)] + ["p/sub/z.png", "q/outside.jpg"]
+    for key in keys:
+        fs.pipe_file(f"listing-pages/{key}", b"x")
+    monkeypatch.setattr(listing, "_S3_PAGE_OBJECTS", 7)
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    result = list_input(InputConfig(uri="s3://listing-pages/p"), options)
+    rows = list(result.rows)
+    assert [row["source_key"] for row in rows] == [key[2:] for key in keys[:24]]
+    assert rows[0]["source_uri"] == "s3://listing-pages/p/000.jpg"
+    fs.rm("listing-pages", recursive=True)

@@ -1,0 +1,144 @@
+"""Images inside shards: webdataset ``.tar`` files and Parquet files of image bytes.
+
+Pure functions over open binary files, streamed: a 10 GB tar shard is read member
+by member and a Parquet file row batch by row batch, so a read task holds one
+small batch of images at a time. The read stage turns what they yield into rows.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# webdataset side members carried into the output as passthrough metadata.
+METADATA_EXTENSIONS = ("json", "txt", "cls")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read as its format; the message says why."""
+
+
+@dataclass(frozen=True)
+class ShardImage:
+    """One image of a shard, or the reason a sample has none."""
+
+    sample_id: str  # webdataset key or Parquet row id: unique within its shard
+    name: str  # path below the shard in output keys, e.g. "000123.jpg"
+    data: bytes | None
+    metadata: str | None = None  # JSON object of side members
+    problem: str | None = None  # set when data is None
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key runs to the first dot of the file name.
+
+    ``a/000123.seg.png`` → (``a/000123``, ``seg.png``).
+    """
+    name = name.removeprefix("./")
+    folder, _, file_name = name.rpartition("/")
+    stem, _, extension = file_name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def iter_webdataset(file: BinaryIO, extensions: Iterable[str]) -> Iterator[ShardImage]:
+    """Group a tar's members into samples by key; yield each sample's image.
+
+    The image is the sample's first member whose extension is one of
+    ``extensions``; ``.json``/``.txt``/``.cls`` members become its metadata. A
+    sample with no image member is yielded with ``problem`` set, not skipped.
+    Raises :class:`ShardError` where the tar itself is corrupt or truncated.
+    """
+    image_extensions = {extension.lower() for extension in extensions}
+    key: str | None = None
+    members: list[tuple[str, str, bytes]] = []
+    try:
+        # "r|*": a forward-only stream (no seeks), gzip-compressed or not.
+        with tarfile.open(fileobj=file, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                member_key, extension = split_member_name(member.name)
+                if member_key != key and members:
+                    yield _sample(key, members, image_extensions)
+                    members = []
+                key = member_key
+                content = archive.extractfile(member)
+                members.append((member.name.removeprefix("./"), extension, content.read()))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
+    if members:
+        yield _sample(key, members, image_extensions)
+
+
+def _sample(
+    key: str | None, members: list[tuple[str, str, bytes]], image_extensions: set[str]
+) -> ShardImage:
+    image = next(((n, d) for n, e, d in members if e in image_extensions), None)
+    side = {e: d for _, e, d in members if e.endswith(METADATA_EXTENSIONS)}
+    metadata = (
+        json.dumps({e: d.decode("utf-8", "replace") for e, d in side.items()}, sort_keys=True)
+        if side
+        else None
+    )
+    if image is None:
+        found = ", ".join(e or "(none)" for _, e, _ in members)
+        return ShardImage(
+            sample_id=str(key),
+            name=members[0][0],
+            data=None,
+            metadata=metadata,
+            problem=f"sample has no image member (extensions found: {found})",
+        )
+    return ShardImage(sample_id=str(key), name=image[0], data=image[1], metadata=metadata)
+
+
+def iter_parquet_images(
+    file: BinaryIO, image_column: str, id_column: str | None, batch_rows: int = 16
+) -> Iterator[ShardImage]:
+    """Yield the images of a Parquet file, reading only the image and id columns.
+
+    The image column holds encoded bytes, either as binary or as a struct with a
+    ``bytes`` field (how Hugging Face datasets store ``Image`` features). Without
+    an id column, the row number is the id.
+    """
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as error:
+        raise ShardError(f"not a readable Parquet file: {error}") from None
+    names = parquet.schema_arrow.names
+    for column, key in ((image_column, "input.image_column"), (id_column, "input.id_column")):
+        if column is not None and column not in names:
+            raise ShardError(
+                f"Parquet file has no column {column!r} ({key}); its columns: {', '.join(names)}"
+            )
+    columns = [image_column] if id_column is None else [image_column, id_column]
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            values = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if id_column else range(row, row + len(values))
+            for value, sample_id in zip(values, ids, strict=True):
+                yield _parquet_image(str(sample_id), value, image_column)
+            row += len(values)
+    except (pa.ArrowException, OSError) as error:
+        message = f"Parquet file is truncated or corrupt after {row} rows: {error}"
+        raise ShardError(message) from None
+
+
+def _parquet_image(sample_id: str, value: object, image_column: str) -> ShardImage:
+    if isinstance(value, dict):  # struct<bytes, path>
+        value = value.get("bytes")
+    if isinstance(value, bytes):
+        return ShardImage(sample_id=sample_id, name=sample_id, data=value)
+    problem = (
+        f"column {image_column!r} is null"
+        if value is None
+        else f"column {image_column!r} holds {type(value).__name__}, not image bytes"
+    )
+    return ShardImage(sample_id=sample_id, name=sample_id, data=None, problem=problem)

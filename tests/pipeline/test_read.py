@@ -1,0 +1,140 @@
+import errno
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.read import read_batch, read_shard
+from pipeline.retry import is_transient, retry_transient
+from tests.pipeline.test_shards import SAMPLES, tar_bytes
+
+
+def _rows(**columns):
+    return {key: np.array(values, dtype=object) for key, values in columns.items()}
+
+
+def test_reads_names_with_glob_characters_and_reports_missing_files(tmp_path):
+    (tmp_path / "a[1].jpg").write_bytes(b"one")
+    (tmp_path / "a1.jpg").write_bytes(b"wrong file")
+    (tmp_path / "b*.jpg").write_bytes(b"star")
+    uris = [str(tmp_path / name) for name in ("a[1].jpg", "b*.jpg", "gone.jpg")]
+    batch = read_batch(_rows(source_uri=uris, image_id=["1", "2", "3"]), {})
+    assert batch["image_bytes"].tolist() == [b"one", b"star", b""]
+    assert batch["status"].tolist() == ["ok", "ok", "error"]
+    assert batch["error"][2].startswith("read: FileNotFoundError")
+
+
+def test_reads_manifest_rows_from_several_filesystems_by_fetch_uri(tmp_path):
+    import fsspec
+
+    fsspec.filesystem("memory").pipe_file("/bucket/m.jpg", b"memory bytes")
+    (tmp_path / "l.jpg").write_bytes(b"local bytes")
+    batch = read_batch(
+        _rows(
+            source_uri=["memory://bucket/m.jpg", "https://host/l.jpg"],
+            fetch_uri=["memory://bucket/m.jpg", str(tmp_path / "l.jpg")],
+        ),
+        {},
+    )
+    assert batch["image_bytes"].tolist() == [b"memory bytes", b"local bytes"]
+    assert "fetch_uri" not in batch
+
+
+def _read_shards(uris, keys, input_format, **options):
+    batches = read_shard(
+        _rows(shard_uri=uris, shard_key=keys),
+        input_format=input_format,
+        storage_options={},
+        extensions=("jpg", "png"),
+        image_column=options.get("image_column", "image"),
+        id_column=options.get("id_column"),
+        rows_per_batch=options.get("rows_per_batch", 16),
+    )
+    return [{key: column.tolist() for key, column in batch.items()} for batch in batches]
+
+
+def test_webdataset_shard_expands_into_image_rows_in_batches(tmp_path):
+    shard = tmp_path / "000.tar"
+    shard.write_bytes(tar_bytes(SAMPLES))
+    batches = _read_shards([str(shard)], ["s/000.tar"], "webdataset", rows_per_batch=3)
+    assert [len(batch["image_id"]) for batch in batches] == [3, 1]
+    rows = [
+        dict(zip(batch, values, strict=True))
+        for batch in batches
+        for values in zip(*batch.values(), strict=True)
+    ]
+    assert [row["source_uri"] for row in rows] == [
+        f"{shard}#a/000",
+        f"{shard}#a/001",
+        f"{shard}#a/002",
+        f"{shard}#003",
+    ]
+    assert rows[0]["source_key"] == "s/000.tar/a/000.jpg"
+    assert rows[0]["image_bytes"] == b"jpeg-0" and '"cls": "3"' in rows[0]["source_metadata"]
+    assert rows[2]["status"] == "error" and "no image member" in rows[2]["error"]
+    assert len({row["image_id"] for row in rows}) == 4
+
+
+def test_broken_shards_leave_an_error_row_after_the_images_they_gave(tmp_path):
+    whole = tar_bytes([(f"{i:03d}.jpg", bytes(3000)) for i in range(4)])
+    (tmp_path / "cut.tar").write_bytes(whole[:6000])
+    uris = [str(tmp_path / "cut.tar"), str(tmp_path / "missing.tar")]
+    [cut, missing] = _read_shards(uris, ["cut.tar", "missing.tar"], "webdataset")
+    assert cut["status"] == ["ok", "error"]
+    assert cut["source_uri"][1] == uris[0]
+    assert cut["error"][1].startswith("read: shard failed after 1 images: tar shard is truncated")
+    assert missing["status"] == ["error"]
+    assert "before any image" in missing["error"][0]
+
+
+def test_parquet_shard_rows_carry_file_and_row_ids(tmp_path):
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image": [b"a", b"b"], "id": ["x/1", "x/2"]}), buffer)
+    (tmp_path / "p.parquet").write_bytes(buffer.getvalue())
+    uri = str(tmp_path / "p.parquet")
+    [batch] = _read_shards([uri], ["p.parquet"], "parquet", id_column="id")
+    assert batch["source_uri"] == [f"{uri}#x/1", f"{uri}#x/2"]
+    assert batch["source_key"] == ["p.parquet/x/1", "p.parquet/x/2"]
+    assert batch["image_bytes"] == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (OSError(errno.EBUSY, "SlowDown"), True),
+        (OSError(121, "InternalError"), True),
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (OSError("An error occurred (ServiceUnavailable) when calling PutObject"), True),
+        (FileNotFoundError("s3://b/k"), False),
+        (PermissionError("Access Denied"), False),
+        (ValueError("bad data"), False),
+    ],
+)
+def test_transient_errors_are_told_from_permanent_ones(error, transient):
+    assert is_transient(error) is transient
+
+
+def test_retry_gives_up_on_permanent_errors_at_once_and_on_transient_after_attempts():
+    calls = []
+
+    def flaky(fail_times, error):
+        def call():
+            calls.append(1)
+            if len(calls) <= fail_times:
+                raise error
+            return "done"
+
+        return call
+
+    assert retry_transient(flaky(2, ConnectionResetError()), attempts=3) == "done"
+    calls.clear()
+    with pytest.raises(ConnectionResetError):
+        retry_transient(flaky(5, ConnectionResetError()), attempts=3)
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        retry_transient(flaky(5, FileNotFoundError()), attempts=3)
+    assert len(calls) == 1

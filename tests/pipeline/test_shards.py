@@ -1,0 +1,127 @@
+import gzip
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.shards import ShardError, iter_parquet_images, iter_webdataset, split_member_name
+
+EXTENSIONS = ("jpg", "png")
+
+
+def tar_bytes(members: list[tuple[str, bytes]], compress: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return gzip.compress(buffer.getvalue()) if compress else buffer.getvalue()
+
+
+SAMPLES = [
+    ("a/000.jpg", b"jpeg-0"),
+    ("a/000.json", b'{"caption": "a cat"}'),
+    ("a/000.cls", b"3"),
+    ("a/001.seg.png", b"mask"),
+    ("a/001.png", b"png-1"),
+    ("a/002.json", b"{}"),
+    ("./003.JPG", b"jpeg-3"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a/000123.seg.png", ("a/000123", "seg.png")),
+        ("./x.JPG", ("x", "jpg")),
+        ("noext", ("noext", "")),
+        ("d.1/k.txt", ("d.1/k", "txt")),
+    ],
+)
+def test_member_names_split_at_the_first_dot_of_the_file_name(name, expected):
+    assert split_member_name(name) == expected
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_webdataset_groups_members_into_samples(compress):
+    samples = list(iter_webdataset(io.BytesIO(tar_bytes(SAMPLES, compress)), EXTENSIONS))
+    assert [s.sample_id for s in samples] == ["a/000", "a/001", "a/002", "003"]
+    first, second, no_image, last = samples
+    assert (first.name, first.data) == ("a/000.jpg", b"jpeg-0")
+    assert json.loads(first.metadata) == {"cls": "3", "json": '{"caption": "a cat"}'}
+    # "seg.png" is not an image extension; the sample's "png" member is its image.
+    assert (second.name, second.data, second.metadata) == ("a/001.png", b"png-1", None)
+    assert no_image.data is None and "no image member (extensions found: json)" in no_image.problem
+    assert (last.name, last.data) == ("003.JPG", b"jpeg-3")
+
+
+def test_truncated_tar_yields_what_it_can_then_fails():
+    data = tar_bytes([(f"{i:03d}.jpg", bytes(3000)) for i in range(4)])
+    stream = iter_webdataset(io.BytesIO(data[:6000]), EXTENSIONS)
+    assert next(stream).sample_id == "000"
+    with pytest.raises(ShardError, match="truncated or corrupt"):
+        list(stream)
+
+
+def test_bytes_that_are_not_a_tar_fail_clearly():
+    with pytest.raises(ShardError, match="tar shard"):
+        list(iter_webdataset(io.BytesIO(b"<html>not found</html>" * 40), EXTENSIONS))
+
+
+def _parquet(table: pa.Table) -> io.BytesIO:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=3)
+    buffer.seek(0)
+    return buffer
+
+
+def test_parquet_images_by_row_number_from_binary_column():
+    table = pa.table({"image": [b"i0", None, b"i2", b"i3"], "caption": ["a", "b", "c", "d"]})
+    images = list(iter_parquet_images(_parquet(table), "image", None, batch_rows=2))
+    assert [(i.sample_id, i.data) for i in images] == [
+        ("0", b"i0"),
+        ("1", None),
+        ("2", b"i2"),
+        ("3", b"i3"),
+    ]
+    assert images[1].problem == "column 'image' is null"
+
+
+def test_parquet_images_from_hugging_face_struct_column_with_ids():
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "img": pa.array(
+                [{"bytes": b"a", "path": "a.jpg"}, {"bytes": None, "path": "b.jpg"}],
+                type=image_type,
+            ),
+            "key": ["k-a", "k-b"],
+        }
+    )
+    images = list(iter_parquet_images(_parquet(table), "img", "key"))
+    assert [(i.sample_id, i.name, i.data) for i in images] == [
+        ("k-a", "k-a", b"a"),
+        ("k-b", "k-b", None),
+    ]
+
+
+def test_parquet_without_the_configured_column_names_the_key():
+    table = pa.table({"pixels": [b"x"]})
+    with pytest.raises(ShardError, match=r"no column 'image' \(input.image_column\).*pixels"):
+        list(iter_parquet_images(_parquet(table), "image", None))
+    with pytest.raises(ShardError, match=r"input.id_column"):
+        list(iter_parquet_images(_parquet(table), "pixels", "id"))
+
+
+def test_parquet_of_text_not_bytes_is_a_per_row_problem():
+    images = list(iter_parquet_images(_parquet(pa.table({"image": ["path.jpg"]})), "image", None))
+    assert images[0].data is None and "holds str" in images[0].problem
+
+
+def test_corrupt_parquet_fails_clearly():
+    with pytest.raises(ShardError, match="Parquet"):
+        list(iter_parquet_images(io.BytesIO(b"PAR1 garbage"), "image", None))
