@@ -106,6 +106,9 @@ class StorageConfig(_Section):
     )
     region: str | None = None
     anon: bool = Field(default=False, description="Anonymous access for public buckets.")
+    # botocore's standard retry mode, per request, before our own retries of
+    # reads and writes: throttling and 5xx on a busy bucket are routine.
+    max_attempts: int = Field(default=10, ge=1, description="S3 attempts per request.")
 
 
 class JobConfig(_Section):
@@ -145,6 +148,9 @@ class JobConfig(_Section):
         options: dict[str, Any] = {}
         if self.storage.anon:
             options["anon"] = True
+        options["config_kwargs"] = {
+            "retries": {"max_attempts": self.storage.max_attempts, "mode": "standard"}
+        }
         client_kwargs = {}
         if self.storage.endpoint_url:
             client_kwargs["endpoint_url"] = self.storage.endpoint_url

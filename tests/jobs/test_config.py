@@ -66,3 +66,24 @@ def test_example_configs_validate():
 
     for path in Path("jobs/configs").glob("*.yaml"):
         load_config(path, ["input.uri=in", "output.uri=out"])
+
+
+def test_storage_options_carry_endpoint_region_and_retry_budget():
+    config = load_config(
+        None,
+        [
+            *MINIMAL,
+            "storage.endpoint_url=http://127.0.0.1:9000",
+            "storage.region=eu-west-1",
+            "storage.max_attempts=4",
+        ],
+    )
+    assert config.storage_options() == {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"},
+        "config_kwargs": {"retries": {"max_attempts": 4, "mode": "standard"}},
+    }
+
+
+def test_input_format_is_one_of_the_known_ones():
+    with pytest.raises(ConfigError, match=r"input\.format.*'tfrecord'"):
+        load_config(None, [*MINIMAL, "input.format=tfrecord"])
