@@ -109,11 +109,13 @@ def _fetch_fsspec_checkpoint(
             " other weight formats are refused)"
         )
     remote_files = {name: entry for name, entry in listed.items() if name.endswith(suffixes)}
+    # The version covers every file, weights included, even when only JSON is fetched.
     fingerprint = hashlib.sha256(uri.encode())
-    for name, entry in sorted(remote_files.items()):
+    for name, entry in sorted(listed.items()):
         version_tag = entry.get("ETag") or entry.get("mtime") or entry.get("LastModified")
         fingerprint.update(f"{name}\0{entry.get('size')}\0{version_tag}\0".encode())
-    target = cache_dir / fingerprint.hexdigest()[:24]
+    version = fingerprint.hexdigest()
+    target = cache_dir / (version[:24] + ("" if ".safetensors" in suffixes else "-json"))
     expected_sizes = {name: entry.get("size") for name, entry in remote_files.items()}
     if _cache_is_complete(target, expected_sizes):
         return target
@@ -127,7 +129,7 @@ def _fetch_fsspec_checkpoint(
             for name, entry in remote_files.items():
                 fs.get(entry["name"], str(staging / name))
             (staging / _COMPLETE_MARKER).write_text(
-                json.dumps({"uri": uri, "files": expected_sizes})
+                json.dumps({"uri": uri, "version": version, "files": expected_sizes})
             )
             if target.exists():
                 shutil.rmtree(target)
@@ -140,6 +142,27 @@ def _fetch_fsspec_checkpoint(
 
 
 _COMPLETE_MARKER = ".complete.json"
+
+
+def checkpoint_version(checkpoint_dir: Path) -> str:
+    """A short fingerprint that changes whenever the checkpoint's files do.
+
+    For a cached copy: the remote files' names, sizes and ETags, recorded at
+    download. For a local folder: its files' names, sizes and modification times.
+    Cheap to compute without weights, so the driver can tell whether earlier
+    results came from the same model.
+    """
+    marker = checkpoint_dir / _COMPLETE_MARKER
+    if marker.is_file():
+        recorded = json.loads(marker.read_text()).get("version")
+        if recorded:
+            return recorded[:16]
+    fingerprint = hashlib.sha256()
+    for path in sorted(checkpoint_dir.iterdir()):
+        if path.name.endswith(CHECKPOINT_FILE_SUFFIXES):
+            stat = path.stat()
+            fingerprint.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return fingerprint.hexdigest()[:16]
 
 
 def _cache_is_complete(target: Path, expected_sizes: dict[str, int | None]) -> bool:

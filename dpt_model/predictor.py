@@ -24,6 +24,7 @@ from dpt_model.loading import (
     Task,
     check_input_geometry,
     check_supported,
+    checkpoint_version,
     load_network,
     model_name,
     read_model_config,
@@ -70,6 +71,7 @@ class ModelCard:
     checkpoint_dir: Path
     spec: PreprocessSpec
     config: dict[str, Any]
+    version: str  # changes with the checkpoint's files (see loading.checkpoint_version)
 
     @classmethod
     def fetch(
@@ -92,7 +94,9 @@ class ModelCard:
         check_supported(config, task, model_uri)
         spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)
         check_input_geometry(config, spec, model_uri)
-        return cls(task, model_uri, checkpoint_dir, spec, config)
+        return cls(
+            task, model_uri, checkpoint_dir, spec, config, checkpoint_version(checkpoint_dir)
+        )
 
 
 class _Predictor:

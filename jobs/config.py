@@ -57,8 +57,11 @@ class OutputConfig(_Section):
     # default 6 for a few percent more bytes on depth maps.
     png_compress_level: int = Field(default=1, ge=0, le=9)
     overwrite: bool = Field(
-        default=False, description="Replace results an earlier run left at output.uri."
+        default=False, description="Delete results earlier runs left at output.uri first."
     )
+    # A crash loses at most the rows not yet in a part (their map files are
+    # rewritten on resume); 1000 rows is a part every few seconds on a GPU node.
+    rows_per_part: int = Field(default=1000, ge=1, description="Rows per Parquet part file.")
 
 
 class ModelsConfig(_Section):
@@ -120,6 +123,12 @@ class JobConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     storage: StorageConfig = StorageConfig()
     run_id: str | None = Field(default=None, description="Defaults to a timestamped id.")
+    mode: Literal["incremental", "force"] = Field(
+        default="incremental",
+        description="incremental: skip images already annotated with the same models and "
+        "settings (resumes a crashed run; annotates only new or changed objects); "
+        "force: annotate everything again.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

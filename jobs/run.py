@@ -28,14 +28,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set inference.batch_size=16 (repeatable)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="annotate every image again, even those an earlier run did (same as "
+        "--set mode=force); new rows supersede old ones",
+    )
     return parser.parse_args(argv)
 
 
 def format_summary(summary) -> str:
     lines = [
-        f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors "
-        f"of {summary.images_listed} images in {summary.elapsed_s:.1f} s "
-        f"({summary.images_per_s:.2f} images/s)",
+        f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors, "
+        f"{summary.images_skipped_done} already done, of {summary.images_listed} images "
+        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s)",
         f"  predictions: {summary.predictions_uri}",
         f"  run report:  {summary.report_uri}",
     ]
@@ -48,18 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *(["mode=force"] if args.force else [])]
+        config = load_config(args.config, overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
     from dpt_model import ModelLoadError
     from pipeline.listing import InputNotFoundError
-    from pipeline.run import ClusterTooSmallError, OutputExistsError, run_annotation
+    from pipeline.run import ClusterTooSmallError, OutputNotWritableError, run_annotation
 
     try:
         summary = run_annotation(config)
-    except (ModelLoadError, InputNotFoundError, OutputExistsError, ClusterTooSmallError) as error:
+    except (
+        ModelLoadError,
+        InputNotFoundError,
+        OutputNotWritableError,
+        ClusterTooSmallError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_JOB_FAILED
     print(format_summary(summary))

@@ -8,6 +8,7 @@ from pipeline.decode import decode_batch, decode_image
 from pipeline.encode import decode_depth_png, decode_segmentation_png
 from pipeline.infer import InferenceActor
 from pipeline.listing import list_input
+from pipeline.predictions import read_predictions
 from pipeline.read import read_batch, read_shard
 from pipeline.run import RunSummary, run_annotation
 from pipeline.write import write_maps_batch
@@ -21,6 +22,7 @@ __all__ = [
     "decode_segmentation_png",
     "list_input",
     "read_batch",
+    "read_predictions",
     "read_shard",
     "run_annotation",
     "write_maps_batch",

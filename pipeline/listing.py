@@ -1,8 +1,9 @@
 """List: what to annotate under ``input.uri``, streamed as small rows with stable ids.
 
 ``files`` and ``manifest`` give one row per image (``image_id``, ``source_uri``,
-``source_key``); ``webdataset`` and ``parquet`` give one row per shard
-(``shard_uri``, ``shard_key``), which the read stage expands into image rows.
+``source_key``, ``source_version``); ``webdataset`` and ``parquet`` give one row
+per shard (``shard_uri``, ``shard_key``, ``shard_version``), which the read stage
+expands into image rows.
 Only names travel: the driver never holds image bytes, and object listings are
 consumed page by page, so a prefix of millions of keys is never held as one list.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import fsspec.asyn
@@ -57,31 +58,48 @@ def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     return not name.startswith(("_", ".")) and name.lower().endswith(suffixes)
 
 
-def iter_object_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
+class StoredObject(NamedTuple):
+    path: str
+    version: str  # "etag:<ETag>", or "size:<bytes>,mtime:<time>" where there is no ETag
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """What changes when an object's content does: its ETag, else size and mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return f"size:{info.get('size')},mtime:{mtime}"
+
+
+def iter_objects(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[StoredObject]:
     """Every file below ``root``, streamed: S3 page by page, others folder by folder."""
     if "s3" in fs.protocol:
-        yield from _iter_s3_keys(fs, root)
+        yield from _iter_s3_objects(fs, root)
         return
-    for folder, subfolders, files in fs.walk(root):
-        subfolders.sort()  # walk is top-down: sorting in place orders the descent
+    for folder, subfolders, files in fs.walk(root, detail=True):
+        # walk is top-down: reordering its folder dict in place orders the descent.
+        ordered = sorted(subfolders.items())
+        subfolders.clear()
+        subfolders.update(ordered)
         for name in sorted(files):
-            yield f"{folder.rstrip('/')}/{name}"
+            yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(files[name]))
 
 
-def _iter_s3_keys(fs: Any, root: str) -> Iterator[str]:
+def _iter_s3_objects(fs: Any, root: str) -> Iterator[StoredObject]:
     bucket, key, _ = fs.split_path(root)
     prefix = f"{key.rstrip('/')}/" if key else ""
     # s3fs's own listing calls collect every page first; drive its page iterator
     # directly instead, one page's worth of keys at a time.
     entries = fs._iterdir(bucket, delimiter="", prefix=prefix)
 
-    async def next_page() -> list[str]:
+    async def next_page() -> list[StoredObject]:
         page = []
         try:
             while len(page) < _S3_PAGE_OBJECTS:
                 entry = await entries.__anext__()
                 if entry["type"] == "file":
-                    page.append(entry["name"])
+                    page.append(StoredObject(entry["name"], object_version(entry)))
         except StopAsyncIteration:
             pass
         return page
@@ -111,32 +129,39 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
         ) from None
 
     if is_file:
-        paths: Iterator[str] = iter([root])
+        objects: Iterator[StoredObject] = iter([StoredObject(root, object_version(fs.info(root)))])
         base = root.rsplit("/", 1)[0]
     else:
-        paths = iter_object_paths(fs, root)
+        objects = iter_objects(fs, root)
         base = root
     fmt, reason = input_config.format, "set by input.format"
     if fmt == "auto":
-        peeked = list(itertools.islice(paths, AUTO_PEEK_OBJECTS))
-        fmt, reason = _detect_format(fs, peeked, input_config)
-        paths = itertools.chain(peeked, paths)
+        peeked = list(itertools.islice(objects, AUTO_PEEK_OBJECTS))
+        fmt, reason = _detect_format(fs, [stored.path for stored in peeked], input_config)
+        objects = itertools.chain(peeked, objects)
 
     def relative(path: str) -> str:
         return path.rsplit("/", 1)[-1] if is_file else path[len(base) + 1 :]
 
     if fmt == "files":
-        rows = _image_rows(fs, paths, input_config.extensions, relative)
+        rows = _image_rows(fs, objects, input_config.extensions, relative)
     elif fmt == "manifest":
-        if not is_file:
-            paths = (p for p in paths if _has_suffix(p, PARQUET_SUFFIXES + TEXT_MANIFEST_SUFFIXES))
-        rows = _manifest_rows(fs, paths, input_config)
+        manifests = (
+            stored.path
+            for stored in objects
+            if is_file or _has_suffix(stored.path, PARQUET_SUFFIXES + TEXT_MANIFEST_SUFFIXES)
+        )
+        rows = _manifest_rows(fs, manifests, input_config)
     else:
         suffixes = WEBDATASET_SUFFIXES if fmt == "webdataset" else PARQUET_SUFFIXES
         rows = (
-            {"shard_uri": full_uri(fs, path), "shard_key": relative(path)}
-            for path in paths
-            if is_file or _has_suffix(path, suffixes)
+            {
+                "shard_uri": full_uri(fs, stored.path),
+                "shard_key": relative(stored.path),
+                "shard_version": stored.version,
+            }
+            for stored in objects
+            if is_file or _has_suffix(stored.path, suffixes)
         )
     # Shard formats know their image count only when read; run() limits those.
     if input_config.limit is not None and fmt not in SHARD_FORMATS:
@@ -184,17 +209,18 @@ def _parquet_columns(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
 
 def _image_rows(
     fs: fsspec.AbstractFileSystem,
-    paths: Iterator[str],
+    objects: Iterator[StoredObject],
     extensions: tuple[str, ...],
     relative: Any,
 ) -> Iterator[dict[str, str]]:
-    for path in paths:
-        if has_image_extension(path, extensions):
-            source_uri = full_uri(fs, path)
+    for stored in objects:
+        if has_image_extension(stored.path, extensions):
+            source_uri = full_uri(fs, stored.path)
             yield {
                 "image_id": image_id_for(source_uri),
                 "source_uri": source_uri,
-                "source_key": relative(path),
+                "source_key": relative(stored.path),
+                "source_version": stored.version,
             }
 
 
@@ -222,6 +248,9 @@ def _manifest_rows(
                 "image_id": image_id_for(source_uri),
                 "source_uri": source_uri,
                 "source_key": source_key,
+                # Entries are taken as immutable: checking each one's version
+                # would cost a request per image before any work starts.
+                "source_version": "",
                 "fetch_uri": fetch_uri,
             }
 

@@ -88,11 +88,13 @@ def read_shard(
     breaks part-way, adds one error row for the shard itself after the images it
     did yield, so the loss is visible in the output.
     """
-    for shard_uri, shard_key in zip(batch["shard_uri"], batch["shard_key"], strict=True):
+    shards = zip(batch["shard_uri"], batch["shard_key"], batch["shard_version"], strict=True)
+    for shard_uri, shard_key, shard_version in shards:
         rows: list[dict[str, Any]] = []
         for row in _shard_rows(
             str(shard_uri),
             str(shard_key),
+            str(shard_version),
             input_format,
             storage_options,
             extensions,
@@ -110,6 +112,7 @@ def read_shard(
 def _shard_rows(
     shard_uri: str,
     shard_key: str,
+    shard_version: str,
     input_format: str,
     storage_options: dict[str, Any],
     extensions: tuple[str, ...],
@@ -126,13 +129,14 @@ def _shard_rows(
                 samples = iter_parquet_images(file, image_column, id_column)
             for sample in samples:
                 images += 1
-                yield _image_row(shard_uri, shard_key, sample)
+                yield _image_row(shard_uri, shard_key, shard_version, sample)
     except (ShardError, OSError, ValueError) as problem:
         where = f"after {images} images" if images else "before any image"
         yield {
             "image_id": image_id_for(shard_uri),
             "source_uri": shard_uri,
             "source_key": shard_key,
+            "source_version": shard_version,
             "image_bytes": b"",
             "status": "error",
             "error": error_reason("read", f"shard failed {where}: {problem}"),
@@ -140,12 +144,16 @@ def _shard_rows(
         }
 
 
-def _image_row(shard_uri: str, shard_key: str, sample: ShardImage) -> dict[str, Any]:
+def _image_row(
+    shard_uri: str, shard_key: str, shard_version: str, sample: ShardImage
+) -> dict[str, Any]:
     source_uri = f"{shard_uri}#{sample.sample_id}"
     return {
         "image_id": image_id_for(source_uri),
         "source_uri": source_uri,
         "source_key": f"{shard_key}/{sample.name}",
+        # A sample changes only with its shard, so the shard's version is its version.
+        "source_version": shard_version,
         "image_bytes": sample.data or b"",
         "status": "ok" if sample.data is not None else "error",
         "error": "" if sample.problem is None else error_reason("read", sample.problem),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import re
@@ -13,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
@@ -24,10 +25,21 @@ from jobs.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
 from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
+from pipeline.predictions import (
+    PREDICTIONS_FOLDER,
+    DoneImages,
+    drop_done_rows,
+    load_done_images,
+    read_committed,
+)
 from pipeline.read import read_batch, read_shard
 from pipeline.retry import TRANSIENT_ERROR_WORDS
+from pipeline.schema import error_reason
 from pipeline.storage import arrow_filesystem, filesystem_for, full_uri, join
 from pipeline.write import write_maps_batch
+
+if TYPE_CHECKING:
+    import ray.data
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +49,11 @@ DECODE_BATCH_ROWS = 16
 # Listing blocks: DECODE_BATCH_ROWS each for the first rows, then this many.
 SMALL_BLOCKS_ROWS = 1024
 LISTING_BLOCK_ROWS = 256
-OUTPUT_FOLDERS = ("predictions", "depth", "segmentation")
+OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", "_runs")
 
 
-class OutputExistsError(FileExistsError):
-    """output.uri already holds results of an earlier run."""
+class OutputNotWritableError(OSError):
+    """output.uri cannot be reached or written."""
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -55,35 +67,52 @@ class RunSummary:
     predictions_uri: str
     report_uri: str
     input_format: str
-    images_listed: int  # for shard formats: image rows read from the shards
+    config_hash: str
+    images_listed: int  # for shard formats: images read from the shards, plus skipped
     shards_listed: int
+    images_skipped_done: int  # annotated ok by an earlier run with the same config_hash
     images_ok: int
     images_error: int
     elapsed_s: float
-    images_per_s: float
+    images_per_s: float  # images annotated (ok or error) by this run per second
+    timings_s: dict[str, float] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S_%fZ")
 
 
 def run_annotation(config: JobConfig) -> RunSummary:
-    """Annotate every image under ``config.input.uri``; returns counts and locations."""
+    """Annotate every image under ``config.input.uri`` not yet done; returns counts and locations.
+
+    With ``mode: incremental`` (the default) images that committed predictions
+    already hold for the same source version and config are skipped, so a rerun
+    resumes a crashed job and a scheduled run annotates only new or changed
+    objects. New results are appended as new Parquet parts; nothing is rewritten.
+    """
     import ray
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(UTC)
+    timings: dict[str, float] = {}
     run_id = config.run_id or new_run_id()
     storage_options = config.storage_options()
     cache_dir = config.models.cache_dir or str(DEFAULT_CACHE_DIR)
 
     # Everything that can fail for a reason the user must fix fails here, before
-    # Ray starts: unreadable models, a missing input, an occupied output.
+    # Ray starts: unreadable models, a missing or unreachable input or output.
     cards = _fetch_model_cards(config, cache_dir, storage_options)
+    config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
     _prepare_output(out_fs, out_root, config)
+    done = (
+        load_done_images(out_fs, out_root, config_hash)
+        if config.mode == "incremental"
+        else DoneImages()
+    )
     listing = list_input(config.input, storage_options)
     logger.info("input.format %s (%s)", listing.format, listing.reason)
+    timings["prepare"] = time.perf_counter() - started
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
@@ -91,32 +120,112 @@ def run_annotation(config: JobConfig) -> RunSummary:
     _retry_transient_parquet_writes()
 
     sharded = listing.format in SHARD_FORMATS
-    block_refs, listed = put_listing_blocks(listing.rows, sharded)
-    if not listed:
+    skipped = _SkipCount()
+    block_refs, listed = put_listing_blocks(
+        _not_done(listing.rows, done, sharded, skipped), sharded
+    )
+    if not listed and not skipped.images:
         raise InputNotFoundError(
             f"no {'shards' if sharded else 'images'} to annotate under input.uri "
             f"{config.input.uri} (input.format {listing.format}, extensions "
             f"{', '.join(config.input.extensions)})"
         )
-    unit = "shards" if sharded else "images"
-    logger.info("listed %d %s under %s", listed, unit, config.input.uri)
+    logger.info(
+        "listed %d %s under %s; %d images already done",
+        listed + (0 if sharded else skipped.images),
+        "shards" if sharded else "images",
+        config.input.uri,
+        skipped.images,
+    )
+    timings["list"] = time.perf_counter() - started - timings["prepare"]
 
-    dataset = ray.data.from_arrow_refs(block_refs)
-    if sharded:
+    predictions_path = join(out_root, PREDICTIONS_FOLDER)
+    if block_refs:
+        dataset = _annotation_dataset(
+            ray.data.from_arrow_refs(block_refs),
+            config,
+            listing.format,
+            cards,
+            done,
+            run_id,
+            config_hash,
+            cache_dir,
+        )
+        dataset.write_parquet(
+            predictions_path,
+            filesystem=arrow_filesystem(out_fs),
+            min_rows_per_file=config.output.rows_per_part,
+        )
+    timings["annotate"] = time.perf_counter() - started - timings["prepare"] - timings["list"]
+
+    this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
+    elapsed_s = time.perf_counter() - started
+    reasons = collections.Counter(
+        _reason_group(reason) for reason in this_run["error"] if reason is not None
+    )
+    images_ok = this_run["status"].count("ok")
+    annotated = len(this_run["status"])
+    report_path = join(out_root, f"_runs/{run_id}.json")
+    summary = RunSummary(
+        run_id=run_id,
+        output_uri=config.output.uri,
+        predictions_uri=full_uri(out_fs, predictions_path),
+        report_uri=full_uri(out_fs, report_path),
+        input_format=listing.format,
+        config_hash=config_hash,
+        images_listed=annotated + skipped.images if sharded else listed + skipped.images,
+        shards_listed=listed if sharded else 0,
+        images_skipped_done=skipped.images,
+        images_ok=images_ok,
+        images_error=annotated - images_ok,
+        elapsed_s=round(elapsed_s, 3),
+        images_per_s=round(annotated / elapsed_s, 3),
+        timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
+        error_reasons=dict(reasons.most_common(10)),
+    )
+    _write_run_report(out_fs, report_path, config, summary, started_at)
+    return summary
+
+
+def _annotation_dataset(
+    dataset: ray.data.Dataset,
+    config: JobConfig,
+    input_format: str,
+    cards: dict[str, ModelCard],
+    done: DoneImages,
+    run_id: str,
+    config_hash: str,
+    cache_dir: str,
+) -> ray.data.Dataset:
+    """list rows → read → decode → infer → encode/write maps → rows in the Parquet schema."""
+    import ray
+
+    storage_options = config.storage_options()
+    decode_cpus = config.resources.cpus_per_decode_task
+    if input_format in SHARD_FORMATS:
         dataset = dataset.map_batches(
             read_shard,
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={
-                "input_format": listing.format,
+                "input_format": input_format,
                 "storage_options": storage_options,
                 "extensions": config.input.extensions,
                 "image_column": config.input.image_column,
                 "id_column": config.input.id_column,
                 "rows_per_batch": DECODE_BATCH_ROWS,
             },
-            num_cpus=config.resources.cpus_per_decode_task,
+            num_cpus=decode_cpus,
         )
+        if len(done):
+            # Resume inside a shard: its images with committed rows go no further.
+            dataset = dataset.map_batches(
+                drop_done_rows,
+                batch_size=None,
+                batch_format="numpy",
+                fn_kwargs={"done": done},
+                num_cpus=decode_cpus,
+            )
         if config.input.limit is not None:
             dataset = dataset.limit(config.input.limit)
     else:
@@ -125,7 +234,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             batch_size=DECODE_BATCH_ROWS,
             batch_format="numpy",
             fn_kwargs={"storage_options": storage_options},
-            num_cpus=config.resources.cpus_per_decode_task,
+            num_cpus=decode_cpus,
         )
     dataset = dataset.map_batches(
         decode_batch,
@@ -136,7 +245,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             "max_image_pixels": config.decode.max_image_pixels,
             "max_side_px": config.decode.max_side_px,
         },
-        num_cpus=config.resources.cpus_per_decode_task,
+        num_cpus=decode_cpus,
     )
     actors = config.resources.actors
     # On a GPU actor pool Ray keeps read/decode in separate CPU tasks that overlap
@@ -162,7 +271,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         num_gpus=config.resources.gpus_per_actor,
         num_cpus=config.resources.cpus_per_actor,
     )
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         write_maps_batch,
         batch_size=DECODE_BATCH_ROWS,
         batch_format="numpy",
@@ -171,39 +280,57 @@ def run_annotation(config: JobConfig) -> RunSummary:
             "storage_options": storage_options,
             "compress_level": config.output.png_compress_level,
             "run_id": run_id,
+            "config_hash": config_hash,
         },
-        num_cpus=config.resources.cpus_per_decode_task,
-    )
-    predictions_path = join(out_root, "predictions")
-    dataset.write_parquet(
-        predictions_path, filesystem=arrow_filesystem(out_fs), min_rows_per_file=10_000
+        num_cpus=decode_cpus,
     )
 
-    statuses = pq.read_table(
-        predictions_path, filesystem=arrow_filesystem(out_fs), columns=["status", "error"]
-    ).to_pydict()
-    elapsed_s = time.perf_counter() - started
-    reasons = collections.Counter(
-        _reason_group(reason) for reason in statuses["error"] if reason is not None
+
+def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
+    """16 hex digits naming everything that shapes the outputs' values.
+
+    The models (URI and file versions) and their preprocessing, and the dtype.
+    Not the batch size, resources or PNG compression level: those change how
+    fast results come, not what they are.
+    """
+    shaping = {
+        "models": {
+            task: {"uri": card.uri, "version": card.version, "spec": asdict(card.spec)}
+            for task, card in sorted(cards.items())
+        },
+        "dtype": config.inference.dtype,
+    }
+    encoded = json.dumps(shaping, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+class _SkipCount:
+    images = 0
+
+
+def _not_done(
+    rows: Iterator[dict[str, str]], done: DoneImages, sharded: bool, skipped: _SkipCount
+) -> Iterator[dict[str, str]]:
+    """Listed rows minus images already done; shards pass (they are filtered once read)."""
+    for row in rows:
+        if sharded:
+            skipped.images += done.per_shard.get((row["shard_uri"], row["shard_version"]), 0)
+            yield row
+        elif len(done) and done.contains([row["image_id"]], [row["source_version"]])[0]:
+            skipped.images += 1
+        else:
+            yield row
+
+
+def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> dict[str, list]:
+    table = read_committed(fs, root, ["run_id", "status", "error", "written_at"])
+    mine = table.filter(
+        pc.and_(
+            pc.equal(table["run_id"], run_id),
+            pc.greater_equal(table["written_at"], pa.scalar(started_at, pa.timestamp("us", "UTC"))),
+        )
     )
-    images_ok = statuses["status"].count("ok")
-    report_path = join(out_root, f"_runs/{run_id}.json")
-    summary = RunSummary(
-        run_id=run_id,
-        output_uri=config.output.uri,
-        predictions_uri=full_uri(out_fs, predictions_path),
-        report_uri=full_uri(out_fs, report_path),
-        input_format=listing.format,
-        images_listed=len(statuses["status"]) if sharded else listed,
-        shards_listed=listed if sharded else 0,
-        images_ok=images_ok,
-        images_error=len(statuses["status"]) - images_ok,
-        elapsed_s=round(elapsed_s, 3),
-        images_per_s=round(len(statuses["status"]) / elapsed_s, 3),
-        error_reasons=dict(reasons.most_common(10)),
-    )
-    _write_run_report(out_fs, report_path, config, summary)
-    return summary
+    return mine.select(["status", "error"]).to_pydict()
 
 
 def put_listing_blocks(rows: Iterator[dict[str, str]], sharded: bool) -> tuple[list[Any], int]:
@@ -262,18 +389,18 @@ def _fetch_model_cards(
 
 
 def _prepare_output(fs, root: str, config: JobConfig) -> None:
-    predictions = join(root, "predictions")
-    if fs.exists(predictions) and fs.ls(predictions):
-        if not config.output.overwrite:
-            raise OutputExistsError(
-                f"output.uri {config.output.uri} already holds predictions from an earlier run; "
-                "choose a new output.uri or set output.overwrite=true to replace them"
-            )
-        for folder in OUTPUT_FOLDERS:
-            path = join(root, folder)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-    fs.makedirs(root, exist_ok=True)
+    """Make sure output.uri is writable; with output.overwrite, clear earlier results."""
+    try:
+        if config.output.overwrite:
+            for folder in OUTPUT_FOLDERS:
+                path = join(root, folder)
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+        fs.makedirs(root, exist_ok=True)
+    except Exception as error:  # credentials, endpoint, permissions: all surface here
+        raise OutputNotWritableError(
+            f"cannot prepare output.uri {config.output.uri}: {error_reason('output', error)}"
+        ) from None
 
 
 def _check_cluster_fits(config: JobConfig) -> None:
@@ -302,9 +429,12 @@ def _reason_group(reason: str) -> str:
     return ":".join(reason.split(":")[:2]).strip()
 
 
-def _write_run_report(fs, path: str, config: JobConfig, summary: RunSummary) -> None:
+def _write_run_report(
+    fs, path: str, config: JobConfig, summary: RunSummary, started_at: datetime
+) -> None:
     report = {
         "summary": asdict(summary),
+        "started_at": started_at.isoformat(),
         "config": config.redacted(),
         "versions": {
             package: version(package) for package in ("ray", "torch", "transformers", "pyarrow")

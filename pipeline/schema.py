@@ -25,6 +25,10 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         # JSON object of a webdataset sample's side members ({"json": "...", "cls": "3"}).
         pa.field("source_metadata", pa.string()),
+        # Provenance: what the row was computed from, so reruns know what changed.
+        pa.field("source_version", pa.string()),  # ETag, or size+mtime; "" if unknown
+        pa.field("config_hash", pa.string()),  # models' versions + settings that shape outputs
+        pa.field("written_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 

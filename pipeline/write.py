@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ def write_maps_batch(
     storage_options: dict[str, Any],
     compress_level: int,
     run_id: str,
+    config_hash: str,
 ) -> pa.Table:
     """Encode and write each ok row's maps; return the batch as Parquet-schema rows."""
     fs, root = filesystem_for(output_uri, storage_options)
@@ -68,6 +70,9 @@ def write_maps_batch(
             "source_metadata": [
                 value or None for value in _column_or_nulls(batch, "source_metadata", count)
             ],
+            "source_version": _column_or_nulls(batch, "source_version", count),
+            "config_hash": [config_hash] * count,
+            "written_at": [datetime.now(UTC)] * count,
         },
         schema=PREDICTION_SCHEMA,
     )

@@ -130,14 +130,28 @@ def test_rows_carry_ids_models_and_keys_under_the_output(finished_run, mixed_cor
     assert (output / "_runs" / "test-run.json").is_file()
 
 
-def test_a_second_run_on_the_same_output_is_refused(
+def test_a_second_run_skips_done_images_and_a_forced_one_supersedes_them(
     ray_cluster, finished_run, checkpoints, mixed_corpus
 ):
-    from pipeline.run import OutputExistsError
+    from pipeline import read_predictions
 
-    summary, _ = finished_run
-    with pytest.raises(OutputExistsError, match=r"output\.overwrite"):
-        run_job(ray_cluster, mixed_corpus, Path(summary.output_uri), checkpoints)
+    first, _ = finished_run
+    output = Path(first.output_uri)
+    again = run_job(ray_cluster, mixed_corpus, output, checkpoints, "run_id=second")
+    # Only the error rows are tried again: every ok image is already done.
+    assert again.images_skipped_done == first.images_ok
+    assert (again.images_ok, again.images_error) == (0, first.images_error)
+    assert again.images_listed == first.images_listed and again.config_hash == first.config_hash
+
+    forced = run_job(ray_cluster, mixed_corpus, output, checkpoints, "run_id=third", "mode=force")
+    assert forced.images_skipped_done == 0 and forced.images_ok == first.images_ok
+
+    view = read_predictions(str(output)).to_pylist()
+    assert len(view) == len({row["image_id"] for row in view}) == first.images_listed
+    assert {row["run_id"] for row in view if row["status"] == "ok"} == {"third"}
+    committed = pq.read_table(output / "predictions").num_rows
+    assert committed == first.images_listed * 2 + first.images_error
+    assert {p.name for p in (output / "_runs").iterdir()} >= {"second.json", "third.json"}
 
 
 def test_command_line_job_finishes_with_error_rows_and_exit_0(mixed_corpus, checkpoints, tmp_path):

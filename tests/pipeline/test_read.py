@@ -44,7 +44,7 @@ def test_reads_manifest_rows_from_several_filesystems_by_fetch_uri(tmp_path):
 
 def _read_shards(uris, keys, input_format, **options):
     batches = read_shard(
-        _rows(shard_uri=uris, shard_key=keys),
+        _rows(shard_uri=uris, shard_key=keys, shard_version=[f"v{i}" for i in range(len(uris))]),
         input_format=input_format,
         storage_options={},
         extensions=("jpg", "png"),
@@ -72,6 +72,7 @@ def test_webdataset_shard_expands_into_image_rows_in_batches(tmp_path):
         f"{shard}#003",
     ]
     assert rows[0]["source_key"] == "s/000.tar/a/000.jpg"
+    assert {row["source_version"] for row in rows} == {"v0"}
     assert rows[0]["image_bytes"] == b"jpeg-0" and '"cls": "3"' in rows[0]["source_metadata"]
     assert rows[2]["status"] == "error" and "no image member" in rows[2]["error"]
     assert len({row["image_id"] for row in rows}) == 4

@@ -1,0 +1,155 @@
+"""The committed predictions of an output, and what they say is already done.
+
+Every complete Parquet part under ``<output>/predictions`` is committed: a row is
+written only after its map files, and a part becomes visible only when whole
+(see ``storage.arrow_filesystem``), so whatever a crashed run left there is
+valid. Runs append parts and never rewrite them; the same image can therefore
+appear in several parts (a forced rerun, a changed source, a task Ray re-ran).
+:func:`read_predictions` gives the view a reader wants: one row per image.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.storage import arrow_filesystem, filesystem_for, join
+
+PREDICTIONS_FOLDER = "predictions"
+
+
+def read_committed(
+    fs: fsspec.AbstractFileSystem, root: str, columns: list[str] | None = None
+) -> pa.Table:
+    """Every row of every complete part under ``root``/predictions, duplicates included."""
+    folder = join(root, PREDICTIONS_FOLDER)
+    schema = (
+        PREDICTION_SCHEMA
+        if columns is None
+        else pa.schema([PREDICTION_SCHEMA.field(name) for name in columns])
+    )
+    if not fs.exists(folder) or not fs.ls(folder):
+        return schema.empty_table()
+    # Hidden and underscore files (parts being written) are skipped by the reader.
+    return pq.read_table(folder, filesystem=arrow_filesystem(fs), columns=columns, schema=schema)
+
+
+def read_predictions(
+    output_uri: str,
+    storage_options: dict[str, Any] | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """One row per image: the committed view of an output, whatever runs crashed.
+
+    For each image the most recently written row wins, except that an error
+    row never hides an ok row for the same source version and config (a
+    transient failure in a forced rerun does not erase a good result).
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    table = read_committed(fs, root)
+    keep = _latest_rows(
+        table["image_id"].to_pylist(),
+        table["status"].to_pylist(),
+        table["source_version"].to_pylist(),
+        table["config_hash"].to_pylist(),
+        table["written_at"].to_pylist(),
+    )
+    view = table.take(pa.array(keep, type=pa.int64()))
+    return view if columns is None else view.select(columns)
+
+
+def _latest_rows(
+    image_ids: list, statuses: list, versions: list, config_hashes: list, written_at: list
+) -> list[int]:
+    chosen: dict[str, int] = {}
+    order = sorted(
+        range(len(image_ids)), key=lambda index: (written_at[index] is None, written_at[index])
+    )
+    for index in order:
+        previous = chosen.get(image_ids[index])
+        if (
+            previous is not None
+            and statuses[index] != "ok"
+            and statuses[previous] == "ok"
+            and (versions[index], config_hashes[index])
+            == (versions[previous], config_hashes[previous])
+        ):
+            continue
+        chosen[image_ids[index]] = index
+    return sorted(chosen.values())
+
+
+def done_key(image_id: str, source_version: str) -> int:
+    """64-bit key of (image, source version): 8 bytes per done image in memory."""
+    digest = hashlib.blake2b(f"{image_id}\0{source_version}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass
+class DoneImages:
+    """Images an earlier run already annotated ok with the same config.
+
+    ``keys`` is sorted, for vectorised lookups in read tasks; ``per_shard``
+    counts them by (shard URI, shard version) so the driver can report how
+    many images of the listed shards were skipped without reading them.
+    """
+
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    per_shard: collections.Counter = field(default_factory=collections.Counter)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def contains(self, image_ids: list[str], versions: list[str]) -> np.ndarray:
+        wanted = np.fromiter(
+            (done_key(i, v) for i, v in zip(image_ids, versions, strict=True)),
+            dtype=np.uint64,
+            count=len(image_ids),
+        )
+        positions = np.searchsorted(self.keys, wanted)
+        positions[positions == len(self.keys)] = 0
+        return (self.keys[positions] == wanted) if len(self.keys) else np.zeros(len(wanted), bool)
+
+
+def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str) -> DoneImages:
+    """What the committed parts say is done: ok rows written with ``config_hash``."""
+    table = read_committed(
+        fs, root, ["image_id", "source_uri", "source_version", "status", "config_hash"]
+    )
+    done = table.filter(
+        pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["config_hash"], config_hash))
+    )
+    image_ids = done["image_id"].to_pylist()
+    versions = [version or "" for version in done["source_version"].to_pylist()]
+    keys = np.unique(
+        np.fromiter(
+            (done_key(i, v) for i, v in zip(image_ids, versions, strict=True)),
+            dtype=np.uint64,
+            count=len(image_ids),
+        )
+    )
+    per_shard = collections.Counter(
+        (uri.rsplit("#", 1)[0], version)
+        for uri, version in zip(done["source_uri"].to_pylist(), versions, strict=True)
+        if "#" in uri
+    )
+    return DoneImages(keys=keys, per_shard=per_shard)
+
+
+def drop_done_rows(batch: dict[str, np.ndarray], done: DoneImages) -> dict[str, np.ndarray]:
+    """The batch without the images ``done`` holds (same image, same source version)."""
+    if not len(done) or not len(batch["image_id"]):
+        return batch
+    is_done = done.contains(
+        [str(i) for i in batch["image_id"]], [str(v) for v in batch["source_version"]]
+    )
+    return {key: column[~is_done] for key, column in batch.items()}

@@ -1,0 +1,93 @@
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.predictions import (
+    DoneImages,
+    done_key,
+    drop_done_rows,
+    load_done_images,
+    read_predictions,
+)
+from pipeline.schema import PREDICTION_SCHEMA
+
+T0 = datetime(2026, 11, 25, tzinfo=UTC)
+
+
+def row(image_id, status, minutes, version="v1", config="c1", run="r"):
+    return {
+        "image_id": image_id,
+        "source_uri": f"s3://b/{image_id}.jpg",
+        "status": status,
+        "error": None if status == "ok" else "read: SlowDown",
+        "run_id": run,
+        "source_version": version,
+        "config_hash": config,
+        "written_at": T0 + timedelta(minutes=minutes),
+    }
+
+
+def write_part(output, name, rows):
+    folder = output / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    full = [{field.name: r.get(field.name) for field in PREDICTION_SCHEMA} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=PREDICTION_SCHEMA), folder / name)
+
+
+def test_the_view_has_one_row_per_image_latest_first_but_errors_never_hide_ok(tmp_path):
+    write_part(tmp_path, "a.parquet", [row("x", "ok", 0), row("y", "ok", 0), row("z", "error", 0)])
+    write_part(
+        tmp_path,
+        "b.parquet",
+        [
+            row("x", "error", 5),  # same source and config: the ok row stays
+            row("y", "error", 5, version="v2"),  # the source changed: the new row wins
+            row("z", "ok", 5),
+        ],
+    )
+    # A crashed writer's hidden part is not committed.
+    (tmp_path / "predictions" / ".c.parquet.tmp").write_bytes(b"PAR1 half")
+    view = {r["image_id"]: r for r in read_predictions(str(tmp_path)).to_pylist()}
+    assert {key: (r["status"], r["source_version"]) for key, r in view.items()} == {
+        "x": ("ok", "v1"),
+        "y": ("error", "v2"),
+        "z": ("ok", "v1"),
+    }
+
+
+def test_done_images_are_ok_rows_of_the_same_config_and_source_version(tmp_path):
+    write_part(
+        tmp_path,
+        "a.parquet",
+        [
+            row("x", "ok", 0),
+            row("y", "ok", 0, config="other"),
+            row("z", "error", 0),
+            {**row("s", "ok", 0), "source_uri": "s3://b/shard.tar#s"},
+        ],
+    )
+    import fsspec
+
+    done = load_done_images(fsspec.filesystem("file"), str(tmp_path), "c1")
+    assert len(done) == 2
+    assert done.per_shard == {("s3://b/shard.tar", "v1"): 1}
+    found = done.contains(["x", "x", "y", "z", "s"], ["v1", "v2", "v1", "v1", "v1"])
+    assert found.tolist() == [True, False, False, False, True]
+
+
+def test_drop_done_rows_keeps_only_new_work():
+    done = DoneImages(keys=np.sort(np.array([done_key("a", "1")], dtype=np.uint64)))
+    batch = {
+        "image_id": np.array(["a", "a", "b"], dtype=object),
+        "source_version": np.array(["1", "2", "1"], dtype=object),
+        "image_bytes": np.array([b"1", b"2", b"3"], dtype=object),
+    }
+    kept = drop_done_rows(batch, done)
+    assert kept["image_bytes"].tolist() == [b"2", b"3"]
+    assert drop_done_rows(batch, DoneImages()) is batch
+
+
+def test_an_output_without_predictions_reads_as_empty(tmp_path):
+    assert read_predictions(str(tmp_path / "nothing")).num_rows == 0
