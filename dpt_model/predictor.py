@@ -56,10 +56,11 @@ class DepthPrediction:
 class SegmentationPrediction:
     """Class ids at the image's original size with the mean max-softmax confidence."""
 
-    class_ids: np.ndarray  # (H, W) uint8
+    class_ids: np.ndarray | None  # (H, W) uint8
     labels_present: list[int]
-    confidence_mean: float
+    confidence_mean: float | None
     confidence: np.ndarray | None = None  # (H, W) float32, only when asked for
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,18 +119,61 @@ class _Predictor:
         self.model = load_network(card.checkpoint_dir, self.task, self.device, self.dtype)
         self.id2label = {int(k): v for k, v in (self.model.config.id2label or {}).items()}
 
-    def _forward_groups(self, model_inputs: Sequence[np.ndarray]):
-        """Yield (indices, model output) once per distinct input shape."""
+    def predict(
+        self, model_inputs: Sequence[np.ndarray], original_sizes: Sequence[tuple[int, int]]
+    ) -> list[Any]:
+        """model_inputs: (h, w, 3) uint8 from ``resize_for_model``; sizes: (H, W) each.
+
+        One forward pass per distinct input shape. A pass that runs out of device
+        memory is retried in halves, down to one image; an image that does not
+        fit alone gets a prediction with ``error`` set, and the batch goes on.
+        """
+        results: list[Any] = [None] * len(model_inputs)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, pixels in enumerate(model_inputs):
             groups[pixels.shape].append(index)
         for indices in groups.values():
-            stacked = torch.from_numpy(np.stack([model_inputs[i] for i in indices]))
-            if self.device.type == "cuda":
-                stacked = stacked.pin_memory().to(self.device, non_blocking=True)
-            pixel_values = to_model_tensor(stacked, self.spec, self.dtype)
+            self._predict_group(indices, model_inputs, original_sizes, results)
+        return results
+
+    def _predict_group(
+        self,
+        indices: list[int],
+        model_inputs: Sequence[np.ndarray],
+        original_sizes: Sequence[tuple[int, int]],
+        results: list[Any],
+    ) -> None:
+        try:
             with torch.inference_mode():
-                yield indices, self.model(pixel_values=pixel_values)
+                output = self._forward(np.stack([model_inputs[i] for i in indices]))
+                for row, index in enumerate(indices):
+                    results[index] = self._postprocess(output, row, original_sizes[index])
+        except torch.OutOfMemoryError:
+            output = None  # free this attempt's activations before the smaller ones
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(indices) == 1:
+                height, width = original_sizes[indices[0]]
+                results[indices[0]] = self._failed(
+                    f"out of device memory even alone ({width}×{height}); "
+                    "lower decode.max_image_pixels or use a larger GPU"
+                )
+                return
+            half = len(indices) // 2
+            self._predict_group(indices[:half], model_inputs, original_sizes, results)
+            self._predict_group(indices[half:], model_inputs, original_sizes, results)
+
+    def _forward(self, stacked: np.ndarray) -> Any:
+        pixels = torch.from_numpy(stacked)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        return self.model(pixel_values=to_model_tensor(pixels, self.spec, self.dtype))
+
+    def _postprocess(self, output: Any, row: int, original_size: tuple[int, int]) -> Any:
+        raise NotImplementedError
+
+    def _failed(self, reason: str) -> Any:
+        raise NotImplementedError
 
 
 class DepthPredictor(_Predictor):
@@ -137,22 +181,18 @@ class DepthPredictor(_Predictor):
 
     task: Task = "depth"
 
-    def predict(
-        self, model_inputs: Sequence[np.ndarray], original_sizes: Sequence[tuple[int, int]]
-    ) -> list[DepthPrediction]:
-        """model_inputs: (h, w, 3) uint8 from ``resize_for_model``; sizes: (H, W) each."""
-        results: list[DepthPrediction | None] = [None] * len(model_inputs)
-        for indices, output in self._forward_groups(model_inputs):
-            with torch.inference_mode():
-                for row, index in enumerate(indices):
-                    depth = upsample_depth(output.predicted_depth[row], original_sizes[index])
-                    try:
-                        levels, depth_min, depth_max = quantize_depth(depth)
-                    except ValueError as error:
-                        results[index] = DepthPrediction(None, None, None, error=str(error))
-                        continue
-                    results[index] = DepthPrediction(levels, depth_min, depth_max)
-        return results  # type: ignore[return-value]
+    def _postprocess(
+        self, output: Any, row: int, original_size: tuple[int, int]
+    ) -> DepthPrediction:
+        depth = upsample_depth(output.predicted_depth[row], original_size)
+        try:
+            levels, depth_min, depth_max = quantize_depth(depth)
+        except ValueError as error:
+            return self._failed(str(error))
+        return DepthPrediction(levels, depth_min, depth_max)
+
+    def _failed(self, reason: str) -> DepthPrediction:
+        return DepthPrediction(None, None, None, error=reason)
 
 
 class SegmentationPredictor(_Predictor):
@@ -160,26 +200,23 @@ class SegmentationPredictor(_Predictor):
 
     task: Task = "segmentation"
 
-    def predict(
-        self,
-        model_inputs: Sequence[np.ndarray],
-        original_sizes: Sequence[tuple[int, int]],
-        return_confidence: bool = False,
-    ) -> list[SegmentationPrediction]:
-        results: list[SegmentationPrediction | None] = [None] * len(model_inputs)
-        for indices, output in self._forward_groups(model_inputs):
-            with torch.inference_mode():
-                for row, index in enumerate(indices):
-                    class_ids, confidence = upsample_segmentation(
-                        output.logits[row], original_sizes[index]
-                    )
-                    results[index] = SegmentationPrediction(
-                        class_ids=class_ids.to(torch.uint8).cpu().numpy(),
-                        labels_present=[int(v) for v in torch.unique(class_ids).cpu()],
-                        confidence_mean=float(confidence.mean()),
-                        confidence=confidence.cpu().numpy() if return_confidence else None,
-                    )
-        return results  # type: ignore[return-value]
+    def __init__(self, *args: Any, return_confidence: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.return_confidence = return_confidence
+
+    def _postprocess(
+        self, output: Any, row: int, original_size: tuple[int, int]
+    ) -> SegmentationPrediction:
+        class_ids, confidence = upsample_segmentation(output.logits[row], original_size)
+        return SegmentationPrediction(
+            class_ids=class_ids.to(torch.uint8).cpu().numpy(),
+            labels_present=[int(v) for v in torch.unique(class_ids).cpu()],
+            confidence_mean=float(confidence.mean()),
+            confidence=confidence.cpu().numpy() if self.return_confidence else None,
+        )
+
+    def _failed(self, reason: str) -> SegmentationPrediction:
+        return SegmentationPrediction(None, [], None, error=reason)
 
 
 def make_predictor(

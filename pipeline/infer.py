@@ -71,6 +71,10 @@ class InferenceActor:
             inputs = [batch["segmentation_input"][i] for i in ready]
             predictions = self.segmentation.predict(inputs, sizes)
             for index, prediction in zip(ready, predictions, strict=True):
+                if prediction.error is not None:
+                    status[index] = "error"
+                    error[index] = error_reason("segmentation", prediction.error)
+                    continue
                 class_ids[index] = prediction.class_ids
                 labels[index] = np.asarray(prediction.labels_present, dtype=np.int32)
                 confidence_mean[index] = prediction.confidence_mean

@@ -104,7 +104,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     cards = _fetch_model_cards(config, cache_dir, storage_options)
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
-    _prepare_output(out_fs, out_root, config)
+    _prepare_output(out_fs, out_root, config, run_id, started_at)
     done = (
         load_done_images(out_fs, out_root, config_hash)
         if config.mode == "incremental"
@@ -388,18 +388,31 @@ def _fetch_model_cards(
     }
 
 
-def _prepare_output(fs, root: str, config: JobConfig) -> None:
-    """Make sure output.uri is writable; with output.overwrite, clear earlier results."""
+def _prepare_output(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> None:
+    """Clear earlier results if asked, then record that this run started.
+
+    The start record doubles as a write check: missing credentials, a wrong
+    endpoint or a read-only bucket fail here, before any actor starts. Its pair,
+    ``_runs/<run_id>.json``, is written when the run finishes, so a run with a
+    start record and no finish record crashed (its committed rows are still valid).
+    """
     try:
         if config.output.overwrite:
             for folder in OUTPUT_FOLDERS:
                 path = join(root, folder)
                 if fs.exists(path):
                     fs.rm(path, recursive=True)
-        fs.makedirs(root, exist_ok=True)
+        record = {
+            "run_id": run_id,
+            "started_at": started_at.isoformat(),
+            "config": config.redacted(),
+        }
+        fs.pipe_file(
+            join(root, f"_runs/{run_id}.started.json"), json.dumps(record, indent=2).encode()
+        )
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise OutputNotWritableError(
-            f"cannot prepare output.uri {config.output.uri}: {error_reason('output', error)}"
+            f"cannot write to output.uri {config.output.uri}: {error_reason('output', error)}"
         ) from None
 
 
