@@ -270,6 +270,12 @@ def _annotation_dataset(
         ),
         num_gpus=config.resources.gpus_per_actor,
         num_cpus=config.resources.cpus_per_actor,
+        # A dead actor (preempted node, CUDA error, killed process) is restarted
+        # and its in-flight batches retried; rows are written only after
+        # inference, so a retried batch never leaves a duplicate. (Ray Data's
+        # defaults too, stated here because the exactly-once test relies on them.)
+        max_restarts=-1,
+        max_task_retries=-1,
     )
     return dataset.map_batches(
         write_maps_batch,
