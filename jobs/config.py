@@ -112,6 +112,8 @@ class StorageConfig(_Section):
     # botocore's standard retry mode, per request, before our own retries of
     # reads and writes: throttling and 5xx on a busy bucket are routine.
     max_attempts: int = Field(default=10, ge=1, description="S3 attempts per request.")
+    # Without a read timeout a request to a wedged endpoint can wait forever.
+    timeout_s: float = Field(default=60, gt=0, description="S3 connect/read timeout per request.")
 
 
 class JobConfig(_Section):
@@ -123,6 +125,12 @@ class JobConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     storage: StorageConfig = StorageConfig()
     run_id: str | None = Field(default=None, description="Defaults to a timestamped id.")
+    stall_timeout_s: float | None = Field(
+        default=1800,
+        gt=0,
+        description="Stop the run when no batch finishes for this long (a hung actor); "
+        "null waits forever. Covers the first batch too, weights download included.",
+    )
     mode: Literal["incremental", "force"] = Field(
         default="incremental",
         description="incremental: skip images already annotated with the same models and "
@@ -158,7 +166,9 @@ class JobConfig(_Section):
         if self.storage.anon:
             options["anon"] = True
         options["config_kwargs"] = {
-            "retries": {"max_attempts": self.storage.max_attempts, "mode": "standard"}
+            "retries": {"max_attempts": self.storage.max_attempts, "mode": "standard"},
+            "connect_timeout": self.storage.timeout_s,
+            "read_timeout": self.storage.timeout_s,
         }
         client_kwargs = {}
         if self.storage.endpoint_url:

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpt_model import ModelLoadError
     from pipeline.listing import InputNotFoundError
+    from pipeline.progress import JobStalledError
     from pipeline.run import ClusterTooSmallError, OutputNotWritableError, run_annotation
 
     try:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         InputNotFoundError,
         OutputNotWritableError,
         ClusterTooSmallError,
+        JobStalledError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_JOB_FAILED

@@ -32,6 +32,7 @@ from pipeline.predictions import (
     load_done_images,
     read_committed,
 )
+from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
 from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.schema import error_reason
@@ -151,11 +152,16 @@ def run_annotation(config: JobConfig) -> RunSummary:
             config_hash,
             cache_dir,
         )
-        dataset.write_parquet(
-            predictions_path,
-            filesystem=arrow_filesystem(out_fs),
-            min_rows_per_file=config.output.rows_per_part,
+        beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
+        dataset = dataset.map_batches(
+            report_progress, batch_format="pyarrow", fn_kwargs={"beacon": beacon}, num_cpus=0
         )
+        with StallWatchdog(beacon, config.stall_timeout_s):
+            dataset.write_parquet(
+                predictions_path,
+                filesystem=arrow_filesystem(out_fs),
+                min_rows_per_file=config.output.rows_per_part,
+            )
     timings["annotate"] = time.perf_counter() - started - timings["prepare"] - timings["list"]
 
     this_run = _rows_of_run(out_fs, out_root, run_id, started_at)

@@ -80,7 +80,11 @@ def test_storage_options_carry_endpoint_region_and_retry_budget():
     )
     assert config.storage_options() == {
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"},
-        "config_kwargs": {"retries": {"max_attempts": 4, "mode": "standard"}},
+        "config_kwargs": {
+            "retries": {"max_attempts": 4, "mode": "standard"},
+            "connect_timeout": 60,
+            "read_timeout": 60,
+        },
     }
 
 

@@ -1,0 +1,97 @@
+"""Progress of a running job, and a watchdog that stops a job that has stalled.
+
+Storage calls have timeouts, so a read or write cannot wait forever; a stuck
+actor (a hung GPU, a deadlocked library) still could. The last stage reports
+each finished batch to a tiny actor; the driver checks it, and when nothing has
+finished for ``stall_timeout_s`` it stops the run with a message that says so.
+Committed rows stay committed, so the next run picks up what is left.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+
+class JobStalledError(RuntimeError):
+    """No batch finished for longer than the stall timeout."""
+
+
+class ProgressBeacon:
+    """Counts finished rows; a Ray actor (``ray.remote(ProgressBeacon)``) in a job."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.last_progress = time.monotonic()
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        self.last_progress = time.monotonic()
+
+    def state(self) -> tuple[int, float]:
+        """(rows finished, seconds since the last finished batch)."""
+        return self.rows, time.monotonic() - self.last_progress
+
+
+def report_progress(batch: pa.Table, beacon: Any) -> pa.Table:
+    """Pass-through stage: tell the beacon a batch is done (fire and forget)."""
+    beacon.add.remote(batch.num_rows)
+    return batch
+
+
+class StallWatchdog:
+    """Within ``with``: interrupts the main thread when the beacon goes quiet.
+
+    ``_thread.interrupt_main`` raises KeyboardInterrupt in the driver's main
+    thread, which Ray Data handles by shutting the execution down;
+    :meth:`__exit__` turns it into :class:`JobStalledError`.
+    """
+
+    def __init__(self, beacon: Any, stall_timeout_s: float | None) -> None:
+        self.beacon = beacon
+        self.stall_timeout_s = stall_timeout_s
+        self.stalled_after_rows: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
+
+    def __enter__(self) -> StallWatchdog:
+        if self.stall_timeout_s is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if kind is KeyboardInterrupt and self.stalled_after_rows is not None:
+            raise JobStalledError(
+                f"no batch finished for {self.stall_timeout_s:g} s (stall_timeout_s) after "
+                f"{self.stalled_after_rows} rows; the run was stopped. Rows already written "
+                "are kept: run the job again to annotate the rest"
+            ) from None
+
+    def _watch(self) -> None:
+        import ray
+
+        interval = min(30.0, max(0.5, self.stall_timeout_s / 10))
+        while not self._stop.wait(interval):
+            try:
+                rows, idle_s = ray.get(self.beacon.state.remote(), timeout=interval)
+            except Exception:  # the beacon is busy or gone; judge on the next tick
+                continue
+            if idle_s > self.stall_timeout_s:
+                logger.error("no progress for %.0f s after %d rows; stopping", idle_s, rows)
+                self.stalled_after_rows = rows
+                _thread.interrupt_main()
+                return
