@@ -101,8 +101,11 @@ def _fetch_fsspec_checkpoint(
             for entry in fs.ls(root, detail=True)
             if entry["type"] == "file" and entry["name"].endswith(CHECKPOINT_FILE_SUFFIXES)
         }
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot list model {uri}: {error}") from None
+    except Exception as error:  # credentials, endpoint, permissions: all surface here
+        raise ModelLoadError(
+            f"cannot list model {uri}: {type(error).__name__}: {error}"
+            " (check the URI, storage.endpoint_url and credentials)"
+        ) from None
     if not any(name.endswith(".safetensors") for name in listed):
         raise ModelLoadError(
             f"model {uri} holds no .safetensors weights (found: {', '.join(listed) or 'nothing'};"
@@ -134,8 +137,10 @@ def _fetch_fsspec_checkpoint(
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
-        except OSError as error:
-            raise ModelLoadError(f"cannot download model {uri}: {error}") from None
+        except Exception as error:
+            raise ModelLoadError(
+                f"cannot download model {uri}: {type(error).__name__}: {error}"
+            ) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target

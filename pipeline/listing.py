@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
 from pipeline.keys import image_id_for
-from pipeline.schema import error_reason, strip_url_secrets
+from pipeline.schema import storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
 
 INPUT_FORMATS = ("files", "webdataset", "parquet", "manifest")
@@ -124,9 +124,7 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
     except InputNotFoundError:
         raise
     except Exception as error:  # credentials, endpoint, permissions: all surface here
-        raise InputNotFoundError(
-            f"cannot list input.uri {uri}: {error_reason('list', error)}"
-        ) from None
+        raise InputNotFoundError(storage_problem("input.uri", uri, error)) from None
 
     if is_file:
         objects: Iterator[StoredObject] = iter([StoredObject(root, object_version(fs.info(root)))])

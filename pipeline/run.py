@@ -35,7 +35,7 @@ from pipeline.predictions import (
 from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
 from pipeline.retry import TRANSIENT_ERROR_WORDS
-from pipeline.schema import error_reason
+from pipeline.schema import storage_problem
 from pipeline.storage import arrow_filesystem, filesystem_for, full_uri, join
 from pipeline.write import write_maps_batch
 
@@ -424,7 +424,7 @@ def _prepare_output(fs, root: str, config: JobConfig, run_id: str, started_at: d
         )
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise OutputNotWritableError(
-            f"cannot write to output.uri {config.output.uri}: {error_reason('output', error)}"
+            storage_problem("output.uri", config.output.uri, error)
         ) from None
 
 

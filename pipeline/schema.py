@@ -46,3 +46,20 @@ def error_reason(stage: str, error: BaseException | str) -> str:
     """``"<stage>: <Type>: <message>"``, with URL secrets removed, at most 300 characters."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return f"{stage}: {strip_url_secrets(text)}"[:_MAX_REASON_CHARS]
+
+
+_STORAGE_HINTS = (
+    ("credentials", "set AWS credentials (environment variables, a profile or an instance role)"),
+    ("NoSuchBucket", "check the bucket name"),
+    ("AccessDenied", "the credentials in use may not read or write there"),
+    ("Forbidden", "the credentials in use may not read or write there"),
+    ("Could not connect", "check storage.endpoint_url and the network"),
+    ("Connect timeout", "check storage.endpoint_url and the network"),
+)
+
+
+def storage_problem(key: str, uri: str, error: BaseException) -> str:
+    """One message for a storage failure before the job starts: what, where, likely fix."""
+    reason = error_reason(key, error)
+    hint = next((fix for marker, fix in _STORAGE_HINTS if marker in reason), None)
+    return f"cannot reach {key} {uri}: {reason}" + (f" ({hint})" if hint else "")

@@ -1,0 +1,65 @@
+"""Jobs that cannot work stop before Ray starts, with one message naming the URI and fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(env: dict[str, str], *settings: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.run", *(f"--set={s}" for s in settings)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_missing_credentials_name_the_uri_and_the_fix(s3_endpoint, checkpoints, tmp_path):
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("AWS_") and key != "RAY_ADDRESS"
+    }
+    env |= {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }
+    result = run_cli(
+        env,
+        f"input.uri={tmp_path}",
+        "output.uri=s3://some-bucket/out",
+        f"models.depth={checkpoints['depth-vit']}",
+        f"storage.endpoint_url={s3_endpoint}",
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "output.uri s3://some-bucket/out" in message
+    assert "NoCredentialsError" in message and "set AWS credentials" in message
+    assert "Started a local Ray instance" not in result.stderr  # failed before Ray
+
+
+def test_a_missing_bucket_and_a_missing_model_fail_before_ray(s3_endpoint, checkpoints, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = run_cli(
+        env,
+        "input.uri=s3://no-such-bucket-here/images",
+        f"output.uri={tmp_path / 'out'}",
+        f"models.depth={checkpoints['depth-vit']}",
+        f"storage.endpoint_url={s3_endpoint}",
+    )
+    assert result.returncode == 1
+    assert "input.uri s3://no-such-bucket-here/images" in result.stderr
+    result = run_cli(
+        env,
+        f"input.uri={tmp_path}",
+        f"output.uri={tmp_path / 'out'}",
+        "models.depth=s3://no-such-bucket-here/model",
+        f"storage.endpoint_url={s3_endpoint}",
+    )
+    assert result.returncode == 1
+    assert "cannot list model s3://no-such-bucket-here/model" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr
