@@ -276,12 +276,11 @@ def _annotation_dataset(
         ),
         num_gpus=config.resources.gpus_per_actor,
         num_cpus=config.resources.cpus_per_actor,
-        # A dead actor (preempted node, CUDA error, killed process) is restarted
-        # and its in-flight batches retried; rows are written only after
-        # inference, so a retried batch never leaves a duplicate. (Ray Data's
-        # defaults too, stated here because the exactly-once test relies on them.)
-        max_restarts=-1,
-        max_task_retries=-1,
+        # Ray Data restarts a dead actor (preempted node, CUDA error, killed
+        # process) and retries its in-flight batches (max_restarts and
+        # max_task_retries default to -1 for actor pools); rows are written only
+        # after inference, so a retried batch leaves no duplicate.
+        # tests/test_actor_death.py holds us to it.
     )
     return dataset.map_batches(
         write_maps_batch,
