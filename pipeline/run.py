@@ -77,6 +77,9 @@ class RunSummary:
     elapsed_s: float
     images_per_s: float  # images annotated (ok or error) by this run per second
     timings_s: dict[str, float] = field(default_factory=dict)
+    # Per pipeline stage: Ray Data's wall time of its operator, and the CPU and
+    # wall time summed over its tasks (several stages fused in one task share one).
+    stage_timings_s: dict[str, dict[str, float]] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -153,8 +156,12 @@ def run_annotation(config: JobConfig) -> RunSummary:
             cache_dir,
         )
         beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
+        # Same CPU request as the write stage, so Ray fuses the two into one task.
         dataset = dataset.map_batches(
-            report_progress, batch_format="pyarrow", fn_kwargs={"beacon": beacon}, num_cpus=0
+            report_progress,
+            batch_format="pyarrow",
+            fn_kwargs={"beacon": beacon},
+            num_cpus=config.resources.cpus_per_decode_task,
         )
         with StallWatchdog(beacon, config.stall_timeout_s):
             dataset.write_parquet(
@@ -162,6 +169,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
                 filesystem=arrow_filesystem(out_fs),
                 min_rows_per_file=config.output.rows_per_part,
             )
+        stage_times = stage_timings(dataset)
+    else:
+        stage_times = {}
     timings["annotate"] = time.perf_counter() - started - timings["prepare"] - timings["list"]
 
     this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
@@ -187,6 +197,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         elapsed_s=round(elapsed_s, 3),
         images_per_s=round(annotated / elapsed_s, 3),
         timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
+        stage_timings_s=stage_times,
         error_reasons=dict(reasons.most_common(10)),
     )
     _write_run_report(out_fs, report_path, config, summary, started_at)
@@ -295,6 +306,26 @@ def _annotation_dataset(
         },
         num_cpus=decode_cpus,
     )
+
+
+def stage_timings(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
+    """Seconds per executed operator from Ray Data's stats, for the run report."""
+    timings = {}
+    summaries, operators = [dataset.get_stats_summary()], []
+    while summaries:  # the write's summary holds the earlier operators as parents
+        summary = summaries.pop()
+        operators = summary.operators_stats + operators
+        summaries.extend(summary.parents)
+    for operator in operators:
+        entry = {"operator_wall_s": round(operator.time_total_s, 3)}
+        for name, summary in (
+            ("task_cpu_s", operator.cpu_time),
+            ("task_wall_s", operator.wall_time),
+        ):
+            if summary is not None:
+                entry[name] = round(float(summary.sum), 3)
+        timings[operator.operator_name] = entry
+    return timings
 
 
 def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,7 +128,11 @@ def test_rows_carry_ids_models_and_keys_under_the_output(finished_run, mixed_cor
         assert row["model_segmentation"].startswith("segmentation-vit@sha256:")
         for uri in (row["depth_uri"], row["segmentation_uri"]):
             assert uri is None or Path(uri).resolve().is_relative_to(output.resolve())
-    assert (output / "_runs" / "test-run.json").is_file()
+    report = json.loads((output / "_runs" / "test-run.json").read_text())
+    stages = report["summary"]["stage_timings_s"]
+    assert any("InferenceActor" in name for name in stages), stages
+    assert all(entry["operator_wall_s"] > 0 for entry in stages.values())
+    assert report["summary"]["images_listed"] == summary.images_listed
 
 
 def test_a_second_run_skips_done_images_and_a_forced_one_supersedes_them(
