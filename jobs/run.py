@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.listing import InputNotFoundError
     from pipeline.progress import JobStalledError
     from pipeline.run import ClusterTooSmallError, OutputNotWritableError, run_annotation
+    from pipeline.storage import StorageUnreachableError
 
     try:
         summary = run_annotation(config)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         OutputNotWritableError,
         ClusterTooSmallError,
         JobStalledError,
+        StorageUnreachableError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_JOB_FAILED

@@ -36,7 +36,13 @@ from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
 from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.schema import storage_problem
-from pipeline.storage import arrow_filesystem, filesystem_for, full_uri, join
+from pipeline.storage import (
+    arrow_filesystem,
+    check_reachable,
+    filesystem_for,
+    full_uri,
+    join,
+)
 from pipeline.write import write_maps_batch
 
 if TYPE_CHECKING:
@@ -104,7 +110,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
     cache_dir = config.models.cache_dir or str(DEFAULT_CACHE_DIR)
 
     # Everything that can fail for a reason the user must fix fails here, before
-    # Ray starts: unreadable models, a missing or unreachable input or output.
+    # Ray starts: unreachable stores, unreadable models, a missing input or output.
+    for key, uri in _storage_uris(config):
+        check_reachable(key, uri, storage_options)
     cards = _fetch_model_cards(config, cache_dir, storage_options)
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
@@ -417,6 +425,16 @@ def _retry_transient_parquet_writes() -> None:
         # these patterns are already escaped regexes.
         warnings.simplefilter("ignore", DeprecationWarning)
         context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *words]))
+
+
+def _storage_uris(config: JobConfig) -> list[tuple[str, str]]:
+    uris = [
+        ("output.uri", config.output.uri),
+        ("input.uri", config.input.uri),
+        ("models.depth", config.models.depth),
+        ("models.segmentation", config.models.segmentation),
+    ]
+    return [(key, uri) for key, uri in uris if uri is not None]
 
 
 def _fetch_model_cards(

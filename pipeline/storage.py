@@ -25,6 +25,34 @@ def filesystem_for(
     return fsspec.core.url_to_fs(uri, **options)
 
 
+class StorageUnreachableError(OSError):
+    """An object store that cannot be reached or authenticated against."""
+
+
+def check_reachable(key: str, uri: str, storage_options: dict[str, Any]) -> None:
+    """One request with a small retry budget, before anything else runs.
+
+    The job's S3 settings retry hard (right for a million reads on a busy
+    bucket), which makes a wrong endpoint or a dead network fail only after
+    minutes. This probe fails in seconds instead, naming ``key`` and the fix.
+    A missing path is fine here (an output prefix need not exist yet).
+    """
+    if fsspec.core.split_protocol(uri)[0] not in ("s3", "s3a"):
+        return  # local paths and other stores fail quickly on their own
+    config = dict(storage_options.get("config_kwargs", {}))
+    config.update(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5)
+    fs, path = filesystem_for(uri, {**storage_options, "config_kwargs": config})
+    fs.retries = 1  # s3fs's own retry rounds, on top of botocore's
+    try:
+        fs.ls(path, refresh=True)
+    except FileNotFoundError:
+        pass
+    except Exception as error:
+        from pipeline.schema import storage_problem
+
+        raise StorageUnreachableError(storage_problem(key, uri, error)) from None
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 

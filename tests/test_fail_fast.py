@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +64,23 @@ def test_a_missing_bucket_and_a_missing_model_fail_before_ray(s3_endpoint, check
     assert result.returncode == 1
     assert "cannot list model s3://no-such-bucket-here/model" in result.stderr
     assert "Started a local Ray instance" not in result.stderr
+
+
+def test_an_unreachable_endpoint_fails_in_seconds_not_after_retries(checkpoints, tmp_path):
+    from tests.s3_server import free_port
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    started = time.monotonic()
+    result = run_cli(
+        env,
+        "input.uri=s3://images/in",
+        f"output.uri={tmp_path / 'out'}",
+        f"models.depth={checkpoints['depth-vit']}",
+        f"storage.endpoint_url=http://127.0.0.1:{free_port()}",  # nothing listens there
+    )
+    assert result.returncode == 1
+    assert "cannot reach input.uri s3://images/in" in result.stderr
+    assert "check storage.endpoint_url" in result.stderr
+    # The job's own settings (10 attempts, backoff) would take minutes here.
+    assert time.monotonic() - started < 60
