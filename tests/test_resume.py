@@ -73,3 +73,28 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_pat
     for row in view:
         assert row["status"] == "ok"
         assert decode_depth_png(Path(row["depth_uri"]).read_bytes()).shape == (480, 640)
+
+
+def test_resume_inside_a_shard_redoes_only_images_without_a_row(ray_cluster, checkpoints, tmp_path):
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    shard = tar_bytes(
+        [(f"{i:03d}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(10)]
+    )
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000.tar").write_bytes(shard)
+    settings = [
+        f"input.uri={tmp_path / 'shards'}",
+        f"output.uri={tmp_path / 'output'}",
+        f"models.depth={checkpoints['depth-vit']}",
+    ]
+    # A first run stopped after 4 images stands in for one that crashed mid-shard.
+    first = run_annotation(load_config(None, [*settings, "input.limit=4", "run_id=first"]))
+    assert first.images_ok == 4
+    second = run_annotation(load_config(None, [*settings, "run_id=second"]))
+    assert (second.images_skipped_done, second.images_ok) == (4, 6)
+    assert second.images_listed == 10
+    view = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert len(view) == len({row["image_id"] for row in view}) == 10
+    assert pq.read_table(tmp_path / "output" / "predictions").num_rows == 10
