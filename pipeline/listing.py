@@ -118,16 +118,17 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
     fs, root = filesystem_for(uri, storage_options)
     root = root.rstrip("/") if len(root) > 1 else root
     try:
-        is_file = fs.isfile(root)
-        if not is_file and not fs.isdir(root):
-            raise InputNotFoundError(f"input.uri {uri} is not a folder, prefix or file")
-    except InputNotFoundError:
-        raise
+        # One HEAD (and for a prefix one 1-key listing). s3fs's isdir/isfile would
+        # list, and cache, the whole prefix: minutes and a GB for a million keys.
+        info = fs.info(root)
+    except FileNotFoundError:
+        raise InputNotFoundError(f"input.uri {uri} is not a folder, prefix or file") from None
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise InputNotFoundError(storage_problem("input.uri", uri, error)) from None
+    is_file = info["type"] == "file"
 
     if is_file:
-        objects: Iterator[StoredObject] = iter([StoredObject(root, object_version(fs.info(root)))])
+        objects: Iterator[StoredObject] = iter([StoredObject(root, object_version(info))])
         base = root.rsplit("/", 1)[0]
     else:
         objects = iter_objects(fs, root)

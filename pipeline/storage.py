@@ -44,7 +44,7 @@ def check_reachable(key: str, uri: str, storage_options: dict[str, Any]) -> None
     fs, path = filesystem_for(uri, {**storage_options, "config_kwargs": config})
     fs.retries = 1  # s3fs's own retry rounds, on top of botocore's
     try:
-        fs.ls(path, refresh=True)
+        fs.info(path)  # a HEAD, or a 1-key listing: never the whole prefix
     except FileNotFoundError:
         pass
     except Exception as error:
