@@ -25,14 +25,9 @@ def free_port() -> int:
 @contextmanager
 def moto_s3_server() -> Iterator[str]:
     """Start moto on 127.0.0.1 and yield its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+    from pipeline.bench.storage import moto_server
 
     for key, value in TEST_CREDENTIALS.items():
         os.environ.setdefault(key, value)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as endpoint:
+        yield endpoint

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import s3fs
 
-from tests.fault_proxy import MODES, FaultInjectingProxy
+from pipeline.bench.fault_proxy import MODES, FaultInjectingProxy
 
 # The retry settings the pipeline gives s3fs (jobs.config.storage_options): botocore's
 # "standard" mode; max_attempts counts retries, so a request is tried 11 times in all.

@@ -10,9 +10,9 @@ import s3fs
 from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline import read_predictions
+from pipeline.bench.fault_proxy import FaultInjectingProxy
 from pipeline.encode import decode_depth_png
 from pipeline.storage import arrow_filesystem
-from tests.fault_proxy import FaultInjectingProxy
 
 IMAGES = 12
 

@@ -1,4 +1,7 @@
-"""A loopback HTTP proxy that fails a seeded share of requests, for S3 fault-injection tests.
+"""A loopback HTTP proxy that fails a seeded share of requests, or delays every one.
+
+Used by the tests (S3 fault injection) and the storage benchmark (per-request
+latency, which loopback lacks and real object stores have).
 
 Why: the pipeline's claim that it survives a flaky object store is only worth something if a
 test makes the store flaky. ``FaultInjectingProxy`` sits between a client (s3fs/aiobotocore)
@@ -36,6 +39,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(400, "Malformed request body")
             return
         proxy = self.server.proxy
+        if proxy.delay_s:
+            time.sleep(proxy.delay_s)  # a store's time to first byte, which loopback lacks
         mode = proxy._draw(self.command)
         if mode == "reset":
             self._reset()
@@ -258,6 +264,7 @@ class FaultInjectingProxy:
         methods: Iterable[str] = ("GET", "PUT", "POST", "HEAD"),
         modes: Iterable[str] = MODES,
         timeout: float = 30.0,
+        delay_s: float = 0.0,
     ) -> None:
         parts = urlsplit(target)
         if parts.scheme != "http" or not parts.hostname:
@@ -272,6 +279,7 @@ class FaultInjectingProxy:
         self.fail_share = fail_share
         self.methods = frozenset(method.upper() for method in methods)
         self.timeout = timeout
+        self.delay_s = delay_s
         self.injected: Counter[tuple[str, str]] = Counter()
         self.forwarded = 0
         # Requests relayed, by (method, path): shows which objects were fetched how often.
