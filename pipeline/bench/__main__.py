@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from pipeline.bench import storage
+from pipeline.bench import storage, throughput
 
-BENCHMARKS: dict[str, ModuleType] = {"storage": storage}
+BENCHMARKS: dict[str, ModuleType] = {"storage": storage, "throughput": throughput}
 
 
 def main(argv: list[str] | None = None) -> Path:
