@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Keys whose values are never written to logs or run reports.
 _SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|credential|access_key|session)", re.I)
@@ -39,6 +46,12 @@ class InputConfig(_Section):
         "column; manifest: text or Parquet list of URIs; auto: picked from what uri holds.",
     )
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_case_without_dots(cls, extensions: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(extension.lower().lstrip(".") for extension in extensions)
+
     limit: int | None = Field(
         default=None, ge=1, description="Annotate only the first N images (smoke runs)."
     )

@@ -11,7 +11,7 @@ consumed page by page, so a prefix of millions of keys is never held as one list
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,7 +24,6 @@ from pipeline.keys import image_id_for
 from pipeline.schema import storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
 
-INPUT_FORMATS = ("files", "webdataset", "parquet", "manifest")
 SHARD_FORMATS = frozenset({"webdataset", "parquet"})
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -47,9 +46,10 @@ class Listing:
     rows: Iterator[dict[str, str]]
 
 
-def has_image_extension(path: str, extensions: Iterable[str]) -> bool:
+def has_image_extension(path: str, extensions: Collection[str]) -> bool:
+    """``extensions`` lower case (the config normalises them); the path's in any case."""
     suffix = path.rsplit("/", 1)[-1].rsplit(".", 1)
-    return len(suffix) == 2 and suffix[1].lower() in {ext.lower() for ext in extensions}
+    return len(suffix) == 2 and suffix[1].lower() in extensions
 
 
 def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
@@ -171,7 +171,8 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
 def _detect_format(
     fs: fsspec.AbstractFileSystem, paths: list[str], input_config: Any
 ) -> tuple[str, str]:
-    images = [p for p in paths if has_image_extension(p, input_config.extensions)]
+    extensions = frozenset(input_config.extensions)
+    images = [p for p in paths if has_image_extension(p, extensions)]
     tars = [p for p in paths if _has_suffix(p, WEBDATASET_SUFFIXES)]
     parquets = [p for p in paths if _has_suffix(p, PARQUET_SUFFIXES)]
     texts = [p for p in paths if _has_suffix(p, TEXT_MANIFEST_SUFFIXES)]
@@ -212,6 +213,7 @@ def _image_rows(
     extensions: tuple[str, ...],
     relative: Any,
 ) -> Iterator[dict[str, str]]:
+    extensions = frozenset(extensions)  # built once: this runs for every listed key
     for stored in objects:
         if has_image_extension(stored.path, extensions):
             source_uri = full_uri(fs, stored.path)

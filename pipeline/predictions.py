@@ -109,6 +109,11 @@ class DoneImages:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def has(self, image_id: str, version: str) -> bool:
+        key = np.uint64(done_key(image_id, version))
+        position = int(np.searchsorted(self.keys, key))
+        return position < len(self.keys) and self.keys[position] == key
+
     def contains(self, image_ids: list[str], versions: list[str]) -> np.ndarray:
         wanted = np.fromiter(
             (done_key(i, v) for i, v in zip(image_ids, versions, strict=True)),

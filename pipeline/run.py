@@ -354,8 +354,9 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
+@dataclass
 class _SkipCount:
-    images = 0
+    images: int = 0
 
 
 def _not_done(
@@ -366,7 +367,7 @@ def _not_done(
         if sharded:
             skipped.images += done.per_shard.get((row["shard_uri"], row["shard_version"]), 0)
             yield row
-        elif len(done) and done.contains([row["image_id"]], [row["source_version"]])[0]:
+        elif len(done) and done.has(row["image_id"], row["source_version"]):
             skipped.images += 1
         else:
             yield row

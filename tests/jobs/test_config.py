@@ -91,3 +91,8 @@ def test_storage_options_carry_endpoint_region_and_retry_budget():
 def test_input_format_is_one_of_the_known_ones():
     with pytest.raises(ConfigError, match=r"input\.format.*'tfrecord'"):
         load_config(None, [*MINIMAL, "input.format=tfrecord"])
+
+
+def test_extensions_are_normalised_to_lower_case_without_dots():
+    config = load_config(None, [*MINIMAL, "input.extensions=[.JPG, png]"])
+    assert config.input.extensions == ("jpg", "png")

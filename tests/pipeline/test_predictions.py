@@ -75,6 +75,7 @@ def test_done_images_are_ok_rows_of_the_same_config_and_source_version(tmp_path)
     assert done.per_shard == {("s3://b/shard.tar", "v1"): 1}
     found = done.contains(["x", "x", "y", "z", "s"], ["v1", "v2", "v1", "v1", "v1"])
     assert found.tolist() == [True, False, False, False, True]
+    assert done.has("x", "v1") and not done.has("x", "v2") and not done.has("zz", "v1")
 
 
 def test_drop_done_rows_keeps_only_new_work():
