@@ -14,7 +14,7 @@ from dpt_model.predictor import (
     make_predictor,
 )
 from dpt_model.processing import PreprocessSpec, model_input_size, resize_for_model
-from dpt_model.quantize import dequantize_depth, quantize_depth
+from dpt_model.quantize import depth_at_size, dequantize_depth, quantize_depth
 
 __all__ = [
     "DepthPrediction",
@@ -25,6 +25,7 @@ __all__ = [
     "PreprocessSpec",
     "SegmentationPrediction",
     "SegmentationPredictor",
+    "depth_at_size",
     "dequantize_depth",
     "make_predictor",
     "model_input_size",

@@ -131,12 +131,18 @@ def model_input_size(height_px: int, width_px: int, spec: PreprocessSpec) -> tup
     return max(new_height, spec.ensure_multiple_of), max(new_width, spec.ensure_multiple_of)
 
 
-def resize_for_model(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 image to the model's input size with Pillow."""
+def resize_for_model(
+    rgb: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image to the model's input size with Pillow.
+
+    ``original_hw``: the image's full size when ``rgb`` was decoded reduced (a
+    drafted JPEG); the input size is computed from it, as for the full image.
+    """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
     height, width = rgb.shape[:2]
-    target_height, target_width = model_input_size(height, width, spec)
+    target_height, target_width = model_input_size(*(original_hw or (height, width)), spec)
     if (target_height, target_width) == (height, width):
         return rgb
     image = Image.fromarray(rgb, mode="RGB")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dpt_model.processing import upsample_depth
+
 DEPTH_LEVELS = 65535
 
 
@@ -37,3 +39,21 @@ def dequantize_depth(levels: np.ndarray, depth_min: float, depth_max: float) -> 
     """Inverse of ``quantize_depth``: uint16 levels → float32 depth."""
     scale = (depth_max - depth_min) / DEPTH_LEVELS
     return (depth_min + levels.astype(np.float64) * scale).astype(np.float32)
+
+
+def depth_at_size(
+    levels: np.ndarray,
+    depth_min: float,
+    depth_max: float,
+    size_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """A stored depth map back to float32 depth, at ``size_hw`` when given.
+
+    Maps stored at the model's resolution (``output.depth_resolution: model``)
+    come back at the image's size, from the Parquet's ``height``/``width``, by the
+    same bicubic upsampling transformers' post-processing applies.
+    """
+    depth = dequantize_depth(levels, depth_min, depth_max)
+    if size_hw is None or depth.shape == tuple(size_hw):
+        return depth
+    return upsample_depth(torch.from_numpy(depth), tuple(size_hw)).numpy()

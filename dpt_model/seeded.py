@@ -19,19 +19,35 @@ Backbone = Literal["vit", "hybrid", "dinov2", "depth_anything"]
 SEEDED_LABELS = ("wall", "floor", "sky", "tree", "person", "car")
 
 
-def _vit_config_kwargs(hidden_size: int, num_layers: int, image_size_px: int) -> dict:
-    return {
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
+# ViT-backbone DPT sizes. "tiny" runs the tests in seconds; "base" is
+# transformers' DPTConfig defaults (ViT-Base, about 110 M parameters with the
+# DPT neck and head); "large" has Intel/dpt-large's shapes (about 340 M).
+ViTSize = Literal["tiny", "base", "large"]
+VIT_SIZES: dict[str, dict] = {
+    "tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
-        "intermediate_size": hidden_size * 2,
-        "image_size": image_size_px,
-        "patch_size": 16,
-        "backbone_out_indices": list(range(num_layers - 4, num_layers)),
+        "intermediate_size": 64,
+        "backbone_out_indices": [0, 1, 2, 3],
         "neck_hidden_sizes": [16, 16, 32, 32],
         "fusion_hidden_size": 16,
         "head_hidden_size": 16,
-    }
+        "initializer_range": 0.1,
+    },
+    # At these depths 0.1 makes activations explode (depth ~1e9, inf in
+    # float16); transformers' default 0.02 gives depth ranges of ~1e-2.
+    "base": {"initializer_range": 0.02},
+    "large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "backbone_out_indices": [5, 11, 17, 23],
+        "neck_hidden_sizes": [256, 512, 1024, 1024],
+        "initializer_range": 0.02,
+    },
+}
 
 
 def _bit_backbone() -> dict:
@@ -69,12 +85,12 @@ def build_seeded_checkpoint(
     task: Literal["depth", "segmentation"],
     backbone: Backbone = "vit",
     seed: int = 0,
-    hidden_size: int = 32,
-    num_layers: int = 4,
+    size: ViTSize = "tiny",
 ) -> Path:
     """Write a randomly initialised (seeded) checkpoint and its processor config.
 
-    ``vit``: fixed 384×384 input, as Intel/dpt-large and dpt-large-ade ship.
+    ``vit``: fixed 384×384 input, as Intel/dpt-large and dpt-large-ade ship, at
+    one of ``VIT_SIZES`` (the other backbones are always tiny).
     ``hybrid``: a BiT stem before the ViT, exactly 384×384, as Intel/dpt-hybrid-midas.
     ``dinov2`` / ``depth_anything``: keep-aspect-ratio 518 input, multiple of 14,
     raw 0–255 pixels normalised with ImageNet mean/std in pixel units, as the
@@ -109,8 +125,9 @@ def build_seeded_checkpoint(
             else {}
         )
         config = DPTConfig(
-            **{**_vit_config_kwargs(hidden_size, num_layers, 384), **hybrid_kwargs},
-            initializer_range=0.1,
+            **{**VIT_SIZES[size], **hybrid_kwargs},
+            image_size=384,
+            patch_size=16,
             **label_kwargs,
         )
         processor = DPTImageProcessorPil(
@@ -124,7 +141,8 @@ def build_seeded_checkpoint(
     else:
         if task != "depth":
             raise ValueError(f"the {backbone} backbone is a depth-only checkpoint here")
-        backbone_config = _dinov2_backbone(hidden_size, num_layers)
+        tiny = VIT_SIZES["tiny"]
+        backbone_config = _dinov2_backbone(tiny["hidden_size"], tiny["num_hidden_layers"])
         common = {
             "backbone_config": backbone_config,
             "reassemble_factors": [4, 2, 1, 0.5],
@@ -134,9 +152,9 @@ def build_seeded_checkpoint(
             "initializer_range": 0.1,
         }
         if backbone == "dinov2":
-            config = DPTConfig(is_hybrid=False, hidden_size=hidden_size, **common)
+            config = DPTConfig(is_hybrid=False, hidden_size=tiny["hidden_size"], **common)
         else:
-            config = DepthAnythingConfig(reassemble_hidden_size=hidden_size, **common)
+            config = DepthAnythingConfig(reassemble_hidden_size=tiny["hidden_size"], **common)
         processor = DPTImageProcessorPil(
             size={"height": 518, "width": 518},
             keep_aspect_ratio=True,

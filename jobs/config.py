@@ -69,6 +69,13 @@ class OutputConfig(_Section):
     # Measured on 2 cores: level 1 encodes several times faster than Pillow's
     # default 6 for a few percent more bytes on depth maps.
     png_compress_level: int = Field(default=1, ge=0, le=9)
+    # Measured (docs/benchmarks.md): at the image's size a 16-bit depth PNG of
+    # an 8 MP photo takes ~0.3 s to encode and ~9 MB; at the model's it is ~10 ms.
+    depth_resolution: Literal["model", "original"] = Field(
+        default="model",
+        description="model: depth maps at the network's output size (the image's size is "
+        "in the Parquet's width/height); original: upsampled to the image's size.",
+    )
     overwrite: bool = Field(
         default=False, description="Delete results earlier runs left at output.uri first."
     )
@@ -89,6 +96,12 @@ class InferenceConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU inference only: torch threads per actor. Default: "
+        "resources.cpus_per_actor rounded up (Ray would otherwise give an actor one).",
+    )
 
 
 class ActorsConfig(_Section):
@@ -114,6 +127,11 @@ class DecodeConfig(_Section):
     # after reading only their header.
     max_image_pixels: int = Field(default=89_478_485, ge=1)
     max_side_px: int = Field(default=16_384, ge=1)
+    jpeg_draft: bool = Field(
+        default=True,
+        description="Decode JPEGs much larger than the model input at 1/2-1/8 scale "
+        "(several times faster; model inputs within a mean of 0.5 levels of a full decode).",
+    )
 
 
 class StorageConfig(_Section):

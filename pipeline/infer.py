@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dpt_model import DepthPredictor, SegmentationPredictor
 from dpt_model.loading import DEFAULT_CACHE_DIR
+from dpt_model.predictor import DepthResolution
 from pipeline.schema import error_reason
 
 EMPTY_DEPTH = np.zeros((0, 0), dtype=np.uint16)
@@ -30,14 +32,24 @@ class InferenceActor:
         dtype: str,
         cache_dir: str | None,
         storage_options: dict[str, Any],
+        depth_resolution: DepthResolution = "original",
+        cpu_threads: int | None = None,
     ) -> None:
+        if device == "cpu" and cpu_threads:
+            # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
+            # would hold a CPU forward pass to one core whatever the node has.
+            torch.set_num_threads(cpu_threads)
         options = {
             "device": device,
             "dtype": dtype,
             "cache_dir": Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
             "storage_options": storage_options,
         }
-        self.depth = DepthPredictor(depth_model, **options) if depth_model else None
+        self.depth = (
+            DepthPredictor(depth_model, resolution=depth_resolution, **options)
+            if depth_model
+            else None
+        )
         self.segmentation = (
             SegmentationPredictor(segmentation_model, **options) if segmentation_model else None
         )

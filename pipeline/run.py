@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import warnings
@@ -169,7 +170,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
             report_progress,
             batch_format="pyarrow",
             fn_kwargs={"beacon": beacon},
-            num_cpus=config.resources.cpus_per_decode_task,
+            # A CPU request unlike the encode stage's keeps Ray from fusing the two:
+            # fused, encoding would join the Parquet write's bundling and wait for
+            # output.rows_per_part rows, then run them all in one task.
+            num_cpus=config.resources.cpus_per_decode_task / 4,
         )
         with StallWatchdog(beacon, config.stall_timeout_s):
             dataset.write_parquet(
@@ -269,6 +273,7 @@ def _annotation_dataset(
             "specs": {task: card.spec for task, card in cards.items()},
             "max_image_pixels": config.decode.max_image_pixels,
             "max_side_px": config.decode.max_side_px,
+            "jpeg_draft": config.decode.jpeg_draft,
         },
         num_cpus=decode_cpus,
     )
@@ -287,6 +292,9 @@ def _annotation_dataset(
             "dtype": config.inference.dtype,
             "cache_dir": cache_dir,
             "storage_options": storage_options,
+            "depth_resolution": config.output.depth_resolution,
+            "cpu_threads": config.inference.cpu_threads
+            or math.ceil(config.resources.cpus_per_actor),
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
@@ -339,9 +347,9 @@ def stage_timings(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
 def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     """16 hex digits naming everything that shapes the outputs' values.
 
-    The models (URI and file versions) and their preprocessing, and the dtype.
-    Not the batch size, resources or PNG compression level: those change how
-    fast results come, not what they are.
+    The models (URI and file versions) and their preprocessing, the dtype, the
+    depth maps' resolution and JPEG drafting. Not the batch size, resources or
+    PNG compression level: those change how fast results come, not what they are.
     """
     shaping = {
         "models": {
@@ -349,6 +357,8 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
             for task, card in sorted(cards.items())
         },
         "dtype": config.inference.dtype,
+        "depth_resolution": config.output.depth_resolution,
+        "jpeg_draft": config.decode.jpeg_draft,
     }
     encoded = json.dumps(shaping, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]

@@ -21,6 +21,9 @@ if os.environ.get("CI"):
 
 # (height, width) of the parity images: landscape, portrait, square, wide, tiny.
 PARITY_SIZES = ((240, 320), (400, 300), (256, 256), (120, 500), (37, 53))
+# The seeded ViT checkpoints' output size: depth maps are stored at it by default
+# (output.depth_resolution: model).
+SEEDED_VIT_DEPTH_HW = (384, 384)
 
 
 def _checked_depth_range(model_dir: Path, backbone: str) -> Path:
@@ -60,7 +63,7 @@ def parity_images() -> list[np.ndarray]:
     from pipeline.decode import decode_image
 
     return [
-        decode_image(encoded(synthetic_photo(w, h, seed=i), "JPEG"), 10**8, 10**5)
+        decode_image(encoded(synthetic_photo(w, h, seed=i), "JPEG"), 10**8, 10**5).rgb
         for i, (h, w) in enumerate(PARITY_SIZES)
     ]
 

@@ -15,6 +15,7 @@ from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline import read_predictions
 from pipeline.encode import decode_depth_png
+from tests.conftest import SEEDED_VIT_DEPTH_HW
 from tests.corpus import write_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_pat
     assert pq.read_table(output / "predictions").num_rows == IMAGES
     for row in view:
         assert row["status"] == "ok"
-        assert decode_depth_png(Path(row["depth_uri"]).read_bytes()).shape == (480, 640)
+        assert decode_depth_png(Path(row["depth_uri"]).read_bytes()).shape == SEEDED_VIT_DEPTH_HW
 
 
 def test_resume_inside_a_shard_redoes_only_images_without_a_row(ray_cluster, checkpoints, tmp_path):

@@ -15,6 +15,7 @@ from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.encode import decode_depth_png, decode_segmentation_png
 from pipeline.storage import arrow_filesystem
+from tests.conftest import SEEDED_VIT_DEPTH_HW
 from tests.corpus import hostile_files
 from tests.pipeline.test_shards import tar_bytes
 
@@ -61,9 +62,11 @@ def run_on_s3(s3, s3_endpoint, checkpoints, bucket: str, *overrides: str):
     return summary, {row["source_uri"]: row for row in table.to_pylist()}
 
 
-def assert_depth_map(s3, row, shape):
+def assert_depth_map(s3, row, image_hw):
+    """An ok row of an image of that size, with its depth map at the model's size."""
     assert row["status"] == "ok", row["error"]
-    assert decode_depth_png(s3.cat_file(row["depth_uri"])).shape == shape
+    assert (row["height"], row["width"]) == image_hw
+    assert decode_depth_png(s3.cat_file(row["depth_uri"])).shape == SEEDED_VIT_DEPTH_HW
 
 
 def test_image_files_models_and_outputs_all_on_s3(ray_cluster, s3_endpoint, s3, checkpoints):

@@ -13,6 +13,7 @@ from pipeline import read_predictions
 from pipeline.bench.fault_proxy import FaultInjectingProxy
 from pipeline.encode import decode_depth_png
 from pipeline.storage import arrow_filesystem
+from tests.conftest import SEEDED_VIT_DEPTH_HW
 
 IMAGES = 12
 
@@ -65,7 +66,7 @@ def test_a_flaky_endpoint_loses_no_row_and_no_map_file(
     view = read_predictions(f"s3://{bucket}/out", options).to_pylist()
     assert len({row["image_id"] for row in view}) == IMAGES
     for row in view:
-        assert decode_depth_png(fs.cat_file(row["depth_uri"])).shape == (64, 96)
+        assert decode_depth_png(fs.cat_file(row["depth_uri"])).shape == SEEDED_VIT_DEPTH_HW
     fs.rm(bucket, recursive=True)
 
 

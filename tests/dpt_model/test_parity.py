@@ -10,7 +10,13 @@ from transformers import (
     DPTImageProcessorPil,
 )
 
-from dpt_model import DepthPredictor, SegmentationPredictor, dequantize_depth, resize_for_model
+from dpt_model import (
+    DepthPredictor,
+    SegmentationPredictor,
+    depth_at_size,
+    dequantize_depth,
+    resize_for_model,
+)
 
 
 def _reference_run(model_class, model_dir, image: np.ndarray):
@@ -50,6 +56,30 @@ def test_depth_matches_reference_within_one_step(checkpoints, parity_images, che
         depth_range = float(reference.max() - reference.min())
         step = depth_range / 65535
         assert np.abs(ours - reference).max() <= step + 1e-4 * depth_range
+
+
+@pytest.mark.parametrize("checkpoint", ["depth-vit", "depth-anything"])
+def test_model_resolution_depth_is_the_network_output_and_upsamples_to_reference(
+    checkpoints, parity_images, checkpoint
+):
+    model_dir = checkpoints[checkpoint]
+    predictor = DepthPredictor(str(model_dir), resolution="model")
+    inputs = [resize_for_model(image, predictor.spec) for image in parity_images]
+    predictions = predictor.predict(inputs, [image.shape[:2] for image in parity_images])
+    for image, prediction in zip(parity_images, predictions, strict=True):
+        _, outputs = _reference_run(AutoModelForDepthEstimation, model_dir, image)
+        network = outputs.predicted_depth[0].numpy()
+        ours = dequantize_depth(prediction.depth_levels, prediction.depth_min, prediction.depth_max)
+        assert ours.shape == network.shape
+        step = float(network.max() - network.min()) / 65535
+        assert np.abs(ours - network).max() <= step
+        # What a reader of a model-resolution map does to get the image's size.
+        full = depth_at_size(
+            prediction.depth_levels, prediction.depth_min, prediction.depth_max, image.shape[:2]
+        )
+        reference = reference_depth(model_dir, image)
+        depth_range = float(reference.max() - reference.min())
+        assert np.abs(full - reference).max() <= depth_range / 65535 + 1e-4 * depth_range
 
 
 def test_segmentation_matches_reference(checkpoints, parity_images):

@@ -5,19 +5,53 @@ import json
 import pytest
 
 from pipeline.bench.__main__ import main as run_benchmark
+from pipeline.bench.stages import STAGES
+from pipeline.bench.throughput import IMAGE_SIZES
+from pipeline.encode import decode_depth_png
+from tests.conftest import SEEDED_VIT_DEPTH_HW
 
 
 @pytest.mark.slow
-def test_throughput_benchmark_annotates_every_image_both_ways(tmp_path):
+def test_throughput_benchmark_measures_every_side(tmp_path):
     out = run_benchmark(
-        ["throughput", "--images=3", f"--work-dir={tmp_path}", f"--out={tmp_path / 'tp.json'}"]
+        [
+            "throughput",
+            "--images=3",
+            f"--work-dir={tmp_path}",
+            f"--out={tmp_path / 'tp.json'}",
+            "--variant=output.depth_resolution=original",
+        ]
     )
     results = json.loads(out.read_text())
-    assert results["naive"]["images"] == results["pipeline"]["images"] == 3
-    assert results["pipeline"]["errors"] == 0
+    naive, job, ceiling = results["naive"], results["pipeline"], results["model_only"]
+    [full_size] = results["pipeline_variants"]
+    assert naive["images"] == job["images"] == full_size["images"] == 3
+    assert job["errors"] == full_size["errors"] == 0
+    assert ceiling["images"] >= 3 and ceiling["images_per_s"] > 0
+    assert 0 < job["time_to_first_map_s"] <= job["elapsed_s"]
+
     assert len(list((tmp_path / "naive-output").glob("*.png"))) == 3
-    assert len(list((tmp_path / "pipeline-output" / "depth").glob("*.png"))) == 3
-    assert results["pipeline_over_naive"] == pytest.approx(
-        results["pipeline"]["images_per_s"] / results["naive"]["images_per_s"]
+    for folder, expected in (
+        ("pipeline-output", lambda index: SEEDED_VIT_DEPTH_HW),
+        ("pipeline-output-1", lambda index: IMAGE_SIZES[index][::-1]),
+    ):
+        maps = sorted((tmp_path / folder / "depth").glob("*.png"))
+        assert [decode_depth_png(path.read_bytes()).shape for path in maps] == [
+            expected(index) for index in range(3)
+        ]
+
+    ratios = results["ratios"]
+    assert ratios["pipeline_over_naive"] == pytest.approx(
+        job["images_per_s"] / naive["images_per_s"]
     )
-    assert any("InferenceActor" in stage for stage in results["pipeline"]["stage_timings_s"])
+    assert ratios["pipeline_over_model_only"] == pytest.approx(
+        job["images_per_s"] / ceiling["images_per_s"]
+    )
+    stages = results["stages"]["stages"]
+    assert list(stages) == list(STAGES)
+    assert all(stages[name]["cpu_ms_per_image"] > 0 for name in ("decode", "forward", "encode"))
+    encodings = {(e["resolution"], e["encoding"]): e for e in results["stages"]["encodings"]}
+    assert len(encodings) == 8
+    model_png, full_png = (encodings[(size, "png16-level1")] for size in ("model", "original"))
+    assert full_png["bytes_per_image"] > model_png["bytes_per_image"]
+    assert any("InferenceActor" in stage for stage in job["stage_timings_s"])

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+from PIL import Image
 
-from dpt_model.processing import PreprocessSpec
+from dpt_model.processing import PreprocessSpec, resize_for_model
 from jobs.sample_images import encoded, synthetic_photo
-from pipeline.decode import DecodeError, decode_batch, decode_image
+from pipeline.decode import DecodeError, decode_batch, decode_image, draft_side_px
 from tests.corpus import hostile_files, odd_files
 
 LIMITS = {"max_image_pixels": 89_478_485, "max_side_px": 16_384}
@@ -19,20 +20,20 @@ def test_hostile_file_raises_decode_error_with_reason(name, data):
 @pytest.mark.parametrize("name", sorted(odd_files()))
 def test_odd_valid_image_decodes_to_rgb(name):
     data, expected_hw = odd_files()[name]
-    rgb = decode_image(data, **LIMITS)
+    rgb = decode_image(data, **LIMITS).rgb
     assert rgb.dtype == np.uint8 and rgb.shape == (*expected_hw, 3)
 
 
 def test_sixteen_bit_gray_is_scaled_not_clipped():
     data, _ = odd_files()["gray16.png"]
-    rgb = decode_image(data, **LIMITS)
+    rgb = decode_image(data, **LIMITS).rgb
     assert rgb.min() == 0 and rgb.max() == 255
     assert len(np.unique(rgb)) > 100
 
 
 def test_exif_orientation_is_applied():
     data, _ = odd_files()["rotated.jpg"]
-    assert decode_image(data, **LIMITS).shape[:2] == (80, 40)  # stored as 40×80
+    assert decode_image(data, **LIMITS).rgb.shape[:2] == (80, 40)  # stored as 40×80
 
 
 def test_bomb_is_refused_from_the_header():
@@ -67,3 +68,67 @@ def test_truncated_jpeg_becomes_error_row_and_good_rows_complete():
         assert status == "error" and reason.startswith("decode: ") and model_input.size == 0
     assert "image_bytes" not in out
     assert list(out["height"][:1]) == [48] and list(out["width"][:1]) == [64]
+
+
+KEEP_ASPECT_518 = PreprocessSpec(
+    height_px=518, width_px=518, keep_aspect_ratio=True, ensure_multiple_of=14
+)
+
+
+def test_draft_side_is_the_largest_model_input_side():
+    assert draft_side_px((3000, 4000), [PreprocessSpec()]) == 384
+    # Keep-aspect inputs fit one side and exceed the target on the other.
+    assert draft_side_px((3000, 4000), [PreprocessSpec(), KEEP_ASPECT_518]) == 686
+    assert draft_side_px((3000, 4000), []) is None
+    assert draft_side_px((3000, 4000), [PreprocessSpec(do_resize=False)]) is None
+
+
+@pytest.mark.parametrize("spec", [PreprocessSpec(), KEEP_ASPECT_518], ids=["384", "keep-aspect"])
+def test_large_jpeg_is_drafted_and_model_input_stays_within_tolerance(spec):
+    data = encoded(synthetic_photo(3264, 2448, seed=3), "JPEG")
+    full = decode_image(data, **LIMITS)
+    drafted = decode_image(data, **LIMITS, reduce_for=[spec])
+    assert drafted.original_hw == full.original_hw == (2448, 3264)
+    needed = draft_side_px(drafted.original_hw, [spec])
+    assert needed <= min(drafted.rgb.shape[:2]) < min(full.rgb.shape[:2])
+
+    reference = resize_for_model(full.rgb, spec).astype(np.int16)
+    ours = resize_for_model(drafted.rgb, spec, drafted.original_hw).astype(np.int16)
+    assert ours.shape == reference.shape
+    # The documented tolerance (README, decode.jpeg_draft): mean absolute
+    # difference under half a level, 99 % of values within 3 levels.
+    difference = np.abs(ours - reference)
+    assert difference.mean() < 0.5
+    assert np.percentile(difference, 99) <= 3
+
+
+def test_draft_keeps_exif_orientation_and_original_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 2000×1200, shown 1200×2000
+    data = encoded(synthetic_photo(2000, 1200, seed=4), "JPEG", exif=exif.tobytes())
+    full = decode_image(data, **LIMITS)
+    drafted = decode_image(data, **LIMITS, reduce_for=[PreprocessSpec()])
+    assert full.original_hw == drafted.original_hw == (2000, 1200) == full.rgb.shape[:2]
+    assert drafted.rgb.shape[:2] == (1000, 600)
+
+
+def test_small_and_non_jpeg_images_are_not_drafted():
+    for data, size in (
+        (encoded(synthetic_photo(700, 500, seed=5), "JPEG"), (500, 700)),
+        (encoded(synthetic_photo(1600, 1200, seed=5), "PNG"), (1200, 1600)),
+    ):
+        decoded = decode_image(data, **LIMITS, reduce_for=[PreprocessSpec()])
+        assert decoded.rgb.shape[:2] == decoded.original_hw == size
+
+
+def test_decode_batch_reports_original_size_of_drafted_images():
+    data = encoded(synthetic_photo(1920, 1080, seed=6), "JPEG")
+    batch = {
+        "image_bytes": object_array([data]),
+        "status": np.array(["ok"], dtype=object),
+        "error": np.array([""], dtype=object),
+    }
+    for jpeg_draft in (True, False):
+        out = decode_batch(batch, {"depth": PreprocessSpec()}, **LIMITS, jpeg_draft=jpeg_draft)
+        assert (out["height"][0], out["width"][0]) == (1080, 1920)
+        assert out["depth_input"][0].shape == (384, 384, 3)
