@@ -9,6 +9,7 @@ grouping keeps every image's output equal to running it alone.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dpt_model.batching import BatchProbe, choose_batch_size
 from dpt_model.loading import (
     DEFAULT_CACHE_DIR,
     ModelIdentity,
@@ -39,6 +41,8 @@ from dpt_model.processing import (
 )
 from dpt_model.quantize import quantize_depth
 
+# batch_size: auto on CUDA keeps a pass's peak under this share of device memory.
+AUTO_BATCH_MEMORY_SHARE = 0.8
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -118,13 +122,53 @@ class _Predictor:
         self.identity = ModelIdentity(model_name(model_uri), weights_sha256(card.checkpoint_dir))
         self.model = load_network(card.checkpoint_dir, self.task, self.device, self.dtype)
         self.id2label = {int(k): v for k, v in (self.model.config.id2label or {}).items()}
+        # Images per forward pass; None runs each call's images of one shape together.
+        self.batch_size: int | None = None
+
+    def choose_batch_size(self, ceiling: int, time_budget_s: float) -> int:
+        """Set ``batch_size`` to the largest power of two up to ``ceiling`` that fits.
+
+        On CUDA: the pass peaks under ``AUTO_BATCH_MEMORY_SHARE`` of the device's
+        memory (the rest is headroom for upsampling to large originals and for
+        keep-aspect inputs larger than the probe). On CPU: the pass takes at most
+        ``time_budget_s``, so results and progress keep coming.
+        """
+        shape = (self.spec.height_px, self.spec.width_px, 3)
+        is_cuda = self.device.type == "cuda"
+
+        def probe(size: int) -> BatchProbe:
+            pixels = np.zeros((size, *shape), dtype=np.uint8)
+            if is_cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self._forward(pixels)
+            if is_cuda:
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - started
+            peak = torch.cuda.max_memory_allocated(self.device) if is_cuda else None
+            return BatchProbe(seconds, peak)
+
+        probe(1)  # warm-up: lazy initialisation and kernel selection are not the batch's cost
+        memory_limit = None
+        if is_cuda:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            memory_limit = int(total * AUTO_BATCH_MEMORY_SHARE)
+        self.batch_size = choose_batch_size(
+            probe, ceiling, memory_limit, None if is_cuda else time_budget_s
+        )
+        if is_cuda:
+            torch.cuda.empty_cache()
+        return self.batch_size
 
     def predict(
         self, model_inputs: Sequence[np.ndarray], original_sizes: Sequence[tuple[int, int]]
     ) -> list[Any]:
         """model_inputs: (h, w, 3) uint8 from ``resize_for_model``; sizes: (H, W) each.
 
-        One forward pass per distinct input shape. A pass that runs out of device
+        One forward pass per distinct input shape (and per ``batch_size`` images
+        when set). A pass that runs out of device
         memory is retried in halves, down to one image; an image that does not
         fit alone gets a prediction with ``error`` set, and the batch goes on.
         """
@@ -132,8 +176,11 @@ class _Predictor:
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, pixels in enumerate(model_inputs):
             groups[pixels.shape].append(index)
+        step = self.batch_size or len(model_inputs) or 1
         for indices in groups.values():
-            self._predict_group(indices, model_inputs, original_sizes, results)
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                self._predict_group(chunk, model_inputs, original_sizes, results)
         return results
 
     def _predict_group(

@@ -93,15 +93,41 @@ class ModelsConfig(_Section):
 
 
 class InferenceConfig(_Section):
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        default=8,
+        description="Images per forward pass, or auto: the largest power of two up to "
+        "max_batch_size that fits in 80 % of GPU memory (CUDA) or batch_time_budget_s (CPU), "
+        "found by each actor at start.",
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, description="batch_size auto: the largest batch tried."
+    )
+    batch_time_budget_s: float = Field(
+        default=2.0, gt=0, description="batch_size auto on CPU: longest forward pass allowed."
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, batch_size: int | str) -> int | str:
+        if isinstance(batch_size, int) and batch_size < 1:
+            raise ValueError("must be a positive number of images or 'auto'")
+        return batch_size
+
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: int | None = Field(
+    cpu_threads: int | Literal["all"] | None = Field(
         default=None,
-        ge=1,
-        description="CPU inference only: torch threads per actor. Default: "
-        "resources.cpus_per_actor rounded up (Ray would otherwise give an actor one).",
+        description="CPU inference only: torch threads per actor; all: the node's cores "
+        "(one machine, one actor). Default: resources.cpus_per_actor rounded up (Ray "
+        "would otherwise give an actor one).",
     )
+
+    @field_validator("cpu_threads")
+    @classmethod
+    def _positive_threads(cls, threads: int | str | None) -> int | str | None:
+        if isinstance(threads, int) and threads < 1:
+            raise ValueError("must be a positive number of threads, 'all' or null")
+        return threads
 
 
 class ActorsConfig(_Section):

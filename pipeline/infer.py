@@ -6,8 +6,10 @@ picks the rows that decoded, runs the predictors and adds their outputs.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ from dpt_model import DepthPredictor, SegmentationPredictor
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from dpt_model.predictor import DepthResolution
 from pipeline.schema import error_reason
+
+logger = logging.getLogger(__name__)
 
 EMPTY_DEPTH = np.zeros((0, 0), dtype=np.uint16)
 EMPTY_CLASSES = np.zeros((0, 0), dtype=np.uint8)
@@ -33,12 +37,15 @@ class InferenceActor:
         cache_dir: str | None,
         storage_options: dict[str, Any],
         depth_resolution: DepthResolution = "original",
-        cpu_threads: int | None = None,
+        cpu_threads: int | Literal["all"] | None = None,
+        batch_size: int | Literal["auto"] | None = None,
+        max_batch_size: int = 64,
+        batch_time_budget_s: float = 2.0,
     ) -> None:
         if device == "cpu" and cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
             # would hold a CPU forward pass to one core whatever the node has.
-            torch.set_num_threads(cpu_threads)
+            torch.set_num_threads((os.cpu_count() or 1) if cpu_threads == "all" else cpu_threads)
         options = {
             "device": device,
             "dtype": dtype,
@@ -53,6 +60,14 @@ class InferenceActor:
         self.segmentation = (
             SegmentationPredictor(segmentation_model, **options) if segmentation_model else None
         )
+        for predictor in (self.depth, self.segmentation):
+            if predictor is None:
+                continue
+            if batch_size == "auto":
+                chosen = predictor.choose_batch_size(max_batch_size, batch_time_budget_s)
+                logger.info("%s model: batch size %d (auto)", predictor.task, chosen)
+            else:
+                predictor.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])

@@ -283,7 +283,13 @@ def _annotation_dataset(
     # into the actor (not yet measured against the unfused layout).
     dataset = dataset.map_batches(
         InferenceActor,
-        batch_size=config.inference.batch_size,
+        # With batch_size auto, each actor splits Ray's batches into passes of
+        # the size it found; a power-of-two ceiling divides into them evenly.
+        batch_size=(
+            config.inference.max_batch_size
+            if config.inference.batch_size == "auto"
+            else config.inference.batch_size
+        ),
         batch_format="numpy",
         fn_constructor_kwargs={
             "depth_model": config.models.depth,
@@ -295,6 +301,9 @@ def _annotation_dataset(
             "depth_resolution": config.output.depth_resolution,
             "cpu_threads": config.inference.cpu_threads
             or math.ceil(config.resources.cpus_per_actor),
+            "batch_size": config.inference.batch_size,
+            "max_batch_size": config.inference.max_batch_size,
+            "batch_time_budget_s": config.inference.batch_time_budget_s,
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
@@ -311,7 +320,9 @@ def _annotation_dataset(
     )
     return dataset.map_batches(
         write_maps_batch,
-        batch_size=DECODE_BATCH_ROWS,
+        # Each inference batch as it comes: bundling more would hold back the
+        # first results (and progress) by another inference batch or more.
+        batch_size=None,
         batch_format="numpy",
         fn_kwargs={
             "output_uri": config.output.uri,

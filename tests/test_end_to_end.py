@@ -169,7 +169,7 @@ def test_a_second_run_skips_done_images_and_a_forced_one_supersedes_them(
     assert {p.name for p in (output / "_runs").iterdir()} >= {"second.json", "third.json"}
 
 
-def test_full_size_depth_maps_when_asked(ray_cluster, mixed_corpus, checkpoints, tmp_path):
+def test_full_size_depth_maps_and_auto_batch_size(ray_cluster, mixed_corpus, checkpoints, tmp_path):
     summary = run_job(
         ray_cluster,
         mixed_corpus / "photos",
@@ -177,6 +177,8 @@ def test_full_size_depth_maps_when_asked(ray_cluster, mixed_corpus, checkpoints,
         checkpoints,
         "output.depth_resolution=original",
         "models.segmentation=null",
+        "inference.batch_size=auto",
+        "inference.max_batch_size=4",
     )
     assert summary.images_ok == len(PARITY_SIZES)
     for row in pq.read_table(tmp_path / "predictions").to_pylist():

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -216,7 +217,8 @@ def measure_naive(
     estimator = pipeline("depth-estimation", model=model, device=device)
     setup_s = time.perf_counter() - started
     output = Path(work) / "naive-output"
-    output.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(output, ignore_errors=True)  # bytes per image counts this run's files only
+    output.mkdir(parents=True)
     rows = []
     paths = sorted(Path(images).glob("*.jpg"))
     started = time.perf_counter()

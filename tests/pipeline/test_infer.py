@@ -1,5 +1,7 @@
 """The inference actor outside Ray: threads, model-resolution depth, error rows."""
 
+import os
+
 import numpy as np
 import torch
 
@@ -21,6 +23,10 @@ def test_cpu_actor_sets_its_torch_threads_and_keeps_depth_at_model_size(checkpoi
             cpu_threads=1,
         )
         assert torch.get_num_threads() == 1
+        InferenceActor(
+            str(checkpoints["depth-vit"]), None, "cpu", "float32", None, {}, cpu_threads="all"
+        )
+        assert torch.get_num_threads() == os.cpu_count()
     finally:
         torch.set_num_threads(threads)
     model_input = np.zeros((*SEEDED_VIT_DEPTH_HW, 3), dtype=np.uint8)
