@@ -5,7 +5,8 @@ the benchmark's images, and each stage's process CPU time (all threads) is
 summed: CPU-ms per image and per megapixel. The same functions run inside Ray
 in the job, so this says what each stage costs, not how Ray overlaps them.
 
-The encoding comparison takes the sample's depth maps and times every way the
+Decode and preprocess are also timed with ``decode.jpeg_draft`` off, for
+comparison. The encoding comparison takes the sample's depth maps and times every way the
 job can store one (resolution × PNG compression level) next to one it cannot
 yet (float16 ``.npy`` compressed with zstd, lossless), for ms and bytes per image.
 """
@@ -55,6 +56,7 @@ def measure_stages(
     predictor = DepthPredictor(model, device=device, dtype=dtype, resolution="model")
     spec = predictor.spec
     cpu_ms: dict[str, float] = defaultdict(float)
+    without_draft_ms: dict[str, float] = defaultdict(float)
     with torch.inference_mode():  # warm-up, as the job's first batch pays it once
         shape = (batch_size, 3, spec.height_px, spec.width_px)
         warm_up = torch.zeros(shape, device=predictor.device, dtype=predictor.dtype)
@@ -78,6 +80,11 @@ def measure_stages(
                 rgb, original_hw = decode_image(data, 10**9, 10**5, reduce_for=[spec])
             with _cpu_time(cpu_ms, "preprocess"):
                 inputs.append(resize_for_model(rgb, spec, original_hw))
+            # The same two steps with decode.jpeg_draft off, for comparison only.
+            with _cpu_time(without_draft_ms, "decode"):
+                full = decode_image(data, 10**9, 10**5).rgb
+            with _cpu_time(without_draft_ms, "preprocess"):
+                resize_for_model(full, spec)
             sizes.append(original_hw)
             megapixels += original_hw[0] * original_hw[1] / 1e6
         with _cpu_time(cpu_ms, "preprocess"):
@@ -109,6 +116,10 @@ def measure_stages(
         "sample_images": count,
         "megapixels_per_image": megapixels / count,
         "stages": stages,
+        "without_jpeg_draft": {
+            stage: {"cpu_ms_per_image": without_draft_ms[stage] / count}
+            for stage in ("decode", "preprocess")
+        },
         "encodings": _compare_encodings(depth_maps, upsample_depth, quantize_depth),
     }
 

@@ -149,3 +149,13 @@ def test_a_card_without_weights_fetches_only_json_but_checks_weights_exist(check
         path.unlink()
     with pytest.raises(ModelLoadError, match=r"no \.safetensors weights"):
         ModelCard.fetch("depth", f"file://{unweighted}", tmp_path / "cache", with_weights=False)
+
+
+@pytest.mark.parametrize("checkpoint", ["depth-vit", "segmentation-vit", "depth-dinov2"])
+def test_networks_use_scaled_dot_product_attention(checkpoints, checkpoint):
+    """SDPA (fused attention kernels on GPU) rather than the eager softmax(QKᵀ)V."""
+    from dpt_model.loading import load_network
+
+    task = "segmentation" if checkpoint.startswith("segmentation") else "depth"
+    network = load_network(checkpoints[checkpoint], task, torch.device("cpu"), torch.float32)
+    assert network.config._attn_implementation == "sdpa"
