@@ -8,6 +8,7 @@ nothing can be checked; ``initializer_range=0.1`` gives usable ranges and margin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -86,6 +87,7 @@ def build_seeded_checkpoint(
     backbone: Backbone = "vit",
     seed: int = 0,
     size: ViTSize = "tiny",
+    labels: Sequence[str] = SEEDED_LABELS,
 ) -> Path:
     """Write a randomly initialised (seeded) checkpoint and its processor config.
 
@@ -107,7 +109,7 @@ def build_seeded_checkpoint(
 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
-    id2label = dict(enumerate(SEEDED_LABELS))
+    id2label = dict(enumerate(labels))
     label_kwargs = (
         {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
         if task == "segmentation"

@@ -36,6 +36,7 @@ def measure_stages(
     dtype: str,
     batch_size: int,
     cpu_threads: int,
+    segmentation_model: str | None = None,
     sample: int = SAMPLE_IMAGES,
     **_: Any,
 ) -> dict[str, Any]:
@@ -70,6 +71,7 @@ def measure_stages(
     output.mkdir(parents=True, exist_ok=True)
     megapixels = 0.0
     depth_maps: list[tuple[torch.Tensor, tuple[int, int]]] = []
+    model_inputs: list[tuple[np.ndarray, tuple[int, int]]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         with _cpu_time(cpu_ms, "read"):
@@ -96,6 +98,7 @@ def measure_stages(
         with _cpu_time(cpu_ms, "postprocess"):
             quantized = [quantize_depth(depth) for depth in predicted]
         depth_maps += list(zip(predicted.cpu(), sizes, strict=True))
+        model_inputs += list(zip(inputs, sizes, strict=True))
         for (levels, _, _), row in zip(quantized, chunk, strict=True):
             with _cpu_time(cpu_ms, "encode"):
                 png = encode_depth_png(levels, compress_level=1)
@@ -121,6 +124,55 @@ def measure_stages(
             for stage in ("decode", "preprocess")
         },
         "encodings": _compare_encodings(depth_maps, upsample_depth, quantize_depth),
+        "segmentation": (
+            _segmentation_costs(segmentation_model, model_inputs, device, dtype, batch_size)
+            if segmentation_model
+            else None
+        ),
+    }
+
+
+def _segmentation_costs(
+    model: str,
+    model_inputs: list[tuple[np.ndarray, tuple[int, int]]],
+    device: str,
+    dtype: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """CPU cost per image of a segmentation map after the forward pass.
+
+    postprocess: logits upsampled to the image's size, argmax and confidence
+    (on a GPU actor this runs on the device); encode: the 8-bit palette PNG at
+    the image's size, which runs on CPUs whatever the device.
+    """
+    import torch
+
+    from dpt_model import SegmentationPredictor
+    from dpt_model.processing import to_model_tensor, upsample_segmentation
+    from pipeline.encode import encode_segmentation_png
+
+    predictor = SegmentationPredictor(model, device=device, dtype=dtype)
+    cpu_ms: dict[str, float] = defaultdict(float)
+    total_bytes = 0
+    for start in range(0, len(model_inputs), batch_size):
+        chunk = model_inputs[start : start + batch_size]
+        pixels = torch.from_numpy(np.stack([pixels for pixels, _ in chunk])).to(predictor.device)
+        with torch.inference_mode():
+            logits = predictor.model(
+                pixel_values=to_model_tensor(pixels, predictor.spec, predictor.dtype)
+            ).logits
+        for row, (_, original_hw) in enumerate(chunk):
+            with _cpu_time(cpu_ms, "postprocess"):
+                class_ids, _ = upsample_segmentation(logits[row], original_hw)
+                class_ids = class_ids.to(torch.uint8).cpu().numpy()
+            with _cpu_time(cpu_ms, "encode"):
+                total_bytes += len(encode_segmentation_png(class_ids, compress_level=1))
+    count = len(model_inputs)
+    return {
+        "classes": len(predictor.id2label),
+        "postprocess_cpu_ms_per_image": cpu_ms["postprocess"] / count,
+        "encode_cpu_ms_per_image": cpu_ms["encode"] / count,
+        "bytes_per_image": total_bytes / count,
     }
 
 

@@ -51,6 +51,9 @@ def test_throughput_benchmark_measures_every_side(tmp_path):
     assert list(stages) == list(STAGES)
     assert all(stages[name]["cpu_ms_per_image"] > 0 for name in ("decode", "forward", "encode"))
     assert set(results["stages"]["without_jpeg_draft"]) == {"decode", "preprocess"}
+    segmentation = results["stages"]["segmentation"]
+    assert segmentation["classes"] == 150
+    assert segmentation["encode_cpu_ms_per_image"] > 0 and segmentation["bytes_per_image"] > 0
     encodings = {(e["resolution"], e["encoding"]): e for e in results["stages"]["encodings"]}
     assert len(encodings) == 8
     model_png, full_png = (encodings[(size, "png16-level1")] for size in ("model", "original"))

@@ -1,7 +1,7 @@
 """Pure parts of the job's composition, without Ray."""
 
 from jobs.config import load_config
-from pipeline.run import config_hash_for
+from pipeline.run import DECODE_BATCH_ROWS, config_hash_for, decode_rows
 
 REQUIRED = ["input.uri=in", "output.uri=out", "models.depth=m"]
 
@@ -14,3 +14,11 @@ def test_config_hash_changes_with_what_shapes_outputs_not_with_speed_settings():
         assert config_hash_for({}, load_config(None, [*REQUIRED, speed])) == base, speed
     for speed in ("inference.cpu_threads=3", "resources.cpus_per_actor=2"):
         assert config_hash_for({}, load_config(None, [*REQUIRED, speed])) == base, speed
+
+
+def test_decode_batches_never_exceed_one_inference_batch():
+    def rows_for(batch_size):
+        return decode_rows(load_config(None, [*REQUIRED, f"inference.batch_size={batch_size}"]))
+
+    expected = [1, 8, DECODE_BATCH_ROWS, DECODE_BATCH_ROWS]
+    assert [rows_for(size) for size in (1, 8, 32, "auto")] == expected
