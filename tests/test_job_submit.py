@@ -1,0 +1,158 @@
+"""`ray job submit` for real: a head node on loopback, a tiny job, its status and logs.
+
+The cluster is started with `ray start --head` in a new session and stopped by
+signalling that session's processes only, so the test session's own Ray and
+anything else on the machine are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.sample_images import encoded, synthetic_photo
+from tests.corpus import write_files
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGES = 4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cluster_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
+    # The job's entrypoint runs the first `python` on the head's PATH: this one.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"  # token auth stays on, as on a real cluster
+    return env
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Live (not zombie) processes of one Unix session."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def stop_session(session_id: int) -> None:
+    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for pid in session_processes(session_id):
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while session_processes(session_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """A one-node Ray cluster on loopback; yields the dashboard address."""
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # Unix socket paths stay short
+    dashboard = f"http://127.0.0.1:{(dashboard_port := free_port())}"
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard_port,
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]  # fmt: skip
+    starter = subprocess.Popen(
+        command,
+        env=cluster_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = starter.communicate(timeout=120)
+        assert starter.returncode == 0, output[-3000:]
+        yield dashboard
+    finally:
+        stop_session(starter.pid)
+        left = session_processes(starter.pid)
+        assert not left, f"processes of the test cluster still running: {left}"
+
+
+def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), *args],
+        cwd=REPO_ROOT,
+        env=cluster_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_job_on_a_cluster(ray_head, checkpoints, tmp_path):
+    corpus, output = tmp_path / "images", tmp_path / "output"
+    write_files(
+        corpus,
+        {f"{i}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(IMAGES)},
+    )
+    job_id = f"dpt-test-{os.getpid()}"
+    submit = [
+        "job", "submit", "--address", ray_head, "--submission-id", job_id, "--no-wait",
+        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+        "python", "-m", "jobs.run", "--config", "jobs/configs/local.yaml",
+        "--set", f"input.uri={corpus}", "--set", f"output.uri={output}",
+        "--set", f"models.depth={checkpoints['depth-vit']}",
+        "--set", "models.segmentation=null", "--set", "inference.cpu_threads=1",
+    ]  # fmt: skip
+    # Right after `ray start` the job agent can answer "No available agent" for a while.
+    deadline = time.monotonic() + 60
+    while True:
+        submitted = ray_cli(*submit)
+        if submitted.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+
+    deadline, status = time.monotonic() + 240, ""
+    while time.monotonic() < deadline:
+        answer = ray_cli("job", "status", "--address", ray_head, job_id)
+        status = (answer.stdout + answer.stderr).lower()
+        if any(state in status for state in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    logs = ray_cli("job", "logs", "--address", ray_head, job_id).stdout
+    assert "succeeded" in status, status[-2000:] + logs[-3000:]
+    assert f"{IMAGES} ok, 0 errors" in logs
+    table = pq.read_table(output / "predictions")
+    assert table.num_rows == IMAGES and set(table["status"].to_pylist()) == {"ok"}
