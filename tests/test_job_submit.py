@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,11 +35,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Token auth stays on, as on a real cluster; the test cluster and its client
+# share a token of their own rather than the user's ~/.ray/auth_token.
+CLUSTER_TOKEN = secrets.token_hex(32)
+
+
 def cluster_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
     # The job's entrypoint runs the first `python` on the head's PATH: this one.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "token"  # token auth stays on, as on a real cluster
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = CLUSTER_TOKEN
     return env
 
 
