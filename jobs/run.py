@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from typing import TYPE_CHECKING
 
 from jobs.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pipeline.run import RunSummary
 
 EXIT_CONFIG_ERROR = 2
 EXIT_JOB_FAILED = 1
@@ -37,16 +42,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def format_summary(summary) -> str:
+def format_summary(summary: RunSummary) -> str:
+    """The end-of-run report for a terminal or a job's log: counts, speed, where time went."""
     lines = [
         f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors, "
         f"{summary.images_skipped_done} already done, of {summary.images_listed} images "
-        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s)",
+        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s, "
+        f"{summary.gpus:g} GPUs)",
         f"  predictions: {summary.predictions_uri}",
         f"  run report:  {summary.report_uri}",
     ]
     for reason, count in summary.error_reasons.items():
         lines.append(f"  {count:>6} × {reason}")
+    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.timings_s.items())
+    if phases:
+        lines.append(f"  phases: {phases}")
+    if summary.stage_timings_s:
+        lines.append(
+            f"  {'stage (stages fused by Ray share a line)':<56} {'wall s':>8} {'CPU s':>8}"
+        )
+        for stage, times in summary.stage_timings_s.items():
+            # "MapBatches(read_batch)->MapBatches(decode_batch)" → "read_batch → decode_batch"
+            name = re.sub(r"MapBatches\((\w+)\)", r"\1", stage).replace("->", " → ")
+            cpu = times.get("task_cpu_s")
+            lines.append(
+                f"  {name:<56} {times['operator_wall_s']:>8.1f} "
+                f"{'' if cpu is None else format(cpu, '.1f'):>8}"
+            )
     return "\n".join(lines)
 
 

@@ -88,6 +88,7 @@ class RunSummary:
     # wall time summed over its tasks (several stages fused in one task share one).
     stage_timings_s: dict[str, dict[str, float]] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)
+    gpus: float = 0.0  # held by the inference actor pool at its largest
 
 
 def new_run_id() -> str:
@@ -211,6 +212,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
         stage_timings_s=stage_times,
         error_reasons=dict(reasons.most_common(10)),
+        gpus=config.resources.actors.max * config.resources.gpus_per_actor,
     )
     _write_run_report(out_fs, report_path, config, summary, started_at)
     return summary
