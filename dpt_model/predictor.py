@@ -125,12 +125,15 @@ class _Predictor:
         # Images per forward pass; None runs each call's images of one shape together.
         self.batch_size: int | None = None
 
-    def choose_batch_size(self, ceiling: int, time_budget_s: float) -> int:
+    def choose_batch_size(
+        self, ceiling: int, time_budget_s: float, device_share: float = 1.0
+    ) -> int:
         """Set ``batch_size`` to the largest power of two up to ``ceiling`` that fits.
 
-        On CUDA: the pass peaks under ``AUTO_BATCH_MEMORY_SHARE`` of the device's
-        memory (the rest is headroom for upsampling to large originals and for
-        keep-aspect inputs larger than the probe). On CPU: the pass takes at most
+        On CUDA: the pass peaks under ``AUTO_BATCH_MEMORY_SHARE`` of this actor's
+        part of the device's memory (``device_share``: 0.5 when two actors share a
+        GPU); the rest is headroom for upsampling to large originals and for
+        keep-aspect inputs larger than the probe. On CPU: the pass takes at most
         ``time_budget_s``, so results and progress keep coming.
         """
         shape = (self.spec.height_px, self.spec.width_px, 3)
@@ -154,7 +157,7 @@ class _Predictor:
         memory_limit = None
         if is_cuda:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            memory_limit = int(total * AUTO_BATCH_MEMORY_SHARE)
+            memory_limit = int(total * AUTO_BATCH_MEMORY_SHARE * device_share)
         self.batch_size = choose_batch_size(
             probe, ceiling, memory_limit, None if is_cuda else time_budget_s
         )

@@ -41,6 +41,7 @@ class InferenceActor:
         batch_size: int | Literal["auto"] | None = None,
         max_batch_size: int = 64,
         batch_time_budget_s: float = 2.0,
+        gpus_per_actor: float = 0.0,
     ) -> None:
         if device == "cpu" and cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
@@ -64,7 +65,9 @@ class InferenceActor:
             if predictor is None:
                 continue
             if batch_size == "auto":
-                chosen = predictor.choose_batch_size(max_batch_size, batch_time_budget_s)
+                chosen = predictor.choose_batch_size(
+                    max_batch_size, batch_time_budget_s, device_share=min(1.0, gpus_per_actor)
+                )
                 logger.info("%s model: batch size %d (auto)", predictor.task, chosen)
             else:
                 predictor.batch_size = batch_size

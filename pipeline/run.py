@@ -306,6 +306,7 @@ def _annotation_dataset(
             "batch_size": config.inference.batch_size,
             "max_batch_size": config.inference.max_batch_size,
             "batch_time_budget_s": config.inference.batch_time_budget_s,
+            "gpus_per_actor": config.resources.gpus_per_actor,
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
