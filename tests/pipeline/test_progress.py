@@ -10,6 +10,9 @@ HANG_S = 12
 def test_a_stalled_ray_data_job_is_stopped_with_a_clear_reason(ray_cluster):
     ray = ray_cluster
     beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
+    # Its idle clock starts when its process does: on a busy machine that can be
+    # seconds later, so start the clock before the stuck task, not during it.
+    ray.get(beacon.state.remote())
 
     def hang(batch):
         time.sleep(HANG_S)  # bounded, so the shared test cluster gets its CPU back
