@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import signal
 import threading
 import time
 from types import TracebackType
@@ -60,10 +61,16 @@ class StallWatchdog:
         self.stall_timeout_s = stall_timeout_s
         self.stalled_after_rows: int | None = None
         self._stop = threading.Event()
+        self._previous_handler: Any = None
         self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
 
     def __enter__(self) -> StallWatchdog:
         if self.stall_timeout_s is not None:
+            # interrupt_main does nothing unless SIGINT has Python's own handler,
+            # and a library may have replaced it (some ignore it or merely log):
+            # within the watch, a stall must raise KeyboardInterrupt.
+            if threading.current_thread() is threading.main_thread():
+                self._previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
             self._thread.start()
         return self
 
@@ -74,6 +81,9 @@ class StallWatchdog:
         traceback: TracebackType | None,
     ) -> None:
         self._stop.set()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
         if kind is KeyboardInterrupt and self.stalled_after_rows is not None:
             raise JobStalledError(
                 f"no batch finished for {self.stall_timeout_s:g} s (stall_timeout_s) after "

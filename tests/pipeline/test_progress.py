@@ -1,3 +1,4 @@
+import signal
 import time
 
 import pytest
@@ -40,3 +41,18 @@ def test_progress_keeps_the_watchdog_quiet(ray_cluster):
             beacon.add.remote(1)
             time.sleep(0.4)
     assert ray.get(beacon.state.remote())[0] == 8
+
+
+def test_the_watchdog_interrupts_even_when_sigint_was_replaced(ray_cluster):
+    """A library that ignores SIGINT must not leave a stalled job running forever."""
+    ray = ray_cluster
+    beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
+    ray.get(beacon.state.remote())
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(JobStalledError), StallWatchdog(beacon, stall_timeout_s=1):
+            for _ in range(HANG_S * 10):  # short sleeps: the interrupt lands between them
+                time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
