@@ -127,6 +127,7 @@ def decode_batch(
     width = np.zeros(count, dtype=np.int32)
     height = np.zeros(count, dtype=np.int32)
     model_inputs = {task: np.empty(count, dtype=object) for task in specs}
+    reduce_for = list(specs.values()) if jpeg_draft else []
     for index in range(count):
         for column in model_inputs.values():
             column[index] = EMPTY_IMAGE
@@ -137,7 +138,7 @@ def decode_batch(
                 batch["image_bytes"][index],
                 max_image_pixels,
                 max_side_px,
-                reduce_for=list(specs.values()) if jpeg_draft else (),
+                reduce_for=reduce_for,
             )
             for task, spec in specs.items():
                 model_inputs[task][index] = resize_for_model(rgb, spec, original_hw)
