@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import torch
 from dpt_model import DepthPredictor, SegmentationPredictor
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from dpt_model.predictor import DepthResolution
+from pipeline.metrics import record_inference_batch, record_model_load
 from pipeline.schema import error_reason
 
 logger = logging.getLogger(__name__)
@@ -53,14 +55,15 @@ class InferenceActor:
             "cache_dir": Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
             "storage_options": storage_options,
         }
-        self.depth = (
-            DepthPredictor(depth_model, resolution=depth_resolution, **options)
-            if depth_model
-            else None
-        )
-        self.segmentation = (
-            SegmentationPredictor(segmentation_model, **options) if segmentation_model else None
-        )
+        self.depth = self.segmentation = None
+        if depth_model:
+            started = time.perf_counter()
+            self.depth = DepthPredictor(depth_model, resolution=depth_resolution, **options)
+            record_model_load("depth", time.perf_counter() - started)
+        if segmentation_model:
+            started = time.perf_counter()
+            self.segmentation = SegmentationPredictor(segmentation_model, **options)
+            record_model_load("segmentation", time.perf_counter() - started)
         for predictor in (self.depth, self.segmentation):
             if predictor is None:
                 continue
@@ -85,7 +88,8 @@ class InferenceActor:
             depth_min = np.full(count, np.nan)
             depth_max = np.full(count, np.nan)
             inputs = [batch["depth_input"][i] for i in ready]
-            for index, prediction in zip(ready, self.depth.predict(inputs, sizes), strict=True):
+            predictions = _timed_predict(self.depth, inputs, sizes)
+            for index, prediction in zip(ready, predictions, strict=True):
                 if prediction.error is not None:
                     status[index], error[index] = "error", error_reason("depth", prediction.error)
                     continue
@@ -99,7 +103,7 @@ class InferenceActor:
             labels = _filled(count, np.zeros(0, dtype=np.int32))
             confidence_mean = np.full(count, np.nan)
             inputs = [batch["segmentation_input"][i] for i in ready]
-            predictions = self.segmentation.predict(inputs, sizes)
+            predictions = _timed_predict(self.segmentation, inputs, sizes)
             for index, prediction in zip(ready, predictions, strict=True):
                 if prediction.error is not None:
                     status[index] = "error"
@@ -116,6 +120,19 @@ class InferenceActor:
 
         out.update(status=status, error=error)
         return out
+
+
+def _timed_predict(
+    predictor: DepthPredictor | SegmentationPredictor,
+    inputs: list[np.ndarray],
+    sizes: list[tuple[int, int]],
+) -> list:
+    if not inputs:
+        return []
+    started = time.perf_counter()
+    predictions = predictor.predict(inputs, sizes)
+    record_inference_batch(predictor.task, len(inputs), time.perf_counter() - started)
+    return predictions
 
 
 def _filled(count: int, value: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from jobs.config import JobConfig
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
 from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
+from pipeline.metrics import record_skipped
 from pipeline.predictions import (
     PREDICTIONS_FOLDER,
     DoneImages,
@@ -36,7 +37,7 @@ from pipeline.predictions import (
 from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
 from pipeline.retry import TRANSIENT_ERROR_WORDS
-from pipeline.schema import storage_problem
+from pipeline.schema import reason_group, storage_problem
 from pipeline.storage import (
     arrow_filesystem,
     check_reachable,
@@ -152,6 +153,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         skipped.images,
     )
     timings["list"] = time.perf_counter() - started - timings["prepare"]
+    record_skipped(skipped.images)
 
     predictions_path = join(out_root, PREDICTIONS_FOLDER)
     if block_refs:
@@ -190,7 +192,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
     elapsed_s = time.perf_counter() - started
     reasons = collections.Counter(
-        _reason_group(reason) for reason in this_run["error"] if reason is not None
+        reason_group(reason) for reason in this_run["error"] if reason is not None
     )
     images_ok = this_run["status"].count("ok")
     annotated = len(this_run["status"])
@@ -534,11 +536,6 @@ def _check_cluster_fits(config: JobConfig) -> None:
             f"{config.resources.cpus_per_decode_task:g} for decode tasks but the Ray cluster "
             f"has {resources.get('CPU', 0):g}; lower resources.cpus_per_actor or actors.min"
         )
-
-
-def _reason_group(reason: str) -> str:
-    """'decode: truncated or corrupt image data: …' → 'decode: truncated or corrupt image data'."""
-    return ":".join(reason.split(":")[:2]).strip()
 
 
 def _write_run_report(

@@ -48,6 +48,15 @@ def error_reason(stage: str, error: BaseException | str) -> str:
     return f"{stage}: {strip_url_secrets(text)}"[:_MAX_REASON_CHARS]
 
 
+def reason_group(reason: str) -> str:
+    """'decode: truncated or corrupt image data: …' → 'decode: truncated or corrupt image data'.
+
+    The stage and the kind of failure, without the per-image detail: what error
+    counts are grouped by in the run summary and in metrics.
+    """
+    return ":".join(reason.split(":")[:2]).strip()
+
+
 _STORAGE_HINTS = (
     ("credentials", "set AWS credentials (environment variables, a profile or an instance role)"),
     ("NoSuchBucket", "check the bucket name"),

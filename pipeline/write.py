@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from pipeline.encode import encode_depth_png, encode_segmentation_png
 from pipeline.keys import map_file_key
+from pipeline.metrics import record_map_bytes, record_outcomes
 from pipeline.retry import retry_transient
 from pipeline.schema import PREDICTION_SCHEMA, error_reason
 from pipeline.storage import filesystem_for, full_uri, join
@@ -40,15 +41,19 @@ def write_maps_batch(
                 png = encode_depth_png(batch["depth_levels"][index], compress_level)
                 retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
                 depth_uri[index] = full_uri(fs, path)
+                record_map_bytes("depth", len(png))
             if "seg_class_ids" in batch:
                 path = join(root, map_file_key("segmentation", source_key))
                 png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
                 retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
                 segmentation_uri[index] = full_uri(fs, path)
+                record_map_bytes("segmentation", len(png))
         except (OSError, ValueError) as problem:
             status[index], error[index] = "error", error_reason("write", problem)
             depth_uri[index] = segmentation_uri[index] = None
 
+    # Counted here, where every row's outcome is final.
+    record_outcomes(status, error)
     ok = status == "ok"
     return pa.Table.from_pydict(
         {

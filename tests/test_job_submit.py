@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -46,6 +49,9 @@ def cluster_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = CLUSTER_TOKEN
+    # Workers hand metrics to the node's agent every 10 s by default; the job
+    # here lasts seconds.
+    env["RAY_metrics_report_interval_ms"] = "500"
     return env
 
 
@@ -75,9 +81,15 @@ def stop_session(session_id: int) -> None:
             time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class RayHead:
+    dashboard: str
+    metrics: str  # the node's Prometheus endpoint
+
+
 @pytest.fixture
-def ray_head() -> Iterator[str]:
-    """A one-node Ray cluster on loopback; yields the dashboard address."""
+def ray_head() -> Iterator[RayHead]:
+    """A one-node Ray cluster on loopback."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # Unix socket paths stay short
     dashboard = f"http://127.0.0.1:{(dashboard_port := free_port())}"
     ports = {
@@ -89,7 +101,7 @@ def ray_head() -> Iterator[str]:
         "--dashboard-agent-listen-port": free_port(),
         "--dashboard-agent-grpc-port": free_port(),
         "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
+        "--metrics-export-port": (metrics_port := free_port()),
     }
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head",
@@ -108,7 +120,7 @@ def ray_head() -> Iterator[str]:
     try:
         output, _ = starter.communicate(timeout=120)
         assert starter.returncode == 0, output[-3000:]
-        yield dashboard
+        yield RayHead(dashboard, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         stop_session(starter.pid)
         left = session_processes(starter.pid)
@@ -135,7 +147,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(ray_head, checkpoints, tmp_pat
     )
     job_id = f"dpt-test-{os.getpid()}"
     submit = [
-        "job", "submit", "--address", ray_head, "--submission-id", job_id, "--no-wait",
+        "job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id, "--no-wait",
         "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
         "python", "-m", "jobs.run", "--config", "jobs/configs/local.yaml",
         "--set", f"input.uri={corpus}", "--set", f"output.uri={output}",
@@ -153,13 +165,42 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(ray_head, checkpoints, tmp_pat
 
     deadline, status = time.monotonic() + 240, ""
     while time.monotonic() < deadline:
-        answer = ray_cli("job", "status", "--address", ray_head, job_id)
+        answer = ray_cli("job", "status", "--address", ray_head.dashboard, job_id)
         status = (answer.stdout + answer.stderr).lower()
         if any(state in status for state in ("succeeded", "failed", "stopped")):
             break
         time.sleep(2)
-    logs = ray_cli("job", "logs", "--address", ray_head, job_id).stdout
+    logs = ray_cli("job", "logs", "--address", ray_head.dashboard, job_id).stdout
     assert "succeeded" in status, status[-2000:] + logs[-3000:]
     assert f"{IMAGES} ok, 0 errors" in logs
     table = pq.read_table(output / "predictions")
     assert table.num_rows == IMAGES and set(table["status"].to_pylist()) == {"ok"}
+
+    # What a Prometheus scraping the node sees: the job's own metrics.
+    depth_bytes = sum(path.stat().st_size for path in (output / "depth").rglob("*.png"))
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(ray_head.metrics)
+        if samples.get(("ray_dpt_images_total", "ok")) == IMAGES or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert samples.get(("ray_dpt_images_total", "ok")) == IMAGES, samples
+    assert samples[("ray_dpt_map_bytes_written_total", "depth")] == depth_bytes
+    # An actor's records from its last export interval (1 s here) are lost when
+    # the pool shuts down, so the inference metrics may miss the last batch.
+    assert 1 <= samples[("ray_dpt_inference_batch_size_sum", "depth")] <= IMAGES
+    assert samples[("ray_dpt_inference_batch_latency_seconds_count", "depth")] >= 1
+
+
+def scrape(url: str) -> dict[tuple[str, str], float]:
+    """Prometheus text → {(metric, status or map or task label): value summed over workers}."""
+    samples: dict[tuple[str, str], float] = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        match = re.match(r"(ray_dpt_\w+)\{(.*)\} (\S+)$", line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        label = re.search(r'\b(?:status|map|task)="([^"]*)"', labels)
+        key = (name, label.group(1) if label else "")
+        samples[key] = samples.get(key, 0.0) + float(value)
+    return samples

@@ -1,0 +1,113 @@
+"""Job metrics for Prometheus, recorded through Ray's metrics API.
+
+Every Ray node serves what its processes record at its metrics export port
+(``ray start --metrics-export-port``), with a ``ray_`` prefix on each name, so
+a Prometheus that already scrapes the cluster sees these with no extra setup.
+The set follows Apache Beam's RunInference: images by outcome, bytes written,
+inference batch size and latency, model load time.
+
+Recording costs a dictionary update in the worker; Ray ships the values to the
+node's agent every ``RAY_metrics_report_interval_ms`` (10 s by default), so what
+a worker recorded in its last interval before exiting (the actor pool shuts down
+when a run ends) is never exported. Metrics are for watching runs; the run
+report in the output prefix is the exact account. Outside Ray the calls do nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from pipeline.schema import reason_group
+
+# Ray Data batches are powers of two up to inference.max_batch_size (64 by default).
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+@dataclass(frozen=True)
+class _JobMetrics:
+    images: Counter
+    images_skipped: Counter
+    map_bytes: Counter
+    batch_size: Histogram
+    batch_latency_s: Histogram
+    model_load_s: Gauge
+
+
+@functools.cache
+def _job_metrics() -> _JobMetrics:
+    """Built once per process: Ray registers a metric by name when it is constructed."""
+    return _JobMetrics(
+        images=Counter(
+            "dpt_images",
+            "Images annotated, by status (ok, error) and error reason (stage: kind).",
+            tag_keys=("status", "reason"),
+        ),
+        images_skipped=Counter(
+            "dpt_images_skipped",
+            "Images skipped because an earlier run annotated them with the same config.",
+        ),
+        map_bytes=Counter(
+            "dpt_map_bytes_written",
+            "Bytes of map files written, by map (depth, segmentation).",
+            tag_keys=("map",),
+        ),
+        batch_size=Histogram(
+            "dpt_inference_batch_size",
+            "Images per inference call, by model task.",
+            boundaries=BATCH_SIZE_BUCKETS,
+            tag_keys=("task",),
+        ),
+        batch_latency_s=Histogram(
+            "dpt_inference_batch_latency_seconds",
+            "Seconds per inference call (forward pass and post-processing), by model task.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("task",),
+        ),
+        model_load_s=Gauge(
+            "dpt_model_load_seconds",
+            "Seconds the last actor to start took to load a model onto its device.",
+            tag_keys=("task",),
+        ),
+    )
+
+
+def outcome_counts(
+    statuses: Iterable[str], errors: Iterable[str | None]
+) -> collections.Counter[tuple[str, str]]:
+    """(status, reason group) → images; ok rows have the reason ''."""
+    return collections.Counter(
+        (status, reason_group(error) if status != "ok" and error else "")
+        for status, error in zip(statuses, errors, strict=True)
+    )
+
+
+def record_outcomes(statuses: Iterable[str], errors: Iterable[str | None]) -> None:
+    counter = _job_metrics().images
+    for (status, reason), count in outcome_counts(statuses, errors).items():
+        counter.inc(count, tags={"status": status, "reason": reason})
+
+
+def record_skipped(count: int) -> None:
+    if count:
+        _job_metrics().images_skipped.inc(count)
+
+
+def record_map_bytes(map_name: str, size: int) -> None:
+    if size:
+        _job_metrics().map_bytes.inc(size, tags={"map": map_name})
+
+
+def record_inference_batch(task: str, images: int, seconds: float) -> None:
+    metrics = _job_metrics()
+    metrics.batch_size.observe(images, tags={"task": task})
+    metrics.batch_latency_s.observe(seconds, tags={"task": task})
+
+
+def record_model_load(task: str, seconds: float) -> None:
+    _job_metrics().model_load_s.set(seconds, tags={"task": task})
