@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from jobs.config import JobConfig
+from pipeline.cluster import PoolRequest, capacity_problem, read_cluster_capacity
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
 from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
@@ -518,24 +519,27 @@ def _prepare_output(fs, root: str, config: JobConfig, run_id: str, started_at: d
 
 
 def _check_cluster_fits(config: JobConfig) -> None:
-    import ray
-
-    resources = ray.cluster_resources()
-    needed_gpus = config.resources.gpus_per_actor * config.resources.actors.min
-    if needed_gpus > resources.get("GPU", 0):
-        # Ray Data would otherwise wait forever for GPUs that never come.
-        raise ClusterTooSmallError(
-            f"the job needs {needed_gpus:g} GPUs (resources.gpus_per_actor × "
-            f"resources.actors.min) but the Ray cluster has {resources.get('GPU', 0):g}; "
-            "lower them, or use a cluster with GPUs"
+    capacity = read_cluster_capacity()
+    resources = config.resources
+    request = PoolRequest(
+        actors_min=resources.actors.min,
+        cpus_per_actor=resources.cpus_per_actor,
+        gpus_per_actor=resources.gpus_per_actor,
+        cpus_per_decode_task=resources.cpus_per_decode_task,
+    )
+    problem = capacity_problem(request, capacity)
+    if problem is None:
+        return
+    if capacity.may_grow:
+        logger.warning(
+            "%s. An autoscaler runs on this cluster, so nodes may still come; the run "
+            "stops if nothing finishes within stall_timeout_s (%s s)",
+            problem,
+            config.stall_timeout_s,
         )
-    needed_cpus = config.resources.cpus_per_actor * config.resources.actors.min
-    if needed_cpus + config.resources.cpus_per_decode_task > resources.get("CPU", 0):
-        raise ClusterTooSmallError(
-            f"the job needs {needed_cpus:g} CPUs for actors plus "
-            f"{config.resources.cpus_per_decode_task:g} for decode tasks but the Ray cluster "
-            f"has {resources.get('CPU', 0):g}; lower resources.cpus_per_actor or actors.min"
-        )
+        return
+    # Ray Data would otherwise wait forever for resources that never come.
+    raise ClusterTooSmallError(problem)
 
 
 def _write_run_report(

@@ -1,0 +1,119 @@
+"""The cluster check: can the actor pool ever be placed, counting what an autoscaler may add."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from jobs.config import load_config
+from jobs.sample_images import encoded, synthetic_photo
+from pipeline.cluster import (
+    ClusterCapacity,
+    NodeShape,
+    PoolRequest,
+    autoscaler_can_launch,
+    capacity_problem,
+    launcher_shapes,
+)
+from tests.corpus import write_files
+
+
+def request(actors: int = 1, cpus: float = 1, gpus: float = 0, decode: float = 1) -> PoolRequest:
+    return PoolRequest(actors, cpus, gpus, decode)
+
+
+def cluster(*shapes: NodeShape) -> ClusterCapacity:
+    return ClusterCapacity(shapes, "test cluster")
+
+
+def test_gpu_actors_on_a_cpu_only_cluster_can_never_start():
+    problem = capacity_problem(request(gpus=1), cluster(NodeShape(cpus=16, gpus=0)))
+    assert problem is not None
+    assert "resources.gpus_per_actor" in problem and "at most 0" in problem
+
+
+def test_one_eight_gpu_node_hosts_eight_actors_not_nine():
+    node = NodeShape(cpus=96, gpus=8)
+    assert capacity_problem(request(actors=8, cpus=4, gpus=1), cluster(node)) is None
+    assert "at most 8" in capacity_problem(request(actors=9, cpus=4, gpus=1), cluster(node))
+
+
+def test_fractional_gpus_pack_several_actors_per_gpu():
+    node = NodeShape(cpus=8, gpus=1)
+    assert capacity_problem(request(actors=2, gpus=0.5), cluster(node)) is None
+    assert capacity_problem(request(actors=3, gpus=0.5), cluster(node)) is not None
+
+
+def test_an_actor_must_fit_on_one_node_not_across_nodes():
+    # 16 CPUs and 2 GPUs in total, but no single node has 8 CPUs next to a GPU.
+    nodes = cluster(NodeShape(cpus=4, gpus=1), NodeShape(cpus=4, gpus=1), NodeShape(cpus=8, gpus=0))
+    problem = capacity_problem(request(cpus=8, gpus=1), nodes)
+    assert problem is not None and "largest node has 8 CPUs and 1 GPUs" in problem
+
+
+def test_cpus_left_for_decode_tasks_are_required_too():
+    problem = capacity_problem(request(actors=1, cpus=2), cluster(NodeShape(cpus=2, gpus=0)))
+    assert problem is not None and "resources.cpus_per_decode_task" in problem
+    assert capacity_problem(request(actors=1, cpus=1), cluster(NodeShape(cpus=2, gpus=0))) is None
+
+
+def test_autoscaling_groups_count_at_their_maximum():
+    head = NodeShape(cpus=8, gpus=0)
+    gpu_workers = NodeShape(cpus=16, gpus=1, count=4)
+    assert capacity_problem(request(actors=4, cpus=4, gpus=1), cluster(head, gpu_workers)) is None
+    unbounded = NodeShape(cpus=16, gpus=1, count=math.inf)
+    assert capacity_problem(request(actors=100, cpus=4, gpus=1), cluster(head, unbounded)) is None
+
+
+LAUNCHER_CONFIG = {
+    "max_workers": 6,
+    "head_node_type": "head",
+    "available_node_types": {
+        "head": {"resources": {"CPU": 0}, "max_workers": 0},
+        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 10},
+        "cpu": {"resources": {"CPU": 16}, "min_workers": 0, "max_workers": 2},
+    },
+}
+
+
+def test_launcher_worker_types_count_at_max_workers_capped_by_the_cluster_maximum():
+    shapes, complete = launcher_shapes(LAUNCHER_CONFIG)
+    assert complete
+    assert shapes == [NodeShape(cpus=8, gpus=1, count=6), NodeShape(cpus=16, gpus=0, count=2)]
+
+
+def test_a_launcher_type_without_stated_resources_makes_the_limits_unknown():
+    config = {**LAUNCHER_CONFIG, "available_node_types": {"gpu": {"max_workers": 2}}}
+    assert launcher_shapes(config) == ([], False)
+
+
+def test_only_an_autoscaler_with_named_node_types_can_launch_nodes():
+    # What Ray's monitor records on a cluster started by hand, and under KubeRay.
+    node_id = "ab703912a98ba2f37114ef68bfee7c3abcf3f97a42b1578f871ddb2f"
+    by_hand = {"autoscaler_report": {"node_type_mapping": {node_id: f"node_{node_id}"}}}
+    kuberay = {"autoscaler_report": {"node_type_mapping": {"10.0.3.7": "headgroup"}}}
+    assert not autoscaler_can_launch(by_hand)
+    assert autoscaler_can_launch(kuberay)
+    assert not autoscaler_can_launch({"load_metrics_report": {}})
+
+
+@pytest.mark.slow
+def test_a_job_asking_for_gpus_on_a_cluster_without_fails_before_any_actor(
+    ray_cluster, checkpoints, tmp_path
+):
+    from pipeline.run import ClusterTooSmallError, run_annotation
+
+    write_files(tmp_path / "images", {"a.jpg": encoded(synthetic_photo(64, 48, seed=1), "JPEG")})
+    config = load_config(
+        None,
+        [
+            f"input.uri={tmp_path / 'images'}",
+            f"output.uri={tmp_path / 'output'}",
+            f"models.depth={checkpoints['depth-vit']}",
+            "resources.gpus_per_actor=1",
+        ],
+    )
+    with pytest.raises(ClusterTooSmallError, match=r"can host at most 0 \(nodes alive now"):
+        run_annotation(config)
+    assert not (tmp_path / "output" / "predictions").exists()
