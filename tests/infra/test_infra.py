@@ -1,0 +1,254 @@
+"""infra/ and jobs/configs: parse, validate against Kubernetes, KubeRay and Ray's own
+schemas offline, agree with pyproject's versions, and name entry points that run."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from jobs.config import load_config
+from jobs.run import parse_args
+from pipeline.cluster import (
+    ClusterCapacity,
+    NodeShape,
+    PoolRequest,
+    capacity_problem,
+    launcher_shapes,
+)
+from tests.infra.kuberay_schema import KUBERNETES_VERSION, validator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INFRA = REPO_ROOT / "infra"
+IMAGE_WORKDIR = "/home/ray/dpt-annotate"  # where infra/docker/Dockerfile puts the repository
+# What the README tells users to export before `envsubst`; nothing else may appear.
+VARIABLES = {
+    "IMAGE": "123456789012.dkr.ecr.us-west-2.amazonaws.com/dpt-annotate:0.1.0",
+    "INPUT_URI": "s3://example-bucket/images/",
+    "OUTPUT_URI": "s3://example-bucket/annotations/",
+    "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/dpt-annotate",
+}
+MANIFESTS = sorted((INFRA / "kuberay").glob("*.yaml"))
+YAML_FILES = sorted([*INFRA.rglob("*.yaml"), *(REPO_ROOT / "jobs").rglob("*.yaml")])
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def pinned_ray_version() -> str:
+    (pin,) = [dep for dep in pyproject()["project"]["dependencies"] if dep.startswith("ray[")]
+    return pin.split("==")[1]
+
+
+def substituted(path: Path) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda match: VARIABLES[match.group(1)], path.read_text())
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(substituted(path)) if doc is not None]
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for path in MANIFESTS for doc in documents(path) if doc["kind"] == kind]
+
+
+def cluster_specs() -> list[dict[str, Any]]:
+    return [doc["spec"] for doc in by_kind("RayCluster")] + [
+        doc["spec"]["rayClusterSpec"] for doc in by_kind("RayJob")
+    ]
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_yaml_file_parses(path):
+    assert [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_use_only_the_documented_variables_and_say_so(path):
+    used = set(re.findall(r"\$\{(\w+)\}", path.read_text()))
+    assert used <= set(VARIABLES), used - set(VARIABLES)
+    # The envsubst line in the file's header lists exactly what the file uses,
+    # so a forgotten variable cannot reach the cluster as a literal ${...}.
+    (listed,) = re.findall(r"envsubst '([^']*)'", path.read_text())
+    assert set(re.findall(r"\$(\w+)", listed)) == used
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kubernetes_objects_validate_against_the_kubernetes_schema(path):
+    for doc in documents(path):
+        if doc["apiVersion"] == "ray.io/v1":
+            errors = [
+                f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+                for error in validator(doc["kind"]).iter_errors(doc)
+            ]
+            assert not errors, errors
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_kuberay_schema_rejects_what_kuberay_would():
+    (cluster,) = by_kind("RayCluster")
+    broken = copy.deepcopy(cluster)
+    broken["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    broken["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4  # typo
+    broken["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["pullPolicy"] = "x"
+    errors = list(validator("RayCluster").iter_errors(broken))
+    assert len(errors) == 3, [error.message for error in errors]
+
+
+def test_scheduled_runs_never_overlap():
+    (cron,) = by_kind("CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    # Without --no-wait `ray job submit` lasts as long as the run, so Forbid covers the run.
+    assert container["command"][:3] == ["ray", "job", "submit"]
+    assert "--no-wait" not in container["command"]
+
+
+def test_clusters_autoscale_with_a_cpu_only_head_and_gpu_workers_on_gpu_nodes():
+    for spec in cluster_specs():
+        assert spec["enableInTreeAutoscaling"] is True
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        gpu_groups = [
+            group
+            for group in spec["workerGroupSpecs"]
+            if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        ]
+        assert gpu_groups and all(group["template"]["spec"]["tolerations"] for group in gpu_groups)
+        for group in spec["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    (job,) = by_kind("RayJob")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_the_rayjob_cluster_is_the_long_running_cluster():
+    (cluster,) = by_kind("RayCluster")
+    (job,) = by_kind("RayJob")
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+
+
+def test_s3_access_comes_from_a_role_not_from_keys():
+    for path in [*MANIFESTS, INFRA / "aws" / "cluster.yaml"]:
+        text = path.read_text()
+        assert "AWS_ACCESS_KEY_ID" not in text and "AWS_SECRET_ACCESS_KEY" not in text
+    (account,) = by_kind("ServiceAccount")
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role == VARIABLES["AWS_ROLE_ARN"]
+    for spec in cluster_specs():
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert {g["template"]["spec"]["serviceAccountName"] for g in groups} == {"dpt-annotate"}
+
+
+def test_versions_in_infra_match_pyproject():
+    ray_version = pinned_ray_version()
+    python = "py" + pyproject()["project"]["requires-python"].split(">=")[1].split(",")[0]
+    python = python.replace(".", "")
+    ray_image = f"rayproject/ray:{ray_version}-{python}-gpu"
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == [ray_image]
+    launcher = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+    assert launcher["docker"]["image"] == ray_image
+    for spec in cluster_specs():
+        assert spec["rayVersion"] == ray_version
+    # The image users build is tagged with the project's version in every example.
+    project_version = pyproject()["project"]["version"]
+    for path in MANIFESTS:
+        assert re.findall(r"dpt-annotate:(\S+)", path.read_text()) == [project_version]
+
+
+def test_containers_run_the_image_built_from_the_dockerfile():
+    for spec in cluster_specs():
+        assert {c["image"] for c in containers(spec)} == {VARIABLES["IMAGE"]}
+    (cron,) = by_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == VARIABLES["IMAGE"]
+
+
+def entrypoints() -> list[list[str]]:
+    (job,) = by_kind("RayJob")
+    (cron,) = by_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    return [shlex.split(job["spec"]["entrypoint"]), command[command.index("--") + 1 :]]
+
+
+@pytest.mark.parametrize("entrypoint", entrypoints(), ids=["rayjob", "cronjob"])
+def test_entrypoints_name_the_job_module_and_a_config_that_validates(entrypoint):
+    assert entrypoint[:3] == ["python", "-m", "jobs.run"]
+    args = parse_args(entrypoint[3:])
+    config_path = Path(args.config.replace(IMAGE_WORKDIR, str(REPO_ROOT), 1))
+    assert config_path.is_file()
+    config = load_config(config_path, args.overrides)
+    assert config.input.uri == VARIABLES["INPUT_URI"]
+    assert config.output.uri == VARIABLES["OUTPUT_URI"]
+
+
+def test_the_dockerfile_puts_the_repository_where_entrypoints_expect_it():
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert f"WORKDIR {IMAGE_WORKDIR}" in dockerfile
+    for folder in ("pipeline", "dpt_model", "jobs"):
+        assert re.search(rf"^COPY .*\b{folder} {folder}$", dockerfile, re.M)
+
+
+def launcher_config() -> dict[str, Any]:
+    return yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+
+
+def test_the_aws_launcher_config_validates_against_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # prepare_config merges Ray's AWS defaults from disk; nothing talks to AWS.
+    validate_config(prepare_config(copy.deepcopy(launcher_config())))
+
+
+def test_the_aws_launcher_config_is_rejected_when_broken():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = copy.deepcopy(launcher_config())
+    broken["max_workerz"] = broken.pop("max_workers")
+    with pytest.raises(Exception, match="max_workerz"):
+        validate_config(prepare_config(broken))
+
+
+def cluster_job_request() -> PoolRequest:
+    resources = load_config(
+        REPO_ROOT / "jobs/configs/cluster.yaml", ["input.uri=in", "output.uri=out"]
+    ).resources
+    return PoolRequest(
+        resources.actors.max,
+        resources.cpus_per_actor,
+        resources.gpus_per_actor,
+        resources.cpus_per_decode_task,
+    )
+
+
+def test_the_cluster_job_config_fits_the_aws_cluster_at_its_largest():
+    shapes, complete = launcher_shapes(launcher_config())
+    assert complete
+    capacity = ClusterCapacity((NodeShape(cpus=0, gpus=0), *shapes), "infra/aws/cluster.yaml")
+    assert capacity_problem(cluster_job_request(), capacity) is None
+
+
+def test_the_cluster_job_config_fits_the_kuberay_cluster_at_its_largest():
+    for spec in cluster_specs():
+        shapes = []
+        for group in spec["workerGroupSpecs"]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            gpus = float(limits.get("nvidia.com/gpu", 0))
+            shapes.append(NodeShape(float(limits["cpu"]), gpus, group["maxReplicas"]))
+        capacity = ClusterCapacity((NodeShape(cpus=0, gpus=0), *shapes), "infra/kuberay")
+        assert capacity_problem(cluster_job_request(), capacity) is None
