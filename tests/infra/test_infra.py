@@ -252,3 +252,16 @@ def test_the_cluster_job_config_fits_the_kuberay_cluster_at_its_largest():
             shapes.append(NodeShape(float(limits["cpu"]), gpus, group["maxReplicas"]))
         capacity = ClusterCapacity((NodeShape(cpus=0, gpus=0), *shapes), "infra/kuberay")
         assert capacity_problem(cluster_job_request(), capacity) is None
+
+
+def test_the_readme_commands_name_files_that_exist_and_the_variables_they_need():
+    readme = (REPO_ROOT / "README.md").read_text()
+    mentioned = re.findall(r"\b((?:infra|jobs)/[\w./-]+\.yaml|infra/docker/Dockerfile)", readme)
+    assert len(set(mentioned)) >= 7
+    for path in set(mentioned):
+        assert (REPO_ROOT / path).exists(), path
+    for manifest in MANIFESTS:
+        header = re.search(r"envsubst '[^']*' < \S+", manifest.read_text()).group(0)
+        assert header in readme, header
+    for name in VARIABLES:
+        assert f"export {name}=" in readme or f" {name}=" in readme, name
