@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Iterable
+import logging
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ParamSpec
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from pipeline.schema import reason_group
+
+logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+_NUMBER = re.compile(r"\d+")
 
 # Ray Data batches are powers of two up to inference.max_batch_size (64 by default).
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -77,37 +84,65 @@ def _job_metrics() -> _JobMetrics:
     )
 
 
+def reason_label(reason: str) -> str:
+    """An error reason as a label value: its group, numbers as N, ASCII, at most 80 characters.
+
+    Ray's metrics take ASCII tag values only, and every distinct value is a new
+    time series: "image is 20000×300; a side exceeds …" must not be one per size.
+    """
+    label = _NUMBER.sub("N", reason_group(reason)).replace("×", "x")
+    return label.encode("ascii", "ignore").decode()[:80]
+
+
 def outcome_counts(
     statuses: Iterable[str], errors: Iterable[str | None]
 ) -> collections.Counter[tuple[str, str]]:
-    """(status, reason group) → images; ok rows have the reason ''."""
+    """(status, reason label) → images; ok rows have the reason ''."""
     return collections.Counter(
-        (status, reason_group(error) if status != "ok" and error else "")
+        (status, reason_label(error) if status != "ok" and error else "")
         for status, error in zip(statuses, errors, strict=True)
     )
 
 
+def _never_fails(record: Callable[P, None]) -> Callable[P, None]:
+    """Metrics watch the job; a failure to record one must not fail a batch."""
+
+    @functools.wraps(record)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            logger.warning("could not record metric in %s", record.__name__, exc_info=True)
+
+    return guarded
+
+
+@_never_fails
 def record_outcomes(statuses: Iterable[str], errors: Iterable[str | None]) -> None:
     counter = _job_metrics().images
     for (status, reason), count in outcome_counts(statuses, errors).items():
         counter.inc(count, tags={"status": status, "reason": reason})
 
 
+@_never_fails
 def record_skipped(count: int) -> None:
     if count:
         _job_metrics().images_skipped.inc(count)
 
 
+@_never_fails
 def record_map_bytes(map_name: str, size: int) -> None:
     if size:
         _job_metrics().map_bytes.inc(size, tags={"map": map_name})
 
 
+@_never_fails
 def record_inference_batch(task: str, images: int, seconds: float) -> None:
     metrics = _job_metrics()
     metrics.batch_size.observe(images, tags={"task": task})
     metrics.batch_latency_s.observe(seconds, tags={"task": task})
 
 
+@_never_fails
 def record_model_load(task: str, seconds: float) -> None:
     _job_metrics().model_load_s.set(seconds, tags={"task": task})

@@ -224,9 +224,9 @@ def test_the_aws_launcher_config_is_rejected_when_broken():
         validate_config(prepare_config(broken))
 
 
-def cluster_job_request() -> PoolRequest:
+def pool_request(config_name: str) -> PoolRequest:
     resources = load_config(
-        REPO_ROOT / "jobs/configs/cluster.yaml", ["input.uri=in", "output.uri=out"]
+        REPO_ROOT / "jobs/configs" / config_name, ["input.uri=in", "output.uri=out"]
     ).resources
     return PoolRequest(
         resources.actors.max,
@@ -236,11 +236,17 @@ def cluster_job_request() -> PoolRequest:
     )
 
 
+def test_the_gpu_node_job_config_fills_one_eight_gpu_node():
+    node = ClusterCapacity((NodeShape(cpus=96, gpus=8),), "p4d.24xlarge")
+    request = pool_request("gpu-node.yaml")
+    assert request.actors_min == 8 and capacity_problem(request, node) is None
+
+
 def test_the_cluster_job_config_fits_the_aws_cluster_at_its_largest():
     shapes, complete = launcher_shapes(launcher_config())
     assert complete
     capacity = ClusterCapacity((NodeShape(cpus=0, gpus=0), *shapes), "infra/aws/cluster.yaml")
-    assert capacity_problem(cluster_job_request(), capacity) is None
+    assert capacity_problem(pool_request("cluster.yaml"), capacity) is None
 
 
 def test_the_cluster_job_config_fits_the_kuberay_cluster_at_its_largest():
@@ -251,7 +257,7 @@ def test_the_cluster_job_config_fits_the_kuberay_cluster_at_its_largest():
             gpus = float(limits.get("nvidia.com/gpu", 0))
             shapes.append(NodeShape(float(limits["cpu"]), gpus, group["maxReplicas"]))
         capacity = ClusterCapacity((NodeShape(cpus=0, gpus=0), *shapes), "infra/kuberay")
-        assert capacity_problem(cluster_job_request(), capacity) is None
+        assert capacity_problem(pool_request("cluster.yaml"), capacity) is None
 
 
 def test_the_readme_commands_name_files_that_exist_and_the_variables_they_need():

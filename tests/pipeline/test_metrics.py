@@ -1,4 +1,4 @@
-from pipeline.metrics import outcome_counts
+from pipeline.metrics import outcome_counts, reason_label, record_outcomes
 
 
 def test_outcomes_are_counted_by_status_and_reason_group():
@@ -21,3 +21,17 @@ def test_outcomes_are_counted_by_status_and_reason_group():
 
 def test_an_error_row_without_a_reason_still_counts():
     assert outcome_counts(["error"], [None]) == {("error", ""): 1}
+
+
+def test_reason_labels_are_ascii_and_do_not_multiply_with_image_sizes():
+    # Ray's metrics reject non-ASCII tag values, and each value is a time series.
+    first = reason_label("decode: image is 20000×300; a side exceeds decode.max_side_px=16384")
+    second = reason_label("decode: image is 300×17000; a side exceeds decode.max_side_px=16384")
+    assert first == second == "decode: image is NxN; a side exceeds decode.max_side_px=N"
+    assert reason_label("read: café.jpg: FileNotFoundError") == "read: caf.jpg"
+    assert len(reason_label("decode: " + "x" * 500)) == 80
+
+
+def test_a_failure_to_record_is_logged_and_does_not_fail_the_batch(caplog):
+    record_outcomes(["ok"], [None, "two errors for one status"])  # zip(strict) raises inside
+    assert "could not record metric in record_outcomes" in caplog.text
