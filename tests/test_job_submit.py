@@ -7,11 +7,9 @@ anything else on the machine are left alone.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import pytest
 
 from jobs.sample_images import encoded, synthetic_photo
 from tests.corpus import write_files
+from tests.processes import session_processes, stop_session
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 4
@@ -53,32 +52,6 @@ def cluster_env() -> dict[str, str]:
     # here lasts seconds.
     env["RAY_metrics_report_interval_ms"] = "500"
     return env
-
-
-def session_processes(session_id: int) -> list[int]:
-    """Live (not zombie) processes of one Unix session."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def stop_session(session_id: int) -> None:
-    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        for pid in session_processes(session_id):
-            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while session_processes(session_id) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,11 @@ schemas offline, agree with pyproject's versions, and name entry points that run
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -271,3 +274,20 @@ def test_the_readme_commands_name_files_that_exist_and_the_variables_they_need()
         assert header in readme, header
     for name in VARIABLES:
         assert f"export {name}=" in readme or f" {name}=" in readme, name
+
+
+@pytest.mark.skipif(shutil.which("envsubst") is None, reason="envsubst (gettext-base) not found")
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_readme_envsubst_command_fills_every_variable(path):
+    (listed,) = re.findall(r"envsubst '([^']*)'", path.read_text())
+    filled = subprocess.run(
+        ["envsubst", listed],
+        input=path.read_text(),
+        env={**os.environ, **VARIABLES},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "${" not in filled
+    # (envsubst also fills the unbraced names in the header comment; the objects are what count.)
+    assert [doc for doc in yaml.safe_load_all(filled) if doc is not None] == documents(path)
