@@ -146,6 +146,13 @@ class ResourcesConfig(_Section):
     gpus_per_actor: float = Field(default=0, ge=0)
     cpus_per_actor: float = Field(default=1, gt=0)
     cpus_per_decode_task: float = Field(default=1, gt=0)
+    memory_per_actor_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory Ray reserves for each inference actor (weights, a batch's "
+        "activations and maps); actors are then placed, and the cluster checked, by it "
+        "too. Default: no reservation.",
+    )
 
 
 class DecodeConfig(_Section):

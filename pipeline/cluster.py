@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 LAUNCHER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
 _EPSILON = 1e-9
+GIB = 2**30
 _READ_ONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]{56}")  # "node_" + a Ray node id
 
 
@@ -38,6 +39,7 @@ class NodeShape:
     cpus: float
     gpus: float
     count: float = 1
+    memory_bytes: float = math.inf  # unknown counts as no limit
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,15 @@ class PoolRequest:
     cpus_per_actor: float
     gpus_per_actor: float
     cpus_per_decode_task: float
+    memory_per_actor_bytes: float = 0
 
 
 def actors_per_node(shape: NodeShape, request: PoolRequest) -> int:
     fits = [shape.cpus / request.cpus_per_actor]
     if request.gpus_per_actor > 0:
         fits.append(shape.gpus / request.gpus_per_actor)
+    if request.memory_per_actor_bytes > 0:
+        fits.append(shape.memory_bytes / request.memory_per_actor_bytes)
     return math.floor(min(fits) + _EPSILON)
 
 
@@ -71,16 +76,27 @@ def capacity_problem(request: PoolRequest, capacity: ClusterCapacity) -> str | N
     )
     wanted = (
         f"{request.actors_min} inference actors of {request.cpus_per_actor:g} CPUs"
-        + (f" and {request.gpus_per_actor:g} GPUs" if request.gpus_per_actor else "")
-        + " each (resources.actors.min, resources.cpus_per_actor, resources.gpus_per_actor)"
+        + (f", {request.gpus_per_actor:g} GPUs" if request.gpus_per_actor else "")
+        + (
+            f", {request.memory_per_actor_bytes / GIB:g} GB of memory"
+            if request.memory_per_actor_bytes
+            else ""
+        )
+        + " each (resources.actors.min, resources.cpus_per_actor, resources.gpus_per_actor, "
+        "resources.memory_per_actor_gb)"
     )
     if actors < request.actors_min:
-        largest_gpus = max((shape.gpus for shape in capacity.shapes), default=0)
-        largest_cpus = max((shape.cpus for shape in capacity.shapes), default=0)
+        largest = [
+            f"{max((shape.cpus for shape in capacity.shapes), default=0):g} CPUs",
+            f"{max((shape.gpus for shape in capacity.shapes), default=0):g} GPUs",
+        ]
+        memory = max((shape.memory_bytes for shape in capacity.shapes), default=0)
+        if request.memory_per_actor_bytes and memory < math.inf:
+            largest.append(f"{memory / GIB:.1f} GB of memory")
         return (
             f"the job needs {wanted}, but the Ray cluster can host at most {actors:g} "
-            f"({capacity.source}; its largest node has {largest_cpus:g} CPUs and "
-            f"{largest_gpus:g} GPUs); lower those settings or use a larger cluster"
+            f"({capacity.source}; its largest node has {', '.join(largest)}); lower "
+            "those settings or use a larger cluster"
         )
     cpus = sum(shape.count * shape.cpus for shape in capacity.shapes if shape.cpus)
     spare_cpus = cpus - request.actors_min * request.cpus_per_actor
@@ -113,7 +129,7 @@ def launcher_shapes(launcher_config: dict[str, Any]) -> tuple[list[NodeShape], b
             complete = False
             continue
         if count:
-            shapes.append(NodeShape(resources.get("CPU", 0), resources.get("GPU", 0), count))
+            shapes.append(_shape(resources, count))
     return shapes, complete
 
 
@@ -121,11 +137,7 @@ def read_cluster_capacity() -> ClusterCapacity:
     """The largest the connected Ray cluster can become, as far as the driver can tell."""
     import ray
 
-    alive = [
-        NodeShape(node["Resources"].get("CPU", 0), node["Resources"].get("GPU", 0))
-        for node in ray.nodes()
-        if node.get("Alive")
-    ]
+    alive = [_shape(node["Resources"], 1) for node in ray.nodes() if node.get("Alive")]
     group_shapes = _autoscaler_groups()
     if group_shapes:
         return ClusterCapacity((*alive, *group_shapes), "nodes alive + autoscaler limits")
@@ -154,14 +166,20 @@ def _autoscaler_groups() -> list[NodeShape]:
     if config is None:
         return []
     return [
-        NodeShape(
-            group.resources.get("CPU", 0),
-            group.resources.get("GPU", 0),
-            math.inf if group.max_count < 0 else group.max_count,
-        )
+        _shape(dict(group.resources), math.inf if group.max_count < 0 else group.max_count)
         for group in config.node_group_configs
         if group.max_count != 0
     ]
+
+
+def _shape(resources: dict[str, float], count: float) -> NodeShape:
+    """A node from Ray's resource names; memory in bytes, unknown where not stated."""
+    return NodeShape(
+        resources.get("CPU", 0),
+        resources.get("GPU", 0),
+        count,
+        resources.get("memory") or math.inf,
+    )
 
 
 def _autoscaler_runs() -> bool:

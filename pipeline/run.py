@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from jobs.config import JobConfig
-from pipeline.cluster import PoolRequest, capacity_problem, read_cluster_capacity
+from pipeline.cluster import GIB, PoolRequest, capacity_problem, read_cluster_capacity
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
 from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
@@ -318,6 +318,11 @@ def _annotation_dataset(
         ),
         num_gpus=config.resources.gpus_per_actor,
         num_cpus=config.resources.cpus_per_actor,
+        **(
+            {"memory": int(config.resources.memory_per_actor_gb * GIB)}
+            if config.resources.memory_per_actor_gb
+            else {}
+        ),
         # Ray Data restarts a dead actor (preempted node, CUDA error, killed
         # process) and retries its in-flight batches (max_restarts and
         # max_task_retries default to -1 for actor pools); rows are written only
@@ -526,6 +531,7 @@ def _check_cluster_fits(config: JobConfig) -> None:
         cpus_per_actor=resources.cpus_per_actor,
         gpus_per_actor=resources.gpus_per_actor,
         cpus_per_decode_task=resources.cpus_per_decode_task,
+        memory_per_actor_bytes=(resources.memory_per_actor_gb or 0) * GIB,
     )
     problem = capacity_problem(request, capacity)
     if problem is None:

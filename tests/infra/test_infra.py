@@ -20,6 +20,7 @@ import yaml
 from jobs.config import load_config
 from jobs.run import parse_args
 from pipeline.cluster import (
+    GIB,
     ClusterCapacity,
     NodeShape,
     PoolRequest,
@@ -236,11 +237,12 @@ def pool_request(config_name: str) -> PoolRequest:
         resources.cpus_per_actor,
         resources.gpus_per_actor,
         resources.cpus_per_decode_task,
+        (resources.memory_per_actor_gb or 0) * GIB,
     )
 
 
 def test_the_gpu_node_job_config_fills_one_eight_gpu_node():
-    node = ClusterCapacity((NodeShape(cpus=96, gpus=8),), "p4d.24xlarge")
+    node = ClusterCapacity((NodeShape(96, 8, memory_bytes=1152 * GIB),), "p4d.24xlarge")
     request = pool_request("gpu-node.yaml")
     assert request.actors_min == 8 and capacity_problem(request, node) is None
 
@@ -258,7 +260,8 @@ def test_the_cluster_job_config_fits_the_kuberay_cluster_at_its_largest():
         for group in spec["workerGroupSpecs"]:
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
             gpus = float(limits.get("nvidia.com/gpu", 0))
-            shapes.append(NodeShape(float(limits["cpu"]), gpus, group["maxReplicas"]))
+            memory = int(limits["memory"].removesuffix("Gi")) * GIB
+            shapes.append(NodeShape(float(limits["cpu"]), gpus, group["maxReplicas"], memory))
         capacity = ClusterCapacity((NodeShape(cpus=0, gpus=0), *shapes), "infra/kuberay")
         assert capacity_problem(pool_request("cluster.yaml"), capacity) is None
 

@@ -9,6 +9,7 @@ import pytest
 from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.cluster import (
+    GIB,
     ClusterCapacity,
     NodeShape,
     PoolRequest,
@@ -49,7 +50,17 @@ def test_an_actor_must_fit_on_one_node_not_across_nodes():
     # 16 CPUs and 2 GPUs in total, but no single node has 8 CPUs next to a GPU.
     nodes = cluster(NodeShape(cpus=4, gpus=1), NodeShape(cpus=4, gpus=1), NodeShape(cpus=8, gpus=0))
     problem = capacity_problem(request(cpus=8, gpus=1), nodes)
-    assert problem is not None and "largest node has 8 CPUs and 1 GPUs" in problem
+    assert problem is not None and "largest node has 8 CPUs, 1 GPUs" in problem
+
+
+def test_actors_are_placed_by_the_memory_they_reserve():
+    nodes = cluster(NodeShape(cpus=32, gpus=0, memory_bytes=16 * GIB))
+    two = PoolRequest(2, 1, 0, 1, memory_per_actor_bytes=6 * GIB)
+    three = PoolRequest(3, 1, 0, 1, memory_per_actor_bytes=6 * GIB)
+    assert capacity_problem(two, nodes) is None
+    problem = capacity_problem(three, nodes)
+    assert "6 GB of memory each" in problem and "16.0 GB of memory" in problem
+    assert "resources.memory_per_actor_gb" in problem
 
 
 def test_cpus_left_for_decode_tasks_are_required_too():
@@ -117,3 +128,30 @@ def test_a_job_asking_for_gpus_on_a_cluster_without_fails_before_any_actor(
     with pytest.raises(ClusterTooSmallError, match=r"can host at most 0 \(nodes alive now"):
         run_annotation(config)
     assert not (tmp_path / "output" / "predictions").exists()
+    # Memory too: more than the machine has is refused, whatever the GPUs.
+    too_much = config.model_copy(
+        update={
+            "resources": config.resources.model_copy(
+                update={"gpus_per_actor": 0, "memory_per_actor_gb": 100_000}
+            )
+        }
+    )
+    with pytest.raises(ClusterTooSmallError, match="100000 GB of memory each"):
+        run_annotation(too_much)
+
+
+@pytest.mark.slow
+def test_a_memory_reservation_that_fits_runs(ray_cluster, checkpoints, tmp_path):
+    from pipeline.run import run_annotation
+
+    write_files(tmp_path / "images", {"a.jpg": encoded(synthetic_photo(64, 48, seed=1), "JPEG")})
+    config = load_config(
+        None,
+        [
+            f"input.uri={tmp_path / 'images'}",
+            f"output.uri={tmp_path / 'output'}",
+            f"models.depth={checkpoints['depth-vit']}",
+            "resources.memory_per_actor_gb=0.5",
+        ],
+    )
+    assert run_annotation(config).images_ok == 1
