@@ -6,6 +6,7 @@ loading (hub id, local dir, fsspec URI) → processing (resize, normalise, upsam
 
 from dpt_model.loading import ModelIdentity, ModelLoadError
 from dpt_model.predictor import (
+    IGNORE_LABEL,
     DepthPrediction,
     DepthPredictor,
     ModelCard,
@@ -17,6 +18,7 @@ from dpt_model.processing import PreprocessSpec, model_input_size, resize_for_mo
 from dpt_model.quantize import depth_at_size, dequantize_depth, quantize_depth
 
 __all__ = [
+    "IGNORE_LABEL",
     "DepthPrediction",
     "DepthPredictor",
     "ModelCard",

@@ -41,6 +41,9 @@ from dpt_model.processing import (
 )
 from dpt_model.quantize import quantize_depth
 
+# Class id of pixels left unlabelled in pseudo-label mode: training losses'
+# usual ignore_index.
+IGNORE_LABEL = 255
 # batch_size: auto on CUDA keeps a pass's peak under this share of device memory.
 AUTO_BATCH_MEMORY_SHARE = 0.8
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,6 +68,10 @@ class SegmentationPrediction:
     confidence_mean: float | None
     confidence: np.ndarray | None = None  # (H, W) float32, only when asked for
     error: str | None = None
+    # Pseudo-label mode (``min_confidence`` set): share of pixels labelled, the
+    # rest being IGNORE_LABEL, and the mean normalised entropy (0 certain, 1 uniform).
+    label_coverage: float | None = None
+    entropy_mean: float | None = None
 
 
 @dataclass(frozen=True)
@@ -262,23 +269,50 @@ class DepthPredictor(_Predictor):
 
 
 class SegmentationPredictor(_Predictor):
-    """``DPTForSemanticSegmentation`` checkpoints."""
+    """``DPTForSemanticSegmentation`` checkpoints.
+
+    With ``min_confidence`` set (pseudo-label mode), pixels whose max softmax
+    probability is below it get ``IGNORE_LABEL``, the value training losses skip
+    (``ignore_index=255``), and each prediction carries its label coverage and
+    mean entropy.
+    """
 
     task: Task = "segmentation"
 
-    def __init__(self, *args: Any, return_confidence: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        return_confidence: bool = False,
+        min_confidence: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.return_confidence = return_confidence
+        # Checkpoints have at most 255 classes (loading.check_supported), so 255 is free.
+        self.min_confidence = min_confidence
 
     def _postprocess(
         self, output: Any, row: int, original_size: tuple[int, int]
     ) -> SegmentationPrediction:
-        class_ids, confidence = upsample_segmentation(output.logits[row], original_size)
+        labelling = self.min_confidence is not None
+        maps = upsample_segmentation(output.logits[row], original_size, with_entropy=labelling)
+        class_ids = maps.class_ids
+        coverage = entropy_mean = None
+        if labelling:
+            labelled = maps.confidence >= self.min_confidence
+            class_ids = torch.where(labelled, class_ids, IGNORE_LABEL)
+            coverage = float(labelled.float().mean())
+            entropy_mean = float(maps.entropy.mean())
+        present = [
+            int(v) for v in torch.unique(class_ids).cpu() if v != IGNORE_LABEL or not labelling
+        ]
         return SegmentationPrediction(
             class_ids=class_ids.to(torch.uint8).cpu().numpy(),
-            labels_present=[int(v) for v in torch.unique(class_ids).cpu()],
-            confidence_mean=float(confidence.mean()),
-            confidence=confidence.cpu().numpy() if self.return_confidence else None,
+            labels_present=present,
+            confidence_mean=float(maps.confidence.mean()),
+            confidence=maps.confidence.cpu().numpy() if self.return_confidence else None,
+            label_coverage=coverage,
+            entropy_mean=entropy_mean,
         )
 
     def _failed(self, reason: str) -> SegmentationPrediction:

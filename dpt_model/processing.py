@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -211,12 +211,21 @@ def _bilinear_matrix(out_size: int, in_size: int, device: torch.device) -> torch
     return matrix.to(torch.float32)
 
 
+class UpsampledSegmentation(NamedTuple):
+    class_ids: torch.Tensor  # (H, W) int64
+    confidence: torch.Tensor  # (H, W) float32, the max softmax probability
+    # (H, W) float32 softmax entropy over log(classes): 0 one class certain, 1 all
+    # equally likely; only when asked for.
+    entropy: torch.Tensor | None = None
+
+
 def upsample_segmentation(
     logits: torch.Tensor,
     size_hw: tuple[int, int],
     budget_bytes: int = SEGMENTATION_UPSAMPLE_BUDGET_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, h, w) logits → class ids (H, W) int64 and max-softmax confidence (H, W) float32.
+    with_entropy: bool = False,
+) -> UpsampledSegmentation:
+    """(C, h, w) logits → class ids, confidence and optionally entropy at (H, W).
 
     Small outputs use ``F.interpolate`` exactly as ``post_process_semantic_segmentation``
     does. Large ones use the same bilinear weights as two matrix products over bands
@@ -230,22 +239,35 @@ def upsample_segmentation(
         upsampled = torch.nn.functional.interpolate(
             logits[None], size=size_hw, mode="bilinear", align_corners=False
         )[0]
-        return _argmax_and_confidence(upsampled)
+        return _per_pixel(upsampled, with_entropy)
 
     rows_weights = _bilinear_matrix(height, logits.shape[1], logits.device)
     cols_weights = _bilinear_matrix(width, logits.shape[2], logits.device)
     band_rows = max(1, budget_bytes // (num_classes * width * 4))
     class_ids = torch.empty(size_hw, dtype=torch.int64, device=logits.device)
     confidence = torch.empty(size_hw, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(size_hw, dtype=torch.float32, device=logits.device)
     for start in range(0, height, band_rows):
         stop = min(start + band_rows, height)
         band = torch.matmul(rows_weights[start:stop], logits) @ cols_weights.T
-        class_ids[start:stop], confidence[start:stop] = _argmax_and_confidence(band)
-    return class_ids, confidence
+        maps = _per_pixel(band, with_entropy)
+        class_ids[start:stop], confidence[start:stop] = maps.class_ids, maps.confidence
+        if with_entropy:
+            entropy[start:stop] = maps.entropy
+    return UpsampledSegmentation(class_ids, confidence, entropy if with_entropy else None)
 
 
-def _argmax_and_confidence(upsampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_pixel(upsampled: torch.Tensor, with_entropy: bool) -> UpsampledSegmentation:
     top_logit, class_ids = upsampled.max(dim=0)
-    # max softmax = 1 / Σ exp(l - l_max): no (C, H, W) probability tensor needed.
-    confidence = 1.0 / torch.exp(upsampled - top_logit[None]).sum(dim=0)
-    return class_ids, confidence
+    # With z = l - l_max and S = Σ exp(z): max softmax = 1 / S, and entropy =
+    # log S - Σ exp(z)·z / S; no (C, H, W) probability tensor is kept.
+    shifted = upsampled - top_logit[None]
+    exp_shifted = torch.exp(shifted)
+    total = exp_shifted.sum(dim=0)
+    confidence = 1.0 / total
+    if not with_entropy:
+        return UpsampledSegmentation(class_ids, confidence)
+    entropy = torch.log(total) - (exp_shifted * shifted).sum(dim=0) / total
+    num_classes = upsampled.shape[0]
+    scale = 1.0 / math.log(num_classes) if num_classes > 1 else 0.0
+    return UpsampledSegmentation(class_ids, confidence, (entropy * scale).clamp(0, 1))

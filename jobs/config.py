@@ -167,6 +167,29 @@ class DecodeConfig(_Section):
     )
 
 
+class PseudoLabelsConfig(_Section):
+    """Segmentation maps as training targets: uncertain pixels ignored, weak images flagged."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Add label_coverage, entropy_mean and kept to every row, and mark "
+        "uncertain pixels 255 (ignore) in segmentation maps.",
+    )
+    min_confidence: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Pixels whose max softmax probability is below this get class 255 (ignore).",
+    )
+    min_coverage: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Images with a smaller share of labelled pixels are kept=false "
+        "(written, not dropped).",
+    )
+
+
 class StorageConfig(_Section):
     endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, Ceph, R2); None for AWS."
@@ -187,6 +210,7 @@ class JobConfig(_Section):
     inference: InferenceConfig = InferenceConfig()
     resources: ResourcesConfig = ResourcesConfig()
     decode: DecodeConfig = DecodeConfig()
+    pseudo_labels: PseudoLabelsConfig = PseudoLabelsConfig()
     storage: StorageConfig = StorageConfig()
     run_id: str | None = Field(default=None, description="Defaults to a timestamped id.")
     stall_timeout_s: float | None = Field(

@@ -44,6 +44,7 @@ class InferenceActor:
         max_batch_size: int = 64,
         batch_time_budget_s: float = 2.0,
         gpus_per_actor: float = 0.0,
+        min_confidence: float | None = None,
     ) -> None:
         if device == "cpu" and cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
@@ -62,7 +63,9 @@ class InferenceActor:
             record_model_load("depth", time.perf_counter() - started)
         if segmentation_model:
             started = time.perf_counter()
-            self.segmentation = SegmentationPredictor(segmentation_model, **options)
+            self.segmentation = SegmentationPredictor(
+                segmentation_model, min_confidence=min_confidence, **options
+            )
             record_model_load("segmentation", time.perf_counter() - started)
         for predictor in (self.depth, self.segmentation):
             if predictor is None:
@@ -102,6 +105,8 @@ class InferenceActor:
             class_ids = _filled(count, EMPTY_CLASSES)
             labels = _filled(count, np.zeros(0, dtype=np.int32))
             confidence_mean = np.full(count, np.nan)
+            coverage = np.full(count, np.nan)
+            entropy_mean = np.full(count, np.nan)
             inputs = [batch["segmentation_input"][i] for i in ready]
             predictions = _timed_predict(self.segmentation, inputs, sizes)
             for index, prediction in zip(ready, predictions, strict=True):
@@ -112,8 +117,13 @@ class InferenceActor:
                 class_ids[index] = prediction.class_ids
                 labels[index] = np.asarray(prediction.labels_present, dtype=np.int32)
                 confidence_mean[index] = prediction.confidence_mean
+                if prediction.label_coverage is not None:
+                    coverage[index] = prediction.label_coverage
+                    entropy_mean[index] = prediction.entropy_mean
             out.update(seg_class_ids=class_ids, seg_labels=labels)
             out["seg_confidence_mean"] = confidence_mean
+            if self.segmentation.min_confidence is not None:
+                out.update(label_coverage=coverage, entropy_mean=entropy_mean)
             out["model_segmentation"] = np.full(
                 count, str(self.segmentation.identity), dtype=object
             )

@@ -283,6 +283,7 @@ def _annotation_dataset(
         num_cpus=decode_cpus,
     )
     actors = config.resources.actors
+    pseudo_labels = config.pseudo_labels
     # On a GPU actor pool Ray keeps read/decode in separate CPU tasks that overlap
     # with inference; with CPU-only actors of the same CPU request it fuses them
     # into the actor (not yet measured against the unfused layout).
@@ -310,6 +311,7 @@ def _annotation_dataset(
             "max_batch_size": config.inference.max_batch_size,
             "batch_time_budget_s": config.inference.batch_time_budget_s,
             "gpus_per_actor": config.resources.gpus_per_actor,
+            "min_confidence": pseudo_labels.min_confidence if pseudo_labels.enabled else None,
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
@@ -341,6 +343,7 @@ def _annotation_dataset(
             "compress_level": config.output.png_compress_level,
             "run_id": run_id,
             "config_hash": config_hash,
+            "min_coverage": pseudo_labels.min_coverage if pseudo_labels.enabled else None,
         },
         num_cpus=decode_cpus,
     )
@@ -381,6 +384,12 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
         "dtype": config.inference.dtype,
         "depth_resolution": config.output.depth_resolution,
         "jpeg_draft": config.decode.jpeg_draft,
+        # Only when on, so turning it on re-annotates and off keeps earlier hashes.
+        **(
+            {"pseudo_labels": config.pseudo_labels.model_dump()}
+            if config.pseudo_labels.enabled
+            else {}
+        ),
     }
     encoded = json.dumps(shaping, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]

@@ -20,6 +20,12 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("segmentation_uri", pa.string()),
         pa.field("seg_labels", pa.list_(pa.int32())),
         pa.field("seg_confidence_mean", pa.float64()),
+        # pseudo_labels.enabled only (null otherwise): share of pixels labelled at
+        # pseudo_labels.min_confidence, mean normalised entropy, and whether the
+        # image passes pseudo_labels.min_coverage.
+        pa.field("label_coverage", pa.float64()),
+        pa.field("entropy_mean", pa.float64()),
+        pa.field("kept", pa.bool_()),
         pa.field("model_depth", pa.string()),
         pa.field("model_segmentation", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),

@@ -23,8 +23,13 @@ def write_maps_batch(
     compress_level: int,
     run_id: str,
     config_hash: str,
+    min_coverage: float | None = None,
 ) -> pa.Table:
-    """Encode and write each ok row's maps; return the batch as Parquet-schema rows."""
+    """Encode and write each ok row's maps; return the batch as Parquet-schema rows.
+
+    ``min_coverage`` (pseudo-label mode): ok rows get ``kept``, false where the
+    segmentation labels fewer pixels than that; error rows are never kept.
+    """
     fs, root = filesystem_for(output_uri, storage_options)
     count = len(batch["status"])
     status = batch["status"].astype(object)
@@ -55,6 +60,13 @@ def write_maps_batch(
     # Counted here, where every row's outcome is final.
     record_outcomes(status, error)
     ok = status == "ok"
+    kept = [None] * count
+    if min_coverage is not None:
+        coverage = batch.get("label_coverage")
+        kept = [
+            bool(is_ok and (coverage is None or coverage[index] >= min_coverage))
+            for index, is_ok in enumerate(ok)
+        ]
     return pa.Table.from_pydict(
         {
             "image_id": batch["image_id"].tolist(),
@@ -69,6 +81,9 @@ def write_maps_batch(
             "segmentation_uri": segmentation_uri.tolist(),
             "seg_labels": _where(ok, batch.get("seg_labels"), lambda v: [int(x) for x in v]),
             "seg_confidence_mean": _where(ok, batch.get("seg_confidence_mean")),
+            "label_coverage": _where(ok, batch.get("label_coverage")),
+            "entropy_mean": _where(ok, batch.get("entropy_mean")),
+            "kept": kept,
             "model_depth": _column_or_nulls(batch, "model_depth", count),
             "model_segmentation": _column_or_nulls(batch, "model_segmentation", count),
             "run_id": [run_id] * count,

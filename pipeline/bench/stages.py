@@ -163,7 +163,7 @@ def _segmentation_costs(
             ).logits
         for row, (_, original_hw) in enumerate(chunk):
             with _cpu_time(cpu_ms, "postprocess"):
-                class_ids, _ = upsample_segmentation(logits[row], original_hw)
+                class_ids = upsample_segmentation(logits[row], original_hw).class_ids
                 class_ids = class_ids.to(torch.uint8).cpu().numpy()
             with _cpu_time(cpu_ms, "encode"):
                 total_bytes += len(encode_segmentation_png(class_ids, compress_level=1))

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -71,15 +73,31 @@ def test_banded_segmentation_upsample_matches_interpolate():
     torch.manual_seed(0)
     logits = torch.randn(7, 24, 31) * 3
     size = (203, 157)
-    class_ids, confidence = upsample_segmentation(logits, size, budget_bytes=10**12)
-    banded_ids, banded_confidence = upsample_segmentation(
-        logits, size, budget_bytes=7 * 157 * 4 * 9
+    class_ids, confidence, entropy = upsample_segmentation(
+        logits, size, budget_bytes=10**12, with_entropy=True
+    )
+    banded_ids, banded_confidence, banded_entropy = upsample_segmentation(
+        logits, size, budget_bytes=7 * 157 * 4 * 9, with_entropy=True
     )
     assert (class_ids == banded_ids).float().mean() >= 0.999
     torch.testing.assert_close(confidence, banded_confidence, rtol=1e-4, atol=1e-5)
-    # confidence is the max softmax probability of the upsampled logits
+    torch.testing.assert_close(entropy, banded_entropy, rtol=1e-4, atol=1e-5)
+    # confidence is the max softmax probability of the upsampled logits, entropy
+    # the softmax's entropy over log(classes)
     reference = torch.nn.functional.interpolate(logits[None], size=size, mode="bilinear")[0]
-    torch.testing.assert_close(confidence, reference.softmax(0).max(0).values, rtol=1e-5, atol=1e-6)
+    probabilities = reference.softmax(0)
+    torch.testing.assert_close(confidence, probabilities.max(0).values, rtol=1e-5, atol=1e-6)
+    expected_entropy = -(probabilities * probabilities.log()).sum(0) / math.log(7)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=1e-4, atol=1e-5)
+    assert upsample_segmentation(logits, size).entropy is None
+
+
+def test_entropy_is_zero_for_a_certain_pixel_and_one_for_a_uniform_one():
+    logits = torch.zeros(5, 1, 2)
+    logits[2, 0, 0] = 100.0  # pixel 0: class 2, certain; pixel 1: all classes equal
+    maps = upsample_segmentation(logits, (1, 2), with_entropy=True)
+    torch.testing.assert_close(maps.entropy, torch.tensor([[0.0, 1.0]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps.confidence, torch.tensor([[1.0, 0.2]]), atol=1e-5, rtol=0)
 
 
 def test_rejects_non_rgb_input():

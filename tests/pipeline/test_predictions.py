@@ -92,3 +92,20 @@ def test_drop_done_rows_keeps_only_new_work():
 
 def test_an_output_without_predictions_reads_as_empty(tmp_path):
     assert read_predictions(str(tmp_path / "nothing")).num_rows == 0
+
+
+def test_parts_written_before_a_column_was_added_still_read(tmp_path):
+    # Outputs grow by runs of different versions; a part without the
+    # pseudo-label columns reads with those columns null.
+    write_part(tmp_path, "new.parquet", [row("x", "ok", 1)])
+    older_schema = pa.schema(
+        [f for f in PREDICTION_SCHEMA if f.name not in ("label_coverage", "entropy_mean", "kept")]
+    )
+    old_rows = [{f.name: row("y", "ok", 0).get(f.name) for f in older_schema}]
+    pq.write_table(
+        pa.Table.from_pylist(old_rows, schema=older_schema),
+        tmp_path / "predictions" / "old.parquet",
+    )
+    view = read_predictions(str(tmp_path)).to_pylist()
+    assert sorted(r["image_id"] for r in view) == ["x", "y"]
+    assert all(r["kept"] is None and r["label_coverage"] is None for r in view)

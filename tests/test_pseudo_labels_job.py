@@ -1,0 +1,102 @@
+"""A job in pseudo-label mode: ignored pixels in the maps, coverage, entropy and kept rows."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dpt_model import IGNORE_LABEL
+from jobs.config import load_config
+from jobs.sample_images import encoded, synthetic_photo
+from pipeline import read_predictions
+from pipeline.encode import decode_segmentation_png
+from tests.corpus import write_files
+
+IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pseudo")
+    photos = {
+        f"{i}.jpg": encoded(synthetic_photo(160 + 40 * i, 120 + 20 * i, seed=i), "JPEG")
+        for i in range(IMAGES)
+    }
+    write_files(root, {**photos, "broken.jpg": b"\xff\xd8\xff not really"})
+    return root
+
+
+def run(corpus: Path, output: Path, checkpoints, min_coverage: float):
+    from pipeline.run import run_annotation
+
+    config = load_config(
+        None,
+        [
+            f"input.uri={corpus}",
+            f"output.uri={output}",
+            f"models.depth={checkpoints['depth-vit']}",
+            f"models.segmentation={checkpoints['segmentation-vit']}",
+            "pseudo_labels.enabled=true",
+            # The seeded 6-class model is barely better than chance (max softmax
+            # 0.17-0.18 for 1/6 = 0.167), so the bar sits inside that spread.
+            "pseudo_labels.min_confidence=0.175",
+            f"pseudo_labels.min_coverage={min_coverage}",
+        ],
+    )
+    run_annotation(config)
+    return {Path(row["source_uri"]).name: row for row in read_predictions(str(output)).to_pylist()}
+
+
+@pytest.mark.slow
+def test_pseudo_label_mode_marks_uncertain_pixels_and_weak_images(
+    ray_cluster, checkpoints, corpus, tmp_path
+):
+    everything = run(corpus, tmp_path / "all", checkpoints, min_coverage=0.0)
+    photos = [everything[f"{i}.jpg"] for i in range(IMAGES)]
+    for row in photos:
+        assert row["status"] == "ok" and row["kept"] is True
+        labels = decode_segmentation_png(Path(row["segmentation_uri"]).read_bytes())
+        # The map's ignored pixels are exactly the share the row reports unlabelled.
+        assert (labels != IGNORE_LABEL).mean() == pytest.approx(row["label_coverage"])
+        assert 0 <= row["entropy_mean"] <= 1
+        assert IGNORE_LABEL not in row["seg_labels"]
+    coverages = [row["label_coverage"] for row in photos]
+    assert len(set(coverages)) > 1, "the seeded model gave every image the same coverage"
+    broken = everything["broken.jpg"]
+    assert broken["status"] == "error" and broken["kept"] is False
+    assert broken["label_coverage"] is None
+
+    # The same images with the bar at the median: weaker ones are kept=false, not dropped.
+    bar = statistics.median(coverages)
+    split = run(corpus, tmp_path / "split", checkpoints, min_coverage=bar)
+    assert len(split) == IMAGES + 1
+    for name, row in everything.items():
+        if row["status"] == "ok":
+            assert split[name]["label_coverage"] == pytest.approx(row["label_coverage"])
+            assert split[name]["kept"] is (row["label_coverage"] >= bar)
+    assert {row["kept"] for row in split.values()} == {True, False}
+
+
+@pytest.mark.slow
+def test_without_pseudo_labels_the_columns_stay_null(ray_cluster, checkpoints, corpus, tmp_path):
+    from pipeline.run import run_annotation
+
+    config = load_config(
+        None,
+        [
+            f"input.uri={corpus}",
+            f"output.uri={tmp_path / 'plain'}",
+            f"models.segmentation={checkpoints['segmentation-vit']}",
+        ],
+    )
+    run_annotation(config)
+    table = pq.read_table(tmp_path / "plain" / "predictions")
+    for column in ("label_coverage", "entropy_mean", "kept"):
+        assert table[column].null_count == table.num_rows
+    ok = [row for row in table.to_pylist() if row["status"] == "ok"]
+    labels = decode_segmentation_png(Path(ok[0]["segmentation_uri"]).read_bytes())
+    assert not np.any(labels == IGNORE_LABEL)
