@@ -21,11 +21,12 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ParamSpec
-
-from ray.util.metrics import Counter, Gauge, Histogram
+from typing import TYPE_CHECKING, ParamSpec
 
 from pipeline.schema import reason_group
+
+if TYPE_CHECKING:
+    from ray.util.metrics import Counter, Gauge, Histogram
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -49,6 +50,8 @@ class _JobMetrics:
 @functools.cache
 def _job_metrics() -> _JobMetrics:
     """Built once per process: Ray registers a metric by name when it is constructed."""
+    from ray.util.metrics import Counter, Gauge, Histogram
+
     return _JobMetrics(
         images=Counter(
             "dpt_images",

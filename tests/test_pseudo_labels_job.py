@@ -1,4 +1,5 @@
-"""A job in pseudo-label mode: ignored pixels in the maps, coverage, entropy and kept rows."""
+"""A job in pseudo-label mode (ignored pixels, coverage, entropy, kept rows), read back
+as a training set with PseudoLabelDataset."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
-from dpt_model import IGNORE_LABEL
+from dpt_model import IGNORE_LABEL, depth_at_size
+from dpt_model.labels import PseudoLabelDataset
 from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline import read_predictions
-from pipeline.encode import decode_segmentation_png
+from pipeline.encode import decode_depth_png, decode_segmentation_png
 from tests.corpus import write_files
 
 IMAGES = 6
@@ -100,3 +104,42 @@ def test_without_pseudo_labels_the_columns_stay_null(ray_cluster, checkpoints, c
     ok = [row for row in table.to_pylist() if row["status"] == "ok"]
     labels = decode_segmentation_png(Path(ok[0]["segmentation_uri"]).read_bytes())
     assert not np.any(labels == IGNORE_LABEL)
+
+
+@pytest.mark.slow
+def test_the_dataset_yields_the_written_maps_for_kept_images(
+    ray_cluster, checkpoints, corpus, tmp_path
+):
+    # First the coverages, then a run with the bar at their median, as a user would tune it.
+    coverages = [
+        row["label_coverage"]
+        for row in run(corpus, tmp_path / "probe", checkpoints, 0.0).values()
+        if row["status"] == "ok"
+    ]
+    rows = run(corpus, tmp_path / "out", checkpoints, statistics.median(coverages))
+    kept = {row["image_id"]: row for row in rows.values() if row["kept"]}
+    assert 0 < len(kept) < IMAGES
+
+    dataset = PseudoLabelDataset(str(tmp_path / "out"))
+    assert sorted(item["image_id"] for item in dataset) == sorted(kept)
+    for item in dataset:
+        row = kept[item["image_id"]]
+        size_hw = (row["height"], row["width"])
+        with Image.open(row["source_uri"]) as source:
+            expected_image = np.asarray(source.convert("RGB"))
+        assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, *size_hw)
+        np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), expected_image)
+        levels = decode_depth_png(Path(row["depth_uri"]).read_bytes())
+        expected_depth = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
+        np.testing.assert_array_equal(item["depth"].numpy(), expected_depth)
+        labels = decode_segmentation_png(Path(row["segmentation_uri"]).read_bytes())
+        assert item["label"].dtype == torch.int64
+        np.testing.assert_array_equal(item["label"].numpy(), labels)
+        np.testing.assert_array_equal(item["mask"].numpy(), labels != IGNORE_LABEL)
+        assert item["mask"].float().mean().item() == pytest.approx(row["label_coverage"])
+
+    everything = PseudoLabelDataset(str(tmp_path / "out"), kept_only=False, with_images=False)
+    assert len(everything) == IMAGES  # the broken file's error row is never an item
+    assert "image" not in everything[0]
+    batch = next(iter(torch.utils.data.DataLoader(everything, batch_size=None, num_workers=2)))
+    assert batch["label"].ndim == 2

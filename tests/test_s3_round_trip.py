@@ -6,13 +6,17 @@ import io
 import json
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from dpt_model import depth_at_size
+from dpt_model.labels import PseudoLabelDataset
 from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
+from pipeline import read_predictions
 from pipeline.encode import decode_depth_png, decode_segmentation_png
 from pipeline.storage import arrow_filesystem
 from tests.conftest import SEEDED_VIT_DEPTH_HW
@@ -203,3 +207,27 @@ def test_manifest_across_buckets_and_presigned_urls(ray_cluster, s3_endpoint, s3
         if path.endswith((".parquet", ".json"))
     )
     assert b"Signature" not in written
+
+
+@pytest.mark.slow
+def test_pseudo_label_dataset_reads_an_output_on_s3(ray_cluster, s3_endpoint, s3, checkpoints):
+    bucket = s3.new_bucket()
+    for i in range(3):
+        s3.pipe_file(f"{bucket}/images/{i}.jpg", photo(i))
+    run_on_s3(s3, s3_endpoint, checkpoints, bucket, f"input.uri=s3://{bucket}/images")
+    options = load_config(
+        None,
+        ["input.uri=x", "output.uri=y", "models.depth=z", f"storage.endpoint_url={s3_endpoint}"],
+    ).storage_options()
+
+    dataset = PseudoLabelDataset(f"s3://{bucket}/out", storage_options=options)
+    rows = {r["image_id"]: r for r in read_predictions(f"s3://{bucket}/out", options).to_pylist()}
+    assert len(dataset) == 3
+    for item in dataset:
+        row = rows[item["image_id"]]
+        assert item["image"].shape == (3, row["height"], row["width"])
+        levels = decode_depth_png(s3.cat_file(row["depth_uri"]))
+        size_hw = (row["height"], row["width"])
+        expected = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
+        np.testing.assert_array_equal(item["depth"].numpy(), expected)
+        assert "label" not in item  # a depth-only run

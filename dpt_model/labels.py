@@ -1,0 +1,109 @@
+"""A job's output as a training set: ``PseudoLabelDataset``.
+
+Reads an output prefix back (local or any fsspec URI, e.g. S3): the committed
+rows (one per image, ``pipeline.read_predictions``), and per item the source
+image and its map files. It is the one ``dpt_model`` module that imports
+``pipeline``, whose reader of the output contract it reuses; nothing here
+imports Ray, so it runs in a plain training process and its DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dpt_model.predictor import IGNORE_LABEL
+from dpt_model.quantize import depth_at_size
+from pipeline.decode import decode_image
+from pipeline.encode import decode_depth_png, decode_segmentation_png
+from pipeline.predictions import read_predictions
+from pipeline.storage import filesystem_for
+
+# The job's own limits (jobs/config.py DecodeConfig): every image it annotated fits.
+_MAX_IMAGE_PIXELS = 2**31
+_MAX_SIDE_PX = 1 << 16
+_COLUMNS = [
+    "image_id",
+    "source_uri",
+    "status",
+    "width",
+    "height",
+    "depth_uri",
+    "depth_min",
+    "depth_max",
+    "segmentation_uri",
+    "kept",
+]
+
+
+class PseudoLabelDataset(Dataset):
+    """Items of image, depth, label and mask tensors from a job's output.
+
+    Each item is a dict: ``image_id``; ``image`` (3, H, W) uint8 with EXIF
+    orientation applied, as the job saw it; ``depth`` (H, W) float32, the model's
+    raw output brought to the image's size; ``label`` (H, W) int64 class ids with
+    ``IGNORE_LABEL`` (255) where pseudo-label mode left a pixel unlabelled; and
+    ``mask`` (H, W) bool, true where ``label`` is a class. Keys are left out for
+    maps the run did not make, and ``image`` with ``with_images=False``.
+
+    Rows are the ok ones; with ``kept_only`` (the default) also only those with
+    ``kept`` true, or null (runs without pseudo-label mode keep everything).
+    ``transform`` is called on each item dict.
+    """
+
+    def __init__(
+        self,
+        output_uri: str,
+        storage_options: dict[str, Any] | None = None,
+        kept_only: bool = True,
+        with_images: bool = True,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.storage_options = storage_options or {}
+        self.with_images = with_images
+        self.transform = transform
+        rows = read_predictions(output_uri, self.storage_options, columns=_COLUMNS).to_pylist()
+        self.rows = [
+            row
+            for row in rows
+            if row["status"] == "ok" and not (kept_only and row["kept"] is False)
+        ]
+        if with_images:
+            shard_rows = [row["source_uri"] for row in self.rows if "#" in row["source_uri"]]
+            if shard_rows:
+                # A webdataset sample or Parquet row is not an object of its own.
+                raise ValueError(
+                    f"{len(shard_rows)} images come from shards (e.g. {shard_rows[0]}); "
+                    "read them from their shards, or pass with_images=False for maps only"
+                )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        size_hw = (row["height"], row["width"])
+        item: dict[str, Any] = {"image_id": row["image_id"]}
+        if self.with_images:
+            data = self._read(row["source_uri"])
+            rgb = decode_image(data, _MAX_IMAGE_PIXELS, _MAX_SIDE_PX).rgb
+            item["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        if row["depth_uri"]:
+            levels = decode_depth_png(self._read(row["depth_uri"]))
+            depth = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
+            item["depth"] = torch.from_numpy(depth)
+        if row["segmentation_uri"]:
+            label = decode_segmentation_png(self._read(row["segmentation_uri"]))
+            item["label"] = torch.from_numpy(label.astype(np.int64))
+            item["mask"] = item["label"] != IGNORE_LABEL
+        return self.transform(item) if self.transform else item
+
+    def _read(self, uri: str) -> bytes:
+        # Per call, not per dataset: fsspec caches filesystems per process, and a
+        # DataLoader worker must not reuse its parent's S3 connections.
+        fs, path = filesystem_for(uri, self.storage_options)
+        return fs.cat_file(path)
