@@ -10,7 +10,7 @@ imports Ray, so it runs in a plain training process and its DataLoader workers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ _COLUMNS = [
     "depth_uri",
     "depth_min",
     "depth_max",
+    "depth_kind",
     "segmentation_uri",
     "kept",
 ]
@@ -47,8 +48,11 @@ class PseudoLabelDataset(Dataset):
     orientation applied, as the job saw it; ``depth`` (H, W) float32, the model's
     raw output brought to the image's size; ``label`` (H, W) int64 class ids with
     ``IGNORE_LABEL`` (255) where pseudo-label mode left a pixel unlabelled; and
-    ``mask`` (H, W) bool, true where ``label`` is a class. Keys are left out for
-    maps the run did not make, and ``image`` with ``with_images=False``.
+    ``mask`` (H, W) bool, true where ``label`` is a class; ``depth_kind``
+    (``relative_inverse`` or ``metric``). Keys are left out for maps the run did
+    not make, and ``image`` with ``with_images=False``. ``depth="normalized"``
+    scales each image's depth to [0, 1] (its minimum to 0, maximum to 1), the
+    usual target for relative models, whose scale and shift mean nothing.
 
     Rows are the ok ones; with ``kept_only`` (the default) also only those with
     ``kept`` true, or null (runs without pseudo-label mode keep everything).
@@ -61,9 +65,11 @@ class PseudoLabelDataset(Dataset):
         storage_options: dict[str, Any] | None = None,
         kept_only: bool = True,
         with_images: bool = True,
+        depth: Literal["raw", "normalized"] = "raw",
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.storage_options = storage_options or {}
+        self.depth = depth
         self.with_images = with_images
         self.transform = transform
         rows = read_predictions(output_uri, self.storage_options, columns=_COLUMNS).to_pylist()
@@ -95,7 +101,12 @@ class PseudoLabelDataset(Dataset):
         if row["depth_uri"]:
             levels = decode_depth_png(self._read(row["depth_uri"]))
             depth = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
+            if self.depth == "normalized":
+                # The map as delivered, at the image's size, spans exactly [0, 1].
+                low, high = float(depth.min()), float(depth.max())
+                depth = (depth - low) / ((high - low) or 1.0)
             item["depth"] = torch.from_numpy(depth)
+            item["depth_kind"] = row["depth_kind"]
         if row["segmentation_uri"]:
             label = decode_segmentation_png(self._read(row["segmentation_uri"]))
             item["label"] = torch.from_numpy(label.astype(np.int64))

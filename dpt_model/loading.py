@@ -216,6 +216,20 @@ def check_supported(config: dict[str, Any], task: Task, model_uri: str) -> None:
             )
 
 
+DepthKind = Literal["relative_inverse", "metric"]
+
+
+def depth_kind(config: dict[str, Any]) -> DepthKind:
+    """What a depth checkpoint's output means, from its config.json.
+
+    DPT checkpoints (MiDaS-style training) and Depth Anything's relative ones
+    predict relative inverse depth: larger is nearer, with an unknown scale and
+    shift per image. Depth Anything's metric checkpoints say
+    ``depth_estimation_type: metric`` and predict metres.
+    """
+    return "metric" if config.get("depth_estimation_type") == "metric" else "relative_inverse"
+
+
 def weights_sha256(checkpoint_dir: Path) -> str:
     """Hash of every safetensors file (names and bytes), stable across copies of a checkpoint."""
     digest = hashlib.sha256()

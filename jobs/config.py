@@ -87,6 +87,11 @@ class OutputConfig(_Section):
 class ModelsConfig(_Section):
     depth: str | None = Field(default=None, description="Hub id, local dir or fsspec URI.")
     segmentation: str | None = None
+    depth_kind: Literal["auto", "relative_inverse", "metric"] = Field(
+        default="auto",
+        description="What the depth model predicts, recorded per row: auto reads it from "
+        "the checkpoint (metric only where its config says depth_estimation_type: metric).",
+    )
     cache_dir: str | None = Field(
         default=None, description="Local cache for checkpoints fetched from object storage."
     )

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpt_model import ModelCard
-from dpt_model.loading import DEFAULT_CACHE_DIR
+from dpt_model.loading import DEFAULT_CACHE_DIR, depth_kind
 from jobs.config import JobConfig
 from pipeline.cluster import GIB, PoolRequest, capacity_problem, read_cluster_capacity
 from pipeline.decode import decode_batch
@@ -344,9 +344,18 @@ def _annotation_dataset(
             "run_id": run_id,
             "config_hash": config_hash,
             "min_coverage": pseudo_labels.min_coverage if pseudo_labels.enabled else None,
+            "depth_kind": _depth_kind(config, cards),
         },
         num_cpus=decode_cpus,
     )
+
+
+def _depth_kind(config: JobConfig, cards: dict[str, ModelCard]) -> str | None:
+    if "depth" not in cards:
+        return None
+    if config.models.depth_kind != "auto":
+        return config.models.depth_kind
+    return depth_kind(cards["depth"].config)
 
 
 def stage_timings(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
@@ -390,6 +399,8 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
             if config.pseudo_labels.enabled
             else {}
         ),
+        # An override relabels rows; auto is already in the checkpoint's version.
+        **({"depth_kind": config.models.depth_kind} if config.models.depth_kind != "auto" else {}),
     }
     encoded = json.dumps(shaping, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]

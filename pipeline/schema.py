@@ -17,6 +17,8 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("depth_uri", pa.string()),
         pa.field("depth_min", pa.float64()),
         pa.field("depth_max", pa.float64()),
+        # "relative_inverse" (larger is nearer, scale and shift unknown) or "metric" (metres).
+        pa.field("depth_kind", pa.string()),
         pa.field("segmentation_uri", pa.string()),
         pa.field("seg_labels", pa.list_(pa.int32())),
         pa.field("seg_confidence_mean", pa.float64()),

@@ -24,6 +24,7 @@ def write_maps_batch(
     run_id: str,
     config_hash: str,
     min_coverage: float | None = None,
+    depth_kind: str | None = None,
 ) -> pa.Table:
     """Encode and write each ok row's maps; return the batch as Parquet-schema rows.
 
@@ -61,6 +62,7 @@ def write_maps_batch(
     record_outcomes(status, error)
     ok = status == "ok"
     kept = [None] * count
+    has_depth = "depth_levels" in batch
     if min_coverage is not None:
         coverage = batch.get("label_coverage")
         kept = [
@@ -78,6 +80,7 @@ def write_maps_batch(
             "depth_uri": depth_uri.tolist(),
             "depth_min": _where(ok, batch.get("depth_min")),
             "depth_max": _where(ok, batch.get("depth_max")),
+            "depth_kind": [depth_kind if is_ok and has_depth else None for is_ok in ok],
             "segmentation_uri": segmentation_uri.tolist(),
             "seg_labels": _where(ok, batch.get("seg_labels"), lambda v: [int(x) for x in v]),
             "seg_confidence_mean": _where(ok, batch.get("seg_confidence_mean")),

@@ -63,6 +63,7 @@ def test_pseudo_label_mode_marks_uncertain_pixels_and_weak_images(
     photos = [everything[f"{i}.jpg"] for i in range(IMAGES)]
     for row in photos:
         assert row["status"] == "ok" and row["kept"] is True
+        assert row["depth_kind"] == "relative_inverse"  # a DPT checkpoint
         labels = decode_segmentation_png(Path(row["segmentation_uri"]).read_bytes())
         # The map's ignored pixels are exactly the share the row reports unlabelled.
         assert (labels != IGNORE_LABEL).mean() == pytest.approx(row["label_coverage"])
@@ -72,7 +73,7 @@ def test_pseudo_label_mode_marks_uncertain_pixels_and_weak_images(
     assert len(set(coverages)) > 1, "the seeded model gave every image the same coverage"
     broken = everything["broken.jpg"]
     assert broken["status"] == "error" and broken["kept"] is False
-    assert broken["label_coverage"] is None
+    assert broken["label_coverage"] is None and broken["depth_kind"] is None
 
     # The same images with the bar at the median: weaker ones are kept=false, not dropped.
     bar = statistics.median(coverages)
@@ -141,5 +142,9 @@ def test_the_dataset_yields_the_written_maps_for_kept_images(
     everything = PseudoLabelDataset(str(tmp_path / "out"), kept_only=False, with_images=False)
     assert len(everything) == IMAGES  # the broken file's error row is never an item
     assert "image" not in everything[0]
+    normalized = PseudoLabelDataset(str(tmp_path / "out"), with_images=False, depth="normalized")
+    for item in normalized:
+        assert (item["depth"].min().item(), item["depth"].max().item()) == (0.0, 1.0)
+        assert item["depth_kind"] == "relative_inverse"
     batch = next(iter(torch.utils.data.DataLoader(everything, batch_size=None, num_workers=2)))
     assert batch["label"].ndim == 2

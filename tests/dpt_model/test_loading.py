@@ -13,7 +13,7 @@ from dpt_model import (
     SegmentationPredictor,
     resize_for_model,
 )
-from dpt_model.loading import resolve_checkpoint_dir, weights_sha256
+from dpt_model.loading import depth_kind, resolve_checkpoint_dir, weights_sha256
 from dpt_model.processing import PreprocessSpec
 
 
@@ -159,3 +159,10 @@ def test_networks_use_scaled_dot_product_attention(checkpoints, checkpoint):
     task = "segmentation" if checkpoint.startswith("segmentation") else "depth"
     network = load_network(checkpoints[checkpoint], task, torch.device("cpu"), torch.float32)
     assert network.config._attn_implementation == "sdpa"
+
+
+def test_depth_kind_comes_from_the_checkpoint_config():
+    assert depth_kind({"model_type": "dpt"}) == "relative_inverse"
+    assert depth_kind({"model_type": "depth_anything"}) == "relative_inverse"
+    metric = {"model_type": "depth_anything", "depth_estimation_type": "metric", "max_depth": 20}
+    assert depth_kind(metric) == "metric"
