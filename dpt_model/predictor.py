@@ -113,6 +113,7 @@ class ModelCard:
 
 class _Predictor:
     task: Task
+    output_field: str  # the model output's tensor that post-processing reads
 
     def __init__(
         self,
@@ -121,8 +122,12 @@ class _Predictor:
         dtype: str = "float32",
         cache_dir: Path = DEFAULT_CACHE_DIR,
         storage_options: dict[str, Any] | None = None,
+        flip_tta: bool = False,
     ) -> None:
         card = ModelCard.fetch(self.task, model_uri, cache_dir, storage_options)
+        # Test-time augmentation: average each output with the mirrored image's
+        # output mirrored back (two forward passes per batch).
+        self.flip_tta = flip_tta
         self.spec = card.spec
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -220,13 +225,20 @@ class _Predictor:
             self._predict_group(indices[:half], model_inputs, original_sizes, results)
             self._predict_group(indices[half:], model_inputs, original_sizes, results)
 
-    def _forward(self, stacked: np.ndarray) -> Any:
+    def _forward(self, stacked: np.ndarray) -> torch.Tensor:
+        """(B, h, w, 3) uint8 → the output tensor: (B, h', w') depth or (B, C, h', w') logits."""
         pixels = torch.from_numpy(stacked)
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        return self.model(pixel_values=to_model_tensor(pixels, self.spec, self.dtype))
+        values = to_model_tensor(pixels, self.spec, self.dtype)
+        output = getattr(self.model(pixel_values=values), self.output_field)
+        if not self.flip_tta:
+            return output
+        # Mirror after padding, so the padding mirrors with the image and back again.
+        mirrored = getattr(self.model(pixel_values=values.flip(-1)), self.output_field)
+        return (output + mirrored.flip(-1)) / 2
 
-    def _postprocess(self, output: Any, row: int, original_size: tuple[int, int]) -> Any:
+    def _postprocess(self, output: torch.Tensor, row: int, original_size: tuple[int, int]) -> Any:
         raise NotImplementedError
 
     def _failed(self, reason: str) -> Any:
@@ -247,15 +259,16 @@ class DepthPredictor(_Predictor):
     """
 
     task: Task = "depth"
+    output_field = "predicted_depth"
 
     def __init__(self, *args: Any, resolution: DepthResolution = "original", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.resolution = resolution
 
     def _postprocess(
-        self, output: Any, row: int, original_size: tuple[int, int]
+        self, output: torch.Tensor, row: int, original_size: tuple[int, int]
     ) -> DepthPrediction:
-        depth = output.predicted_depth[row]
+        depth = output[row]
         if self.resolution == "original":
             depth = upsample_depth(depth, original_size)
         try:
@@ -278,6 +291,7 @@ class SegmentationPredictor(_Predictor):
     """
 
     task: Task = "segmentation"
+    output_field = "logits"
 
     def __init__(
         self,
@@ -292,10 +306,10 @@ class SegmentationPredictor(_Predictor):
         self.min_confidence = min_confidence
 
     def _postprocess(
-        self, output: Any, row: int, original_size: tuple[int, int]
+        self, output: torch.Tensor, row: int, original_size: tuple[int, int]
     ) -> SegmentationPrediction:
         labelling = self.min_confidence is not None
-        maps = upsample_segmentation(output.logits[row], original_size, with_entropy=labelling)
+        maps = upsample_segmentation(output[row], original_size, with_entropy=labelling)
         class_ids = maps.class_ids
         coverage = entropy_mean = None
         if labelling:

@@ -119,6 +119,11 @@ class InferenceConfig(_Section):
         return batch_size
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    flip_tta: bool = Field(
+        default=False,
+        description="Test-time augmentation: average depth and segmentation logits with "
+        "those of the mirrored image (two forward passes per batch).",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int | Literal["all"] | None = Field(
         default=None,

@@ -45,6 +45,7 @@ class InferenceActor:
         batch_time_budget_s: float = 2.0,
         gpus_per_actor: float = 0.0,
         min_confidence: float | None = None,
+        flip_tta: bool = False,
     ) -> None:
         if device == "cpu" and cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
@@ -55,6 +56,7 @@ class InferenceActor:
             "dtype": dtype,
             "cache_dir": Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
             "storage_options": storage_options,
+            "flip_tta": flip_tta,
         }
         self.depth = self.segmentation = None
         if depth_model:

@@ -312,6 +312,7 @@ def _annotation_dataset(
             "batch_time_budget_s": config.inference.batch_time_budget_s,
             "gpus_per_actor": config.resources.gpus_per_actor,
             "min_confidence": pseudo_labels.min_confidence if pseudo_labels.enabled else None,
+            "flip_tta": config.inference.flip_tta,
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
@@ -399,6 +400,7 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
             if config.pseudo_labels.enabled
             else {}
         ),
+        **({"flip_tta": True} if config.inference.flip_tta else {}),
         # An override relabels rows; auto is already in the checkpoint's version.
         **({"depth_kind": config.models.depth_kind} if config.models.depth_kind != "auto" else {}),
     }
