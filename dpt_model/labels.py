@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from dpt_model.predictor import IGNORE_LABEL
+from dpt_model.processing import upsample_depth
 from dpt_model.quantize import depth_at_size
 from pipeline.decode import decode_image
-from pipeline.encode import decode_depth_png, decode_segmentation_png
+from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
 from pipeline.predictions import read_predictions
 from pipeline.storage import filesystem_for
 
@@ -99,8 +100,14 @@ class PseudoLabelDataset(Dataset):
             rgb = decode_image(data, _MAX_IMAGE_PIXELS, _MAX_SIDE_PX).rgb
             item["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         if row["depth_uri"]:
-            levels = decode_depth_png(self._read(row["depth_uri"]))
-            depth = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
+            data = self._read(row["depth_uri"])
+            if row["depth_uri"].endswith(".npz"):  # output.depth_format: npz_float16
+                stored = torch.from_numpy(decode_depth_npz(data)).float()
+                same_size = tuple(stored.shape) == size_hw
+                depth = (stored if same_size else upsample_depth(stored, size_hw)).numpy()
+            else:
+                levels = decode_depth_png(data)
+                depth = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
             if self.depth == "normalized":
                 # The map as delivered, at the image's size, spans exactly [0, 1].
                 low, high = float(depth.min()), float(depth.max())

@@ -57,6 +57,8 @@ class DepthPrediction:
     depth_min: float | None
     depth_max: float | None
     error: str | None = None
+    # encoding="float16": the model's values themselves (depth_levels is None).
+    depth_float16: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,8 @@ class _Predictor:
 
 
 DepthResolution = Literal["original", "model"]
+# levels: 16-bit quantised over each map's range (PNG); float16: the values (npz).
+DepthEncoding = Literal["levels", "float16"]
 
 
 class DepthPredictor(_Predictor):
@@ -261,9 +265,16 @@ class DepthPredictor(_Predictor):
     task: Task = "depth"
     output_field = "predicted_depth"
 
-    def __init__(self, *args: Any, resolution: DepthResolution = "original", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        resolution: DepthResolution = "original",
+        encoding: DepthEncoding = "levels",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.resolution = resolution
+        self.encoding = encoding
 
     def _postprocess(
         self, output: torch.Tensor, row: int, original_size: tuple[int, int]
@@ -271,11 +282,24 @@ class DepthPredictor(_Predictor):
         depth = output[row]
         if self.resolution == "original":
             depth = upsample_depth(depth, original_size)
+        if self.encoding == "float16":
+            return self._as_float16(depth)
         try:
             levels, depth_min, depth_max = quantize_depth(depth)
         except ValueError as error:
             return self._failed(str(error))
         return DepthPrediction(levels, depth_min, depth_max)
+
+    def _as_float16(self, depth: torch.Tensor) -> DepthPrediction:
+        depth = depth.to(torch.float32)
+        if not bool(torch.isfinite(depth).all()):
+            return self._failed("model produced non-finite depth values")
+        half = depth.to(torch.float16)
+        if not bool(torch.isfinite(half).all()):
+            return self._failed(f"depth up to {float(depth.abs().max()):g} overflows float16")
+        return DepthPrediction(
+            None, float(depth.min()), float(depth.max()), depth_float16=half.cpu().numpy()
+        )
 
     def _failed(self, reason: str) -> DepthPrediction:
         return DepthPrediction(None, None, None, error=reason)

@@ -76,6 +76,11 @@ class OutputConfig(_Section):
         description="model: depth maps at the network's output size (the image's size is "
         "in the Parquet's width/height); original: upsampled to the image's size.",
     )
+    depth_format: Literal["png16", "npz_float16"] = Field(
+        default="png16",
+        description="png16: 16-bit PNG quantised over each map's range (viewable); "
+        "npz_float16: the model's values as float16 in a numpy .npz, for training targets.",
+    )
     overwrite: bool = Field(
         default=False, description="Delete results earlier runs left at output.uri first."
     )

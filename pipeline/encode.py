@@ -1,4 +1,4 @@
-"""Encode: depth and class maps → PNG bytes (pure functions, no I/O)."""
+"""Encode: depth and class maps → PNG or npz bytes (pure functions, no I/O)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,25 @@ def decode_depth_png(data: bytes) -> np.ndarray:
     """16-bit PNG bytes → (H, W) uint16 levels."""
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image).astype(np.uint16)
+
+
+def encode_depth_npz(depth: np.ndarray) -> bytes:
+    """(H, W) float16 depth → ``.npz`` (deflate) holding one array named ``depth``.
+
+    Lossless for float16 and readable with numpy alone:
+    ``np.load(io.BytesIO(data))["depth"]``.
+    """
+    if depth.dtype != np.float16 or depth.ndim != 2:
+        raise ValueError(f"expected (H, W) float16 depth, got {depth.shape} {depth.dtype}")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, depth=depth)
+    return buffer.getvalue()
+
+
+def decode_depth_npz(data: bytes) -> np.ndarray:
+    """``.npz`` bytes from ``encode_depth_npz`` → (H, W) float16 depth."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return archive["depth"]
 
 
 def segmentation_palette() -> list[int]:

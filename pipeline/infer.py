@@ -17,7 +17,7 @@ import torch
 
 from dpt_model import DepthPredictor, SegmentationPredictor
 from dpt_model.loading import DEFAULT_CACHE_DIR
-from dpt_model.predictor import DepthResolution
+from dpt_model.predictor import DepthEncoding, DepthResolution
 from pipeline.metrics import record_inference_batch, record_model_load
 from pipeline.schema import error_reason
 
@@ -46,6 +46,7 @@ class InferenceActor:
         gpus_per_actor: float = 0.0,
         min_confidence: float | None = None,
         flip_tta: bool = False,
+        depth_encoding: DepthEncoding = "levels",
     ) -> None:
         if device == "cpu" and cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
@@ -61,7 +62,9 @@ class InferenceActor:
         self.depth = self.segmentation = None
         if depth_model:
             started = time.perf_counter()
-            self.depth = DepthPredictor(depth_model, resolution=depth_resolution, **options)
+            self.depth = DepthPredictor(
+                depth_model, resolution=depth_resolution, encoding=depth_encoding, **options
+            )
             record_model_load("depth", time.perf_counter() - started)
         if segmentation_model:
             started = time.perf_counter()
@@ -98,9 +101,14 @@ class InferenceActor:
                 if prediction.error is not None:
                     status[index], error[index] = "error", error_reason("depth", prediction.error)
                     continue
-                levels[index] = prediction.depth_levels
+                levels[index] = (
+                    prediction.depth_levels
+                    if prediction.depth_float16 is None
+                    else prediction.depth_float16
+                )
                 depth_min[index], depth_max[index] = prediction.depth_min, prediction.depth_max
-            out.update(depth_levels=levels, depth_min=depth_min, depth_max=depth_max)
+            maps_column = "depth_levels" if self.depth.encoding == "levels" else "depth_float16"
+            out.update({maps_column: levels}, depth_min=depth_min, depth_max=depth_max)
             out["model_depth"] = np.full(count, str(self.depth.identity), dtype=object)
 
         if self.segmentation is not None:

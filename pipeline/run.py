@@ -59,6 +59,8 @@ DECODE_BATCH_ROWS = 16
 # Listing blocks: decode_rows() each for the first rows, then this many.
 SMALL_BLOCKS_ROWS = 1024
 LISTING_BLOCK_ROWS = 256
+# output.depth_format → how the actor hands depth to the encode stage.
+DEPTH_ENCODINGS = {"png16": "levels", "npz_float16": "float16"}
 OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", "_runs")
 
 
@@ -313,6 +315,9 @@ def _annotation_dataset(
             "gpus_per_actor": config.resources.gpus_per_actor,
             "min_confidence": pseudo_labels.min_confidence if pseudo_labels.enabled else None,
             "flip_tta": config.inference.flip_tta,
+            "depth_encoding": "float16"
+            if config.output.depth_format == "npz_float16"
+            else "levels",
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
@@ -401,6 +406,11 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
             else {}
         ),
         **({"flip_tta": True} if config.inference.flip_tta else {}),
+        **(
+            {"depth_format": config.output.depth_format}
+            if config.output.depth_format != "png16"
+            else {}
+        ),
         # An override relabels rows; auto is already in the checkpoint's version.
         **({"depth_kind": config.models.depth_kind} if config.models.depth_kind != "auto" else {}),
     }

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.encode import encode_depth_png, encode_segmentation_png
+from pipeline.encode import encode_depth_npz, encode_depth_png, encode_segmentation_png
 from pipeline.keys import map_file_key
 from pipeline.metrics import record_map_bytes, record_outcomes
 from pipeline.retry import retry_transient
@@ -35,6 +35,7 @@ def write_maps_batch(
     count = len(batch["status"])
     status = batch["status"].astype(object)
     error = batch["error"].astype(object)
+    has_depth = "depth_levels" in batch or "depth_float16" in batch
     depth_uri = np.full(count, None, dtype=object)
     segmentation_uri = np.full(count, None, dtype=object)
     for index in range(count):
@@ -42,12 +43,19 @@ def write_maps_batch(
             continue
         source_key = str(batch["source_key"][index])
         try:
-            if "depth_levels" in batch:
-                path = join(root, map_file_key("depth", source_key))
-                png = encode_depth_png(batch["depth_levels"][index], compress_level)
-                retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
+            if has_depth:
+                if "depth_levels" in batch:
+                    path = join(root, map_file_key("depth", source_key))
+                    data = encode_depth_png(batch["depth_levels"][index], compress_level)
+                else:
+                    path = join(root, map_file_key("depth", source_key, ".npz"))
+                    # Ray's hand-over between stages widens float16 arrays to
+                    # float32; the values are still float16's, so this is exact.
+                    depth = batch["depth_float16"][index].astype(np.float16)
+                    data = encode_depth_npz(depth)
+                retry_transient(lambda path=path, data=data: fs.pipe_file(path, data))
                 depth_uri[index] = full_uri(fs, path)
-                record_map_bytes("depth", len(png))
+                record_map_bytes("depth", len(data))
             if "seg_class_ids" in batch:
                 path = join(root, map_file_key("segmentation", source_key))
                 png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
@@ -62,7 +70,6 @@ def write_maps_batch(
     record_outcomes(status, error)
     ok = status == "ok"
     kept = [None] * count
-    has_depth = "depth_levels" in batch
     if min_coverage is not None:
         coverage = batch.get("label_coverage")
         kept = [

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dpt_model import IGNORE_LABEL, depth_at_size
+from dpt_model import IGNORE_LABEL, DepthPredictor, depth_at_size, resize_for_model
 from dpt_model.labels import PseudoLabelDataset
 from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline import read_predictions
-from pipeline.encode import decode_depth_png, decode_segmentation_png
+from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
+from tests.conftest import SEEDED_VIT_DEPTH_HW
 from tests.corpus import write_files
 
 IMAGES = 6
@@ -148,3 +149,48 @@ def test_the_dataset_yields_the_written_maps_for_kept_images(
         assert item["depth_kind"] == "relative_inverse"
     batch = next(iter(torch.utils.data.DataLoader(everything, batch_size=None, num_workers=2)))
     assert batch["label"].ndim == 2
+
+
+@pytest.mark.slow
+def test_float16_depth_maps_hold_the_model_values_and_read_back(
+    ray_cluster, checkpoints, corpus, tmp_path
+):
+    from pipeline.decode import decode_image
+    from pipeline.run import run_annotation
+
+    output = tmp_path / "f16"
+    config = load_config(
+        None,
+        [
+            f"input.uri={corpus}",
+            f"output.uri={output}",
+            f"models.depth={checkpoints['depth-vit']}",
+            "output.depth_format=npz_float16",
+        ],
+    )
+    run_annotation(config)
+    rows = [r for r in read_predictions(str(output)).to_pylist() if r["status"] == "ok"]
+    assert len(rows) == IMAGES
+    predictor = DepthPredictor(
+        str(checkpoints["depth-vit"]), resolution="model", encoding="float16"
+    )
+    dataset = {item["image_id"]: item for item in PseudoLabelDataset(str(output))}
+    for row in rows:
+        assert row["depth_uri"].endswith(".jpg.npz")
+        stored = decode_depth_npz(Path(row["depth_uri"]).read_bytes())
+        assert stored.dtype == np.float16 and stored.shape == SEEDED_VIT_DEPTH_HW
+        # The values are the model's own, not a quantisation of them.
+        rgb = decode_image(Path(row["source_uri"]).read_bytes(), 10**8, 10**4).rgb
+        [direct] = predictor.predict([resize_for_model(rgb, predictor.spec)], [rgb.shape[:2]])
+        # Equal to a float16 step: a batch of 8 and a batch of 1 differ in the
+        # last float32 bits, which can round to neighbouring float16 values (the
+        # seeded model's depths, ~2e-5, sit where float16 steps are 6e-8).
+        np.testing.assert_allclose(
+            stored.astype(np.float32),
+            direct.depth_float16.astype(np.float32),
+            rtol=2e-3,
+            atol=1.2e-7,
+        )
+        assert float(stored.min()) == pytest.approx(row["depth_min"], rel=1e-3)
+        size_hw = (row["height"], row["width"])
+        assert dataset[row["image_id"]]["depth"].shape == size_hw

@@ -181,7 +181,7 @@ def _compare_encodings(
 ) -> list[dict[str, Any]]:
     import pyarrow as pa
 
-    from pipeline.encode import encode_depth_png
+    from pipeline.encode import encode_depth_npz, encode_depth_png
 
     results = []
     for resolution in ("model", "original"):
@@ -196,6 +196,8 @@ def _compare_encodings(
             for level in PNG_LEVELS:
                 with _cpu_time(cpu_ms, f"png16-level{level}"):
                     sizes[f"png16-level{level}"] += len(encode_depth_png(levels, level))
+            with _cpu_time(cpu_ms, "npz-float16"):  # output.depth_format: npz_float16
+                sizes["npz-float16"] += len(encode_depth_npz(depth.numpy().astype(np.float16)))
             with _cpu_time(cpu_ms, "npy-float16-zstd"):
                 buffer = io.BytesIO()
                 np.save(buffer, depth.numpy().astype(np.float16))
