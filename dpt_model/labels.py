@@ -125,3 +125,59 @@ class PseudoLabelDataset(Dataset):
         # DataLoader worker must not reuse its parent's S3 connections.
         fs, path = filesystem_for(uri, self.storage_options)
         return fs.cat_file(path)
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """(H, W) bool mask → COCO's uncompressed RLE: run lengths in column-major order,
+    starting with a run of zeros (pycocotools' ``frPyObjects`` reads it)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """Inverse of ``mask_to_rle``."""
+    height, width = rle["size"]
+    values = np.zeros(height * width, dtype=bool)
+    position, value = 0, False
+    for run in rle["counts"]:
+        values[position : position + run] = value
+        position, value = position + run, not value
+    return values.reshape((height, width), order="F")
+
+
+def coco_annotations(
+    label: np.ndarray, image_id: int, first_annotation_id: int, score: float | None
+) -> list[dict[str, Any]]:
+    """One COCO annotation per class present in a class-id map (``IGNORE_LABEL`` left out).
+
+    COCO category ids are the model's class ids plus one (COCO reserves 0).
+    """
+    annotations = []
+    for class_id in np.unique(label):
+        if class_id == IGNORE_LABEL:
+            continue
+        mask = label == class_id
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        annotation = {
+            "id": first_annotation_id + len(annotations),
+            "image_id": image_id,
+            "category_id": int(class_id) + 1,
+            "segmentation": mask_to_rle(mask),
+            "area": int(mask.sum()),
+            "bbox": [
+                int(cols[0]),
+                int(rows[0]),
+                int(cols[-1] - cols[0] + 1),
+                int(rows[-1] - rows[0] + 1),
+            ],
+            "iscrowd": 0,
+        }
+        if score is not None:
+            annotation["score"] = score
+        annotations.append(annotation)
+    return annotations

@@ -3,6 +3,7 @@ as a training set with PseudoLabelDataset."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -194,3 +195,39 @@ def test_float16_depth_maps_hold_the_model_values_and_read_back(
         assert float(stored.min()) == pytest.approx(row["depth_min"], rel=1e-3)
         size_hw = (row["height"], row["width"])
         assert dataset[row["image_id"]]["depth"].shape == size_hw
+
+
+@pytest.mark.slow
+def test_coco_export_holds_every_kept_image_mask_by_mask(
+    ray_cluster, checkpoints, corpus, tmp_path
+):
+    from dpt_model.labels import rle_to_mask
+    from dpt_model.seeded import SEEDED_LABELS
+    from jobs.export import main as export_main
+
+    rows = run(corpus, tmp_path / "out", checkpoints, min_coverage=0.0)
+    assert export_main(["coco", str(tmp_path / "out"), "--images-per-file", "4"]) == 0
+
+    parts = sorted((tmp_path / "out" / "export" / "coco").glob("part-*.json"))
+    documents = [json.loads(part.read_text()) for part in parts]
+    assert len(parts) == 2  # 6 images, 4 per file
+    assert documents[0]["categories"] == [
+        {"id": class_id + 1, "name": name} for class_id, name in enumerate(SEEDED_LABELS)
+    ]
+    images = [image for document in documents for image in document["images"]]
+    annotations = [a for document in documents for a in document["annotations"]]
+    assert sorted(image["dpt_image_id"] for image in images) == sorted(
+        row["image_id"] for row in rows.values() if row["status"] == "ok"
+    )
+    assert len({a["id"] for a in annotations}) == len(annotations)
+    for image in images:
+        row = rows[Path(image["file_name"]).name]
+        labels = decode_segmentation_png(Path(row["segmentation_uri"]).read_bytes())
+        mine = [a for a in annotations if a["image_id"] == image["id"]]
+        assert sorted(a["category_id"] - 1 for a in mine) == sorted(row["seg_labels"])
+        for annotation in mine:
+            mask = rle_to_mask(annotation["segmentation"])
+            np.testing.assert_array_equal(mask, labels == annotation["category_id"] - 1)
+            assert annotation["score"] == pytest.approx(row["seg_confidence_mean"])
+        # Every labelled pixel is in exactly one mask; ignored pixels in none.
+        assert sum(a["area"] for a in mine) == (labels != IGNORE_LABEL).sum()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpt_model import IGNORE_LABEL, SegmentationPredictor, resize_for_model
+from dpt_model.labels import coco_annotations, mask_to_rle, rle_to_mask
 
 
 def predict(predictor: SegmentationPredictor, image: np.ndarray):
@@ -39,3 +40,27 @@ def test_a_zero_threshold_labels_every_pixel(checkpoints, parity_images):
     prediction = predict(predictor, parity_images[2])
     assert prediction.label_coverage == 1.0
     assert IGNORE_LABEL not in prediction.class_ids
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rle_round_trips_masks_in_cocos_column_major_order(seed):
+    mask = np.random.default_rng(seed).random((13, 7)) > 0.6
+    mask[0, 0] = bool(seed % 2)  # runs that start with ones and with zeros
+    rle = mask_to_rle(mask)
+    assert rle["size"] == [13, 7] and sum(rle["counts"]) == 13 * 7
+    np.testing.assert_array_equal(rle_to_mask(rle), mask)
+    # COCO's order: down the first column first, beginning with a run of zeros.
+    column_first = mask.ravel(order="F")
+    first_one = int(np.argmax(column_first)) if column_first.any() else column_first.size
+    assert rle["counts"][0] == first_one
+
+
+def test_coco_annotations_cover_every_labelled_pixel_once():
+    label = np.array([[0, 0, 3], [255, 3, 3], [0, 255, 255]], dtype=np.uint8)
+    annotations = coco_annotations(label, image_id=7, first_annotation_id=40, score=0.8)
+    assert [a["category_id"] for a in annotations] == [1, 4]  # class id + 1, 255 left out
+    assert [a["id"] for a in annotations] == [40, 41]
+    assert sum(a["area"] for a in annotations) == (label != IGNORE_LABEL).sum()
+    three = annotations[1]
+    np.testing.assert_array_equal(rle_to_mask(three["segmentation"]), label == 3)
+    assert three["bbox"] == [1, 0, 2, 2] and three["score"] == 0.8 and three["image_id"] == 7
