@@ -37,6 +37,16 @@ def main() -> int:
     print(format_summary(summary))
     print(f"  depth maps:        {config.output.uri}/depth/")
     print(f"  segmentation maps: {config.output.uri}/segmentation/")
+    if config.pseudo_labels.enabled and config.models.segmentation:
+        from dpt_model.labels import PseudoLabelDataset
+        from jobs.export import export_coco
+
+        kept = len(PseudoLabelDataset(config.output.uri, with_images=False))
+        parts = export_coco(config.output.uri, storage_options=config.storage_options())
+        print(
+            f"  pseudo-labels:     {kept} images kept (label_coverage >= "
+            f"{config.pseudo_labels.min_coverage}); COCO export: {parts[0] if parts else '-'}"
+        )
     return 0
 
 

@@ -64,6 +64,9 @@ def export_coco(
     dest_fs, dest_root = filesystem_for(
         dest_uri or join(output_uri, "export/coco"), storage_options
     )
+    # An export is a snapshot: parts of an earlier, larger one must not linger.
+    for stale in dest_fs.glob(join(dest_root, "part-*.json")):
+        dest_fs.rm_file(stale)
     written = []
     annotation_id = 1
     for part, start in enumerate(range(0, len(rows), images_per_file)):

@@ -61,7 +61,7 @@ SMALL_BLOCKS_ROWS = 1024
 LISTING_BLOCK_ROWS = 256
 # output.depth_format → how the actor hands depth to the encode stage.
 DEPTH_ENCODINGS = {"png16": "levels", "npz_float16": "float16"}
-OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", "_runs")
+OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", "_runs", "export")
 
 
 class OutputNotWritableError(OSError):
