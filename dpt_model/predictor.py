@@ -23,6 +23,7 @@ from dpt_model.batching import BatchProbe, choose_batch_size
 from dpt_model.loading import (
     DEFAULT_CACHE_DIR,
     ModelIdentity,
+    ModelLoadError,
     Task,
     check_input_geometry,
     check_supported,
@@ -233,12 +234,14 @@ class _Predictor:
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         values = to_model_tensor(pixels, self.spec, self.dtype)
-        output = getattr(self.model(pixel_values=values), self.output_field)
+        output = self._run(values)
         if not self.flip_tta:
             return output
         # Mirror after padding, so the padding mirrors with the image and back again.
-        mirrored = getattr(self.model(pixel_values=values.flip(-1)), self.output_field)
-        return (output + mirrored.flip(-1)) / 2
+        return (output + self._run(values.flip(-1)).flip(-1)) / 2
+
+    def _run(self, values: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(pixel_values=values), self.output_field)
 
     def _postprocess(self, output: torch.Tensor, row: int, original_size: tuple[int, int]) -> Any:
         raise NotImplementedError
@@ -322,12 +325,44 @@ class SegmentationPredictor(_Predictor):
         *args: Any,
         return_confidence: bool = False,
         min_confidence: float | None = None,
+        scales: Sequence[float] = (1.0,),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.return_confidence = return_confidence
         # Checkpoints have at most 255 classes (loading.check_supported), so 255 is free.
         self.min_confidence = min_confidence
+        # Multi-scale test-time augmentation: the model input resized by each
+        # scale (to whole patches), logits brought back to the unscaled output
+        # size and averaged.
+        self.scales = tuple(scales)
+        if self.scales != (1.0,) and getattr(self.model.config, "is_hybrid", False):
+            raise ModelLoadError(
+                f"{self.identity.name}: a hybrid (BiT) backbone takes only its trained "
+                "input size; multi-scale segmentation needs a ViT backbone"
+            )
+        self._patch_px = int(getattr(self.model.config, "patch_size", None) or 16)
+
+    def _run(self, values: torch.Tensor) -> torch.Tensor:
+        if self.scales == (1.0,):
+            return super()._run(values)
+        height, width = values.shape[-2:]
+        total, target = None, None
+        for scale in self.scales:
+            size = [
+                max(self._patch_px, round(side * scale / self._patch_px) * self._patch_px)
+                for side in (height, width)
+            ]
+            scaled = _resized(values, size)
+            logits = super()._run(scaled)
+            if target is None:  # the head's output per input pixel, at scale 1
+                target = [
+                    round(side * logits.shape[axis] / scaled.shape[axis])
+                    for side, axis in ((height, -2), (width, -1))
+                ]
+            logits = _resized(logits, target)
+            total = logits if total is None else total + logits
+        return total / len(self.scales)
 
     def _postprocess(
         self, output: torch.Tensor, row: int, original_size: tuple[int, int]
@@ -355,6 +390,15 @@ class SegmentationPredictor(_Predictor):
 
     def _failed(self, reason: str) -> SegmentationPrediction:
         return SegmentationPrediction(None, [], None, error=reason)
+
+
+def _resized(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, h, w) → (B, C, *size), bilinear; unchanged when already that size."""
+    if list(tensor.shape[-2:]) == list(size):
+        return tensor
+    return torch.nn.functional.interpolate(
+        tensor, size=tuple(size), mode="bilinear", align_corners=False
+    )
 
 
 def make_predictor(

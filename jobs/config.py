@@ -129,6 +129,20 @@ class InferenceConfig(_Section):
         description="Test-time augmentation: average depth and segmentation logits with "
         "those of the mirrored image (two forward passes per batch).",
     )
+    segmentation_scales: tuple[float, ...] = Field(
+        default=(1.0,),
+        min_length=1,
+        description="Multi-scale test-time augmentation for segmentation: logits at each "
+        "scale of the model input (e.g. [0.75, 1.0, 1.25]) averaged; one pass per scale.",
+    )
+
+    @field_validator("segmentation_scales")
+    @classmethod
+    def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if any(scale <= 0 for scale in scales):
+            raise ValueError("scales must be positive")
+        return scales
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int | Literal["all"] | None = Field(
         default=None,

@@ -47,6 +47,7 @@ class InferenceActor:
         min_confidence: float | None = None,
         flip_tta: bool = False,
         depth_encoding: DepthEncoding = "levels",
+        segmentation_scales: tuple[float, ...] = (1.0,),
     ) -> None:
         if device == "cpu" and cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
@@ -69,7 +70,10 @@ class InferenceActor:
         if segmentation_model:
             started = time.perf_counter()
             self.segmentation = SegmentationPredictor(
-                segmentation_model, min_confidence=min_confidence, **options
+                segmentation_model,
+                min_confidence=min_confidence,
+                scales=segmentation_scales,
+                **options,
             )
             record_model_load("segmentation", time.perf_counter() - started)
         for predictor in (self.depth, self.segmentation):

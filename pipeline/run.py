@@ -315,9 +315,8 @@ def _annotation_dataset(
             "gpus_per_actor": config.resources.gpus_per_actor,
             "min_confidence": pseudo_labels.min_confidence if pseudo_labels.enabled else None,
             "flip_tta": config.inference.flip_tta,
-            "depth_encoding": "float16"
-            if config.output.depth_format == "npz_float16"
-            else "levels",
+            "depth_encoding": DEPTH_ENCODINGS[config.output.depth_format],
+            "segmentation_scales": config.inference.segmentation_scales,
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.
@@ -388,8 +387,9 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     """16 hex digits naming everything that shapes the outputs' values.
 
     The models (URI and file versions) and their preprocessing, the dtype, the
-    depth maps' resolution and JPEG drafting. Not the batch size, resources or
-    PNG compression level: those change how fast results come, not what they are.
+    depth maps' resolution and format, JPEG drafting, test-time augmentation and
+    pseudo-label settings. Not the batch size, resources or PNG compression
+    level: those change how fast results come, not what they are.
     """
     shaping = {
         "models": {
@@ -399,21 +399,26 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
         "dtype": config.inference.dtype,
         "depth_resolution": config.output.depth_resolution,
         "jpeg_draft": config.decode.jpeg_draft,
-        # Only when on, so turning it on re-annotates and off keeps earlier hashes.
-        **(
-            {"pseudo_labels": config.pseudo_labels.model_dump()}
-            if config.pseudo_labels.enabled
-            else {}
+    }
+    # Settings added after outputs existed count only away from their defaults,
+    # so outputs made before them keep their hashes (and are not redone).
+    later_settings = {
+        "pseudo_labels": (
+            config.pseudo_labels.model_dump() if config.pseudo_labels.enabled else None
         ),
-        **({"flip_tta": True} if config.inference.flip_tta else {}),
-        **(
-            {"depth_format": config.output.depth_format}
-            if config.output.depth_format != "png16"
-            else {}
+        "flip_tta": config.inference.flip_tta or None,
+        "segmentation_scales": (
+            config.inference.segmentation_scales
+            if config.inference.segmentation_scales != (1.0,)
+            else None
+        ),
+        "depth_format": (
+            config.output.depth_format if config.output.depth_format != "png16" else None
         ),
         # An override relabels rows; auto is already in the checkpoint's version.
-        **({"depth_kind": config.models.depth_kind} if config.models.depth_kind != "auto" else {}),
+        "depth_kind": config.models.depth_kind if config.models.depth_kind != "auto" else None,
     }
+    shaping.update({key: value for key, value in later_settings.items() if value is not None})
     encoded = json.dumps(shaping, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 

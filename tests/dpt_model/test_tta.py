@@ -36,3 +36,18 @@ def test_flip_averaged_segmentation_is_mirror_symmetric(checkpoints, parity_imag
     agreement = (labels_of_mirror.class_ids == labels.class_ids[:, ::-1]).mean()
     assert agreement >= 0.999  # float rounding may flip a near-tie
     assert abs(labels_of_mirror.confidence_mean - labels.confidence_mean) < 1e-5
+
+
+def test_multi_scale_segmentation_averages_scales_at_the_unscaled_size(checkpoints, parity_images):
+    model = str(checkpoints["segmentation-vit"])
+    image = parity_images[0]
+    plain = predict(SegmentationPredictor(model, return_confidence=True), image)
+    # One scale of 1 is the plain model, and averaging a scale with itself changes nothing.
+    same = predict(SegmentationPredictor(model, scales=(1.0, 1.0), return_confidence=True), image)
+    np.testing.assert_array_equal(same.class_ids, plain.class_ids)
+    np.testing.assert_allclose(same.confidence, plain.confidence, rtol=1e-5)
+    several = predict(
+        SegmentationPredictor(model, scales=(0.75, 1.0, 1.25), return_confidence=True), image
+    )
+    assert several.class_ids.shape == plain.class_ids.shape == image.shape[:2]
+    assert (several.class_ids != plain.class_ids).mean() > 0.01  # other scales count

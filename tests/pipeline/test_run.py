@@ -8,8 +8,21 @@ REQUIRED = ["input.uri=in", "output.uri=out", "models.depth=m"]
 
 def test_config_hash_changes_with_what_shapes_outputs_not_with_speed_settings():
     base = config_hash_for({}, load_config(None, REQUIRED))
-    for shaping in ("output.depth_resolution=original", "decode.jpeg_draft=false"):
-        assert config_hash_for({}, load_config(None, [*REQUIRED, shaping])) != base, shaping
+    shaping_settings = (
+        "output.depth_resolution=original",
+        "decode.jpeg_draft=false",
+        "pseudo_labels.enabled=true",
+        "inference.flip_tta=true",
+        "inference.segmentation_scales=[0.75,1.0]",
+        "output.depth_format=npz_float16",
+        "models.depth_kind=metric",
+    )
+    hashes = {config_hash_for({}, load_config(None, [*REQUIRED, s])) for s in shaping_settings}
+    assert base not in hashes and len(hashes) == len(shaping_settings)
+    # Later settings at their defaults leave the hash as it was before they existed.
+    defaults = ("pseudo_labels.min_confidence=0.9", "inference.segmentation_scales=[1.0]")
+    for default in defaults:
+        assert config_hash_for({}, load_config(None, [*REQUIRED, default])) == base, default
     for speed in ("inference.batch_size=32", "output.png_compress_level=6"):
         assert config_hash_for({}, load_config(None, [*REQUIRED, speed])) == base, speed
     for speed in ("inference.cpu_threads=3", "resources.cpus_per_actor=2"):
