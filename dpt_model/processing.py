@@ -246,7 +246,9 @@ def upsample_segmentation(
     band_rows = max(1, budget_bytes // (num_classes * width * 4))
     class_ids = torch.empty(size_hw, dtype=torch.int64, device=logits.device)
     confidence = torch.empty(size_hw, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty(size_hw, dtype=torch.float32, device=logits.device)
+    entropy = (
+        torch.empty(size_hw, dtype=torch.float32, device=logits.device) if with_entropy else None
+    )
     for start in range(0, height, band_rows):
         stop = min(start + band_rows, height)
         band = torch.matmul(rows_weights[start:stop], logits) @ cols_weights.T
@@ -254,7 +256,7 @@ def upsample_segmentation(
         class_ids[start:stop], confidence[start:stop] = maps.class_ids, maps.confidence
         if with_entropy:
             entropy[start:stop] = maps.entropy
-    return UpsampledSegmentation(class_ids, confidence, entropy if with_entropy else None)
+    return UpsampledSegmentation(class_ids, confidence, entropy)
 
 
 def _per_pixel(upsampled: torch.Tensor, with_entropy: bool) -> UpsampledSegmentation:

@@ -79,7 +79,7 @@ class OutputConfig(_Section):
     depth_format: Literal["png16", "npz_float16"] = Field(
         default="png16",
         description="png16: 16-bit PNG quantised over each map's range (viewable); "
-        "npz_float16: the model's values as float16 in a numpy .npz, for training targets.",
+        "npz_float16: the model's values rounded to float16 in a numpy .npz.",
     )
     overwrite: bool = Field(
         default=False, description="Delete results earlier runs left at output.uri first."
@@ -259,6 +259,11 @@ class JobConfig(_Section):
     def _consistent(self) -> JobConfig:
         if self.models.depth is None and self.models.segmentation is None:
             raise ValueError("models.depth and models.segmentation are both null; set at least one")
+        if self.pseudo_labels.enabled and self.models.segmentation is None:
+            raise ValueError(
+                "pseudo_labels.enabled needs models.segmentation: pseudo-labels are "
+                "segmentation maps with uncertain pixels left out"
+            )
         if self.inference.device == "cuda" and self.resources.gpus_per_actor == 0:
             raise ValueError(
                 "inference.device is 'cuda' but resources.gpus_per_actor is 0; "

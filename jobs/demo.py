@@ -41,8 +41,9 @@ def main() -> int:
         from dpt_model.labels import PseudoLabelDataset
         from jobs.export import export_coco
 
-        kept = len(PseudoLabelDataset(config.output.uri, with_images=False))
-        parts = export_coco(config.output.uri, storage_options=config.storage_options())
+        options = config.storage_options()
+        kept = len(PseudoLabelDataset(config.output.uri, options, with_images=False))
+        parts = export_coco(config.output.uri, storage_options=options)
         print(
             f"  pseudo-labels:     {kept} images kept (label_coverage >= "
             f"{config.pseudo_labels.min_coverage}); COCO export: {parts[0] if parts else '-'}"

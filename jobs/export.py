@@ -19,6 +19,7 @@ from typing import Any
 from dpt_model.labels import coco_annotations
 from pipeline.encode import decode_segmentation_png
 from pipeline.predictions import read_predictions
+from pipeline.retry import retry_transient
 from pipeline.storage import filesystem_for, join
 
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("format", choices=["coco"])
     parser.add_argument("output_uri", help="a job's output.uri")
     parser.add_argument("--dest", help="folder for the parts (default: <output>/export/coco)")
-    parser.add_argument("--images-per-file", type=int, default=1000)
+    parser.add_argument("--images-per-file", type=_positive, default=1000)
     parser.add_argument("--include-weak", action="store_true", help="also images with kept = false")
     parser.add_argument(
         "--labels-from",
@@ -38,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def export_coco(
@@ -64,16 +72,15 @@ def export_coco(
     dest_fs, dest_root = filesystem_for(
         dest_uri or join(output_uri, "export/coco"), storage_options
     )
-    # An export is a snapshot: parts of an earlier, larger one must not linger.
-    for stale in dest_fs.glob(join(dest_root, "part-*.json")):
-        dest_fs.rm_file(stale)
+    earlier_parts = set(dest_fs.glob(join(dest_root, "part-*.json")))
     written = []
     annotation_id = 1
     for part, start in enumerate(range(0, len(rows), images_per_file)):
         images, annotations = [], []
         for image_id, row in enumerate(rows[start : start + images_per_file], start=start + 1):
             map_fs, map_path = filesystem_for(row["segmentation_uri"], storage_options)
-            label = decode_segmentation_png(map_fs.cat_file(map_path))
+            data = retry_transient(lambda fs=map_fs, path=map_path: fs.cat_file(path))
+            label = decode_segmentation_png(data)
             images.append(
                 {
                     "id": image_id,
@@ -99,6 +106,10 @@ def export_coco(
         path = join(dest_root, f"part-{part:05d}.json")
         dest_fs.pipe_file(path, json.dumps(document).encode())
         written.append(path)
+    # An export is a snapshot: parts an earlier, larger one left go, once the new
+    # parts are all written (a failed export leaves the earlier one whole).
+    for stale in earlier_parts - {dest_fs._strip_protocol(path) for path in written}:
+        dest_fs.rm_file(stale)
     return written
 
 
@@ -117,11 +128,14 @@ def _class_names(
 
 def _latest_segmentation_model(output_uri: str, storage_options: dict[str, Any]) -> str:
     fs, root = filesystem_for(output_uri, storage_options)
-    reports = sorted(
-        path for path in fs.glob(join(root, "_runs/*.json")) if not path.endswith(".started.json")
-    )
-    for path in reversed(reports):
-        model = json.loads(fs.cat_file(path))["config"]["models"]["segmentation"]
+    reports = [
+        json.loads(fs.cat_file(path))
+        for path in fs.glob(join(root, "_runs/*.json"))
+        if not path.endswith(".started.json")
+    ]
+    # Latest finished first: run ids are the user's to choose, so not their order.
+    for report in sorted(reports, key=lambda report: report["finished_at"], reverse=True):
+        model = report["config"]["models"]["segmentation"]
         if model:
             return model
     raise SystemExit(f"no finished run under {output_uri} used a segmentation model")

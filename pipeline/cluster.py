@@ -137,10 +137,18 @@ def read_cluster_capacity() -> ClusterCapacity:
     """The largest the connected Ray cluster can become, as far as the driver can tell."""
     import ray
 
-    alive = [_shape(node["Resources"], 1) for node in ray.nodes() if node.get("Alive")]
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    alive = [_shape(node["Resources"], 1) for node in nodes]
+    # Autoscaler limits count the workers already up, so with them only the head
+    # is added: alive workers plus the limits would count those workers twice.
+    head = [
+        _shape(node["Resources"], 1)
+        for node in nodes
+        if "node:__internal_head__" in node["Resources"]
+    ]
     group_shapes = _autoscaler_groups()
     if group_shapes:
-        return ClusterCapacity((*alive, *group_shapes), "nodes alive + autoscaler limits")
+        return ClusterCapacity((*head, *group_shapes), "head + autoscaler limits")
     if LAUNCHER_CONFIG.is_file():
         try:
             shapes, complete = launcher_shapes(yaml.safe_load(LAUNCHER_CONFIG.read_text()))
@@ -148,8 +156,8 @@ def read_cluster_capacity() -> ClusterCapacity:
             logger.warning("could not read %s: %s", LAUNCHER_CONFIG, error)
         else:
             return ClusterCapacity(
-                (*alive, *shapes),
-                "nodes alive + cluster launcher's max_workers",
+                (*head, *shapes),
+                "head + cluster launcher's max_workers",
                 may_grow=not complete,
             )
     return ClusterCapacity(tuple(alive), "nodes alive now", may_grow=_autoscaler_runs())

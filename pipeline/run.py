@@ -403,8 +403,12 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     # Settings added after outputs existed count only away from their defaults,
     # so outputs made before them keep their hashes (and are not redone).
     later_settings = {
+        # Not min_coverage: it only sets `kept`, which readers can redo from
+        # label_coverage; changing it must not re-run the models.
         "pseudo_labels": (
-            config.pseudo_labels.model_dump() if config.pseudo_labels.enabled else None
+            {"min_confidence": config.pseudo_labels.min_confidence}
+            if config.pseudo_labels.enabled
+            else None
         ),
         "flip_tta": config.inference.flip_tta or None,
         "segmentation_scales": (

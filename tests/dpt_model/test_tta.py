@@ -36,6 +36,12 @@ def test_flip_averaged_segmentation_is_mirror_symmetric(checkpoints, parity_imag
     agreement = (labels_of_mirror.class_ids == labels.class_ids[:, ::-1]).mean()
     assert agreement >= 0.999  # float rounding may flip a near-tie
     assert abs(labels_of_mirror.confidence_mean - labels.confidence_mean) < 1e-5
+    # The network alone is not mirror-symmetric, so the above is TTA's doing.
+    plain = SegmentationPredictor(str(checkpoints["segmentation-vit"]))
+    plain_agreement = (
+        predict(plain, mirrored).class_ids == predict(plain, image).class_ids[:, ::-1]
+    ).mean()
+    assert plain_agreement < 0.99
 
 
 def test_multi_scale_segmentation_averages_scales_at_the_unscaled_size(checkpoints, parity_images):

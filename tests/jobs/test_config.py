@@ -96,3 +96,8 @@ def test_input_format_is_one_of_the_known_ones():
 def test_extensions_are_normalised_to_lower_case_without_dots():
     config = load_config(None, [*MINIMAL, "input.extensions=[.JPG, png]"])
     assert config.input.extensions == ("jpg", "png")
+
+
+def test_pseudo_labels_without_a_segmentation_model_are_refused():
+    with pytest.raises(ConfigError, match=r"pseudo_labels\.enabled needs models\.segmentation"):
+        load_config(None, [*MINIMAL, "pseudo_labels.enabled=true"])

@@ -155,3 +155,24 @@ def test_a_memory_reservation_that_fits_runs(ray_cluster, checkpoints, tmp_path)
         ],
     )
     assert run_annotation(config).images_ok == 1
+
+
+@pytest.mark.slow
+def test_on_a_launcher_head_the_worker_types_count_at_their_limits(
+    ray_cluster, monkeypatch, tmp_path
+):
+    import yaml
+
+    from pipeline import cluster as cluster_module
+
+    launcher = tmp_path / "ray_bootstrap_config.yaml"
+    launcher.write_text(yaml.safe_dump(LAUNCHER_CONFIG))
+    monkeypatch.setattr(cluster_module, "LAUNCHER_CONFIG", launcher)
+    capacity = cluster_module.read_cluster_capacity()
+    # The head once (this machine's one node), then each worker type at its limit:
+    # workers already up are inside those limits, never added to them.
+    head, *workers = capacity.shapes
+    assert head.cpus == 2 and head.count == 1
+    expected = [NodeShape(cpus=8, gpus=1, count=6), NodeShape(cpus=16, gpus=0, count=2)]
+    assert sorted(workers, key=lambda shape: shape.cpus) == expected
+    assert capacity.source == "head + cluster launcher's max_workers" and not capacity.may_grow
