@@ -178,7 +178,7 @@ class ResourcesConfig(_Section):
     memory_per_actor_gb: float | None = Field(
         default=None,
         gt=0,
-        description="Memory Ray reserves for each inference actor (weights, a batch's "
+        description="Memory (GiB) Ray reserves for each inference actor (weights, a batch's "
         "activations and maps); actors are then placed, and the cluster checked, by it "
         "too. Default: no reservation.",
     )

@@ -78,7 +78,7 @@ def capacity_problem(request: PoolRequest, capacity: ClusterCapacity) -> str | N
         f"{request.actors_min} inference actors of {request.cpus_per_actor:g} CPUs"
         + (f", {request.gpus_per_actor:g} GPUs" if request.gpus_per_actor else "")
         + (
-            f", {request.memory_per_actor_bytes / GIB:g} GB of memory"
+            f", {request.memory_per_actor_bytes / GIB:g} GiB of memory"
             if request.memory_per_actor_bytes
             else ""
         )
@@ -92,7 +92,7 @@ def capacity_problem(request: PoolRequest, capacity: ClusterCapacity) -> str | N
         ]
         memory = max((shape.memory_bytes for shape in capacity.shapes), default=0)
         if request.memory_per_actor_bytes and memory < math.inf:
-            largest.append(f"{memory / GIB:.1f} GB of memory")
+            largest.append(f"{memory / GIB:.1f} GiB of memory")
         return (
             f"the job needs {wanted}, but the Ray cluster can host at most {actors:g} "
             f"({capacity.source}; its largest node has {', '.join(largest)}); lower "

@@ -59,7 +59,7 @@ def test_actors_are_placed_by_the_memory_they_reserve():
     three = PoolRequest(3, 1, 0, 1, memory_per_actor_bytes=6 * GIB)
     assert capacity_problem(two, nodes) is None
     problem = capacity_problem(three, nodes)
-    assert "6 GB of memory each" in problem and "16.0 GB of memory" in problem
+    assert "6 GiB of memory each" in problem and "16.0 GiB of memory" in problem
     assert "resources.memory_per_actor_gb" in problem
 
 
@@ -136,7 +136,7 @@ def test_a_job_asking_for_gpus_on_a_cluster_without_fails_before_any_actor(
             )
         }
     )
-    with pytest.raises(ClusterTooSmallError, match="100000 GB of memory each"):
+    with pytest.raises(ClusterTooSmallError, match="100000 GiB of memory each"):
         run_annotation(too_much)
 
 
