@@ -96,7 +96,7 @@ class InferenceActor:
         out = {key: value for key, value in batch.items() if not key.endswith("_input")}
 
         if self.depth is not None:
-            levels = _filled(count, EMPTY_DEPTH)
+            maps = _filled(count, EMPTY_DEPTH)  # 16-bit levels or float16 values
             depth_min = np.full(count, np.nan)
             depth_max = np.full(count, np.nan)
             inputs = [batch["depth_input"][i] for i in ready]
@@ -105,14 +105,14 @@ class InferenceActor:
                 if prediction.error is not None:
                     status[index], error[index] = "error", error_reason("depth", prediction.error)
                     continue
-                levels[index] = (
+                maps[index] = (
                     prediction.depth_levels
                     if prediction.depth_float16 is None
                     else prediction.depth_float16
                 )
                 depth_min[index], depth_max[index] = prediction.depth_min, prediction.depth_max
             maps_column = "depth_levels" if self.depth.encoding == "levels" else "depth_float16"
-            out.update({maps_column: levels}, depth_min=depth_min, depth_max=depth_max)
+            out.update({maps_column: maps}, depth_min=depth_min, depth_max=depth_max)
             out["model_depth"] = np.full(count, str(self.depth.identity), dtype=object)
 
         if self.segmentation is not None:

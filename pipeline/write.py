@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,7 @@ def write_maps_batch(
     has_depth = "depth_levels" in batch or "depth_float16" in batch
     depth_uri = np.full(count, None, dtype=object)
     segmentation_uri = np.full(count, None, dtype=object)
+    bytes_written = collections.Counter()  # recorded once per batch, not per file
     for index in range(count):
         if status[index] != "ok":
             continue
@@ -55,19 +57,21 @@ def write_maps_batch(
                     data = encode_depth_npz(depth)
                 retry_transient(lambda path=path, data=data: fs.pipe_file(path, data))
                 depth_uri[index] = full_uri(fs, path)
-                record_map_bytes("depth", len(data))
+                bytes_written["depth"] += len(data)
             if "seg_class_ids" in batch:
                 path = join(root, map_file_key("segmentation", source_key))
                 png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
                 retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
                 segmentation_uri[index] = full_uri(fs, path)
-                record_map_bytes("segmentation", len(png))
+                bytes_written["segmentation"] += len(png)
         except (OSError, ValueError) as problem:
             status[index], error[index] = "error", error_reason("write", problem)
             depth_uri[index] = segmentation_uri[index] = None
 
     # Counted here, where every row's outcome is final.
     record_outcomes(status, error)
+    for map_name, size in bytes_written.items():
+        record_map_bytes(map_name, size)
     ok = status == "ok"
     kept = [None] * count
     if min_coverage is not None:

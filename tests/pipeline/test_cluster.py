@@ -109,22 +109,26 @@ def test_only_an_autoscaler_with_named_node_types_can_launch_nodes():
     assert not autoscaler_can_launch({"load_metrics_report": {}})
 
 
+def one_image_job(tmp_path, checkpoints, *overrides: str):
+    write_files(tmp_path / "images", {"a.jpg": encoded(synthetic_photo(64, 48, seed=1), "JPEG")})
+    return load_config(
+        None,
+        [
+            f"input.uri={tmp_path / 'images'}",
+            f"output.uri={tmp_path / 'output'}",
+            f"models.depth={checkpoints['depth-vit']}",
+            *overrides,
+        ],
+    )
+
+
 @pytest.mark.slow
 def test_a_job_asking_for_gpus_on_a_cluster_without_fails_before_any_actor(
     ray_cluster, checkpoints, tmp_path
 ):
     from pipeline.run import ClusterTooSmallError, run_annotation
 
-    write_files(tmp_path / "images", {"a.jpg": encoded(synthetic_photo(64, 48, seed=1), "JPEG")})
-    config = load_config(
-        None,
-        [
-            f"input.uri={tmp_path / 'images'}",
-            f"output.uri={tmp_path / 'output'}",
-            f"models.depth={checkpoints['depth-vit']}",
-            "resources.gpus_per_actor=1",
-        ],
-    )
+    config = one_image_job(tmp_path, checkpoints, "resources.gpus_per_actor=1")
     with pytest.raises(ClusterTooSmallError, match=r"can host at most 0 \(nodes alive now"):
         run_annotation(config)
     assert not (tmp_path / "output" / "predictions").exists()
@@ -144,16 +148,7 @@ def test_a_job_asking_for_gpus_on_a_cluster_without_fails_before_any_actor(
 def test_a_memory_reservation_that_fits_runs(ray_cluster, checkpoints, tmp_path):
     from pipeline.run import run_annotation
 
-    write_files(tmp_path / "images", {"a.jpg": encoded(synthetic_photo(64, 48, seed=1), "JPEG")})
-    config = load_config(
-        None,
-        [
-            f"input.uri={tmp_path / 'images'}",
-            f"output.uri={tmp_path / 'output'}",
-            f"models.depth={checkpoints['depth-vit']}",
-            "resources.memory_per_actor_gb=0.5",
-        ],
-    )
+    config = one_image_job(tmp_path, checkpoints, "resources.memory_per_actor_gb=0.5")
     assert run_annotation(config).images_ok == 1
 
 
