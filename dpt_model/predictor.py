@@ -88,6 +88,11 @@ class ModelCard:
     config: dict[str, Any]
     version: str  # changes with the checkpoint's files (see loading.checkpoint_version)
 
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Class id → name from the checkpoint's ``id2label`` (empty for depth models)."""
+        return {int(key): name for key, name in (self.config.get("id2label") or {}).items()}
+
     @classmethod
     def fetch(
         cls,

@@ -219,6 +219,18 @@ class PseudoLabelsConfig(_Section):
     )
 
 
+class ReportConfig(_Section):
+    """``<output>/report/index.html``, rebuilt after every run."""
+
+    enabled: bool = Field(default=True, description="Write the quality report after each run.")
+    samples: int = Field(
+        default=24, ge=0, le=500, description="Images shown with their maps in the report's grid."
+    )
+    thumbnail_px: int = Field(
+        default=192, ge=32, le=1024, description="Longest side of each thumbnail, in pixels."
+    )
+
+
 class StorageConfig(_Section):
     endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, Ceph, R2); None for AWS."
@@ -240,6 +252,7 @@ class JobConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     decode: DecodeConfig = DecodeConfig()
     pseudo_labels: PseudoLabelsConfig = PseudoLabelsConfig()
+    report: ReportConfig = ReportConfig()
     storage: StorageConfig = StorageConfig()
     run_id: str | None = Field(default=None, description="Defaults to a timestamped id.")
     stall_timeout_s: float | None = Field(

@@ -37,6 +37,8 @@ def main() -> int:
     print(format_summary(summary))
     print(f"  depth maps:        {config.output.uri}/depth/")
     print(f"  segmentation maps: {config.output.uri}/segmentation/")
+    if summary.quality_report_uri:
+        print(f"  open the report:   {Path(summary.quality_report_uri).resolve().as_uri()}")
     if config.pseudo_labels.enabled and config.models.segmentation:
         from dpt_model.labels import PseudoLabelDataset
         from jobs.export import export_coco

@@ -18,7 +18,7 @@ from typing import Any
 
 from dpt_model.labels import coco_annotations
 from pipeline.encode import decode_segmentation_png
-from pipeline.predictions import read_predictions
+from pipeline.predictions import latest_segmentation_model, read_predictions
 from pipeline.retry import retry_transient
 from pipeline.storage import filesystem_for, join
 
@@ -117,28 +117,13 @@ def _class_names(
     output_uri: str, labels_from: str | None, storage_options: dict[str, Any]
 ) -> dict[int, str]:
     from dpt_model import ModelCard
-    from dpt_model.loading import DEFAULT_CACHE_DIR
 
-    model = labels_from or _latest_segmentation_model(output_uri, storage_options)
-    card = ModelCard.fetch(
-        "segmentation", model, DEFAULT_CACHE_DIR, storage_options, with_weights=False
-    )
-    return {int(key): value for key, value in (card.config.get("id2label") or {}).items()}
-
-
-def _latest_segmentation_model(output_uri: str, storage_options: dict[str, Any]) -> str:
-    fs, root = filesystem_for(output_uri, storage_options)
-    reports = [
-        json.loads(fs.cat_file(path))
-        for path in fs.glob(join(root, "_runs/*.json"))
-        if not path.endswith(".started.json")
-    ]
-    # Latest finished first: run ids are the user's to choose, so not their order.
-    for report in sorted(reports, key=lambda report: report["finished_at"], reverse=True):
-        model = report["config"]["models"]["segmentation"]
-        if model:
-            return model
-    raise SystemExit(f"no finished run under {output_uri} used a segmentation model")
+    model = labels_from or latest_segmentation_model(output_uri, storage_options)
+    if model is None:
+        raise SystemExit(f"no finished run under {output_uri} used a segmentation model")
+    return ModelCard.fetch(
+        "segmentation", model, storage_options=storage_options, with_weights=False
+    ).class_names
 
 
 def main(argv: list[str] | None = None) -> int:

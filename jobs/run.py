@@ -52,6 +52,8 @@ def format_summary(summary: RunSummary) -> str:
         f"  predictions: {summary.predictions_uri}",
         f"  run report:  {summary.report_uri}",
     ]
+    if summary.quality_report_uri:
+        lines.append(f"  quality report: {summary.quality_report_uri}")
     for reason, count in summary.error_reasons.items():
         lines.append(f"  {count:>6} × {reason}")
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.timings_s.items())

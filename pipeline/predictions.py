@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import arrow_filesystem, filesystem_for, join
 
 PREDICTIONS_FOLDER = "predictions"
+RUNS_FOLDER = "_runs"
+_ROW_CHOICE_COLUMNS = ("image_id", "status", "source_version", "config_hash", "written_at")
 
 
 def read_committed(
@@ -55,7 +58,9 @@ def read_predictions(
     transient failure in a forced rerun does not erase a good result).
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
-    table = read_committed(fs, root)
+    # Only the columns asked for, plus those that pick each image's row.
+    needed = None if columns is None else list(dict.fromkeys([*columns, *_ROW_CHOICE_COLUMNS]))
+    table = read_committed(fs, root, needed)
     keep = _latest_rows(
         table["image_id"].to_pylist(),
         table["status"].to_pylist(),
@@ -158,3 +163,44 @@ def drop_done_rows(batch: dict[str, np.ndarray], done: DoneImages) -> dict[str, 
         [str(i) for i in batch["image_id"]], [str(v) for v in batch["source_version"]]
     )
     return {key: column[~is_done] for key, column in batch.items()}
+
+
+def run_records(
+    output_uri: str, storage_options: dict[str, Any] | None = None, newest: int | None = None
+) -> list[dict[str, Any]]:
+    """The records of finished runs (``_runs/<run_id>.json``), newest first.
+
+    ``newest`` reads only that many, picked by the files' modification times, so
+    an output of years of scheduled runs is not read whole.
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    folder = join(root, RUNS_FOLDER)
+    if not fs.exists(folder):
+        return []
+    files = [
+        info
+        for info in fs.ls(folder, detail=True)
+        if info["name"].endswith(".json") and not info["name"].endswith(".started.json")
+    ]
+    files.sort(key=_modified, reverse=True)
+    paths = [info["name"] for info in files[:newest]]
+    contents = fs.cat(paths) if paths else {}
+    records = [json.loads(contents[path]) for path in paths]
+    # Run ids are the user's to choose, so finish times, not names, give the order.
+    return sorted(records, key=lambda record: record.get("finished_at", ""), reverse=True)
+
+
+def latest_segmentation_model(
+    output_uri: str, storage_options: dict[str, Any] | None = None
+) -> str | None:
+    """The segmentation checkpoint the latest finished run used, if any did."""
+    for record in run_records(output_uri, storage_options):
+        model = record["config"]["models"].get("segmentation")
+        if model:
+            return model
+    return None
+
+
+def _modified(info: dict[str, Any]) -> float:
+    stamp = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0)

@@ -30,6 +30,7 @@ from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.predictions import (
     PREDICTIONS_FOLDER,
+    RUNS_FOLDER,
     DoneImages,
     drop_done_rows,
     load_done_images,
@@ -37,8 +38,9 @@ from pipeline.predictions import (
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
+from pipeline.report import REPORT_FOLDER, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
-from pipeline.schema import reason_group, storage_problem
+from pipeline.schema import error_reason, reason_group, storage_problem
 from pipeline.storage import (
     arrow_filesystem,
     check_reachable,
@@ -61,7 +63,7 @@ SMALL_BLOCKS_ROWS = 1024
 LISTING_BLOCK_ROWS = 256
 # output.depth_format → how the actor hands depth to the encode stage.
 DEPTH_ENCODINGS = {"png16": "levels", "npz_float16": "float16"}
-OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", "_runs", "export")
+OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", RUNS_FOLDER, "export", REPORT_FOLDER)
 
 
 class OutputNotWritableError(OSError):
@@ -93,6 +95,8 @@ class RunSummary:
     stage_timings_s: dict[str, dict[str, float]] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)
     gpus: float = 0.0  # held by the inference actor pool at its largest
+    # <output>/report/index.html; None when report.enabled is false or it failed.
+    quality_report_uri: str | None = None
 
 
 def new_run_id() -> str:
@@ -199,7 +203,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     )
     images_ok = this_run["status"].count("ok")
     annotated = len(this_run["status"])
-    report_path = join(out_root, f"_runs/{run_id}.json")
+    report_path = join(out_root, f"{RUNS_FOLDER}/{run_id}.json")
     summary = RunSummary(
         run_id=run_id,
         output_uri=config.output.uri,
@@ -220,6 +224,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
         gpus=config.resources.actors.max * config.resources.gpus_per_actor,
     )
     _write_run_report(out_fs, report_path, config, summary, started_at)
+    if config.report.enabled:
+        summary.quality_report_uri = _write_quality_report(config, cards)
     return summary
 
 
@@ -555,9 +561,8 @@ def _prepare_output(fs, root: str, config: JobConfig, run_id: str, started_at: d
             "started_at": started_at.isoformat(),
             "config": config.redacted(),
         }
-        fs.pipe_file(
-            join(root, f"_runs/{run_id}.started.json"), json.dumps(record, indent=2).encode()
-        )
+        started_path = join(root, f"{RUNS_FOLDER}/{run_id}.started.json")
+        fs.pipe_file(started_path, json.dumps(record, indent=2).encode())
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise OutputNotWritableError(
             storage_problem("output.uri", config.output.uri, error)
@@ -587,6 +592,35 @@ def _check_cluster_fits(config: JobConfig) -> None:
         return
     # Ray Data would otherwise wait forever for resources that never come.
     raise ClusterTooSmallError(problem)
+
+
+def _write_quality_report(config: JobConfig, cards: dict[str, ModelCard]) -> str | None:
+    """The report on the whole output; a failure is logged, never the run's failure.
+
+    The run's results are committed by now: a report that cannot be built (a
+    storage hiccup, a source deleted mid-read) must not turn a finished run into
+    a failed one, and ``python -m jobs.report`` can build it again.
+    """
+    started = time.perf_counter()
+    try:
+        uri = write_quality_report(
+            config.output.uri,
+            config.storage_options(),
+            cards["segmentation"].class_names if "segmentation" in cards else {},
+            samples=config.report.samples,
+            thumbnail_px=config.report.thumbnail_px,
+            max_image_pixels=config.decode.max_image_pixels,
+            max_side_px=config.decode.max_side_px,
+        )
+    except Exception as problem:
+        logger.warning(
+            "quality report not written (%s); rebuild it with: python -m jobs.report %s",
+            error_reason("report", problem),
+            config.output.uri,
+        )
+        return None
+    logger.info("quality report %s (%.1f s)", uri, time.perf_counter() - started)
+    return uri
 
 
 def _write_run_report(

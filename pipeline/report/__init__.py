@@ -1,0 +1,10 @@
+"""The quality report: ``<output>/report/index.html``, for a person to look at a run.
+
+``stats`` summarises the predictions, ``thumbnails`` draws the sampled images,
+``page`` renders HTML, ``build`` reads and writes. The job calls
+``write_quality_report`` after every run; ``python -m jobs.report`` rebuilds it.
+"""
+
+from pipeline.report.build import REPORT_FOLDER, write_quality_report
+
+__all__ = ["REPORT_FOLDER", "write_quality_report"]

@@ -1,0 +1,155 @@
+"""Write ``<output>/report/``: ``index.html`` and the thumbnails it shows.
+
+Reads the committed predictions and the run records, samples a fixed number of
+images, reads their sources and maps, and writes small JPEG thumbnails next to
+the page. The page's size depends on the sample count, never on the run's.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import decode_image
+from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
+from pipeline.predictions import read_predictions, run_records
+from pipeline.report.page import ReportPage, Sample, render_page
+from pipeline.report.stats import REPORT_COLUMNS, output_stats, sample_rows
+from pipeline.report.thumbnails import (
+    colorize_depth,
+    encode_jpeg,
+    fit_within,
+    overlay_segmentation,
+    resize_rgb,
+)
+from pipeline.retry import retry_transient
+from pipeline.schema import error_reason
+from pipeline.storage import filesystem_for, full_uri, join
+
+logger = logging.getLogger(__name__)
+
+REPORT_FOLDER = "report"
+RUNS_SHOWN = 20
+# Reads of sources and maps overlap: on S3 each is a round trip.
+_READ_THREADS = 8
+_OVERLAY_ALPHA = 0.55
+
+
+def write_quality_report(
+    output_uri: str,
+    storage_options: dict[str, Any] | None = None,
+    class_names: dict[int, str] | None = None,
+    samples: int = 24,
+    thumbnail_px: int = 192,
+    max_image_pixels: int = 2**31,
+    max_side_px: int = 1 << 16,
+) -> str:
+    """Build the report for everything committed under ``output_uri``; returns the page's URI.
+
+    ``class_names`` (the segmentation checkpoint's ``id2label``) names classes;
+    without it they show as ids. ``max_image_pixels`` and ``max_side_px`` are the
+    decode limits sources are read under (the job's own, by default).
+    """
+    storage_options = storage_options or {}
+    fs, root = filesystem_for(output_uri, storage_options)
+    folder = join(root, REPORT_FOLDER)
+    table = read_predictions(output_uri, storage_options, columns=REPORT_COLUMNS)
+    stats = output_stats(table)
+    runs = [
+        {**record["summary"], "finished_at": record.get("finished_at", "")[:19].replace("T", " ")}
+        for record in run_records(output_uri, storage_options, RUNS_SHOWN)
+    ]
+
+    def thumbnails_for(numbered: tuple[int, dict[str, Any]]) -> tuple[Sample, dict[str, bytes]]:
+        number, row = numbered
+        return _sample_thumbnails(
+            number, row, storage_options, thumbnail_px, max_image_pixels, max_side_px
+        )
+
+    with ThreadPoolExecutor(_READ_THREADS) as pool:
+        made = list(pool.map(thumbnails_for, enumerate(sample_rows(table, samples))))
+    earlier = set(fs.glob(join(folder, "thumbs/*"))) if fs.exists(join(folder, "thumbs")) else set()
+    written = set()
+    for _, files in made:
+        for relative, data in files.items():
+            path = join(folder, relative)
+            retry_transient(lambda path=path, data=data: fs.pipe_file(path, data))
+            written.add(fs._strip_protocol(path))
+    page = ReportPage(
+        output_uri=output_uri,
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        stats=stats,
+        class_names=class_names or {},
+        runs=runs,
+        samples=[sample for sample, _ in made],
+    )
+    index = join(folder, "index.html")
+    html = render_page(page).encode()
+    retry_transient(lambda: fs.pipe_file(index, html))
+    # Thumbnails of an earlier, larger sample go once the new page is in place.
+    for stale in earlier - written:
+        fs.rm_file(stale)
+    return full_uri(fs, index)
+
+
+def _sample_thumbnails(
+    number: int,
+    row: dict[str, Any],
+    storage_options: dict[str, Any],
+    thumbnail_px: int,
+    max_image_pixels: int,
+    max_side_px: int,
+) -> tuple[Sample, dict[str, bytes]]:
+    """One grid entry: its input, depth and segmentation thumbnails as JPEG bytes.
+
+    A file that cannot be read any more (moved source, deleted map) leaves that
+    thumbnail out and says why on the page; it never fails the report.
+    """
+    sample, files = Sample(row=row), {}
+    size_wh = fit_within(row["width"], row["height"], thumbnail_px)
+    rgb = None
+    if "#" in row["source_uri"]:
+        # A webdataset sample or Parquet row: reading it means reading its shard.
+        sample.problems.append("input not shown: the image is inside a shard")
+    else:
+        try:
+            data = _read(row["source_uri"], storage_options)
+            rgb = resize_rgb(decode_image(data, max_image_pixels, max_side_px).rgb, size_wh)
+            files[f"thumbs/{number:03d}-input.jpg"] = encode_jpeg(rgb)
+            sample.input_thumbnail = f"thumbs/{number:03d}-input.jpg"
+        except Exception as problem:  # any unreadable file is reported on the page
+            sample.problems.append(error_reason("input", problem))
+    if row["depth_uri"]:
+        try:
+            data = _read(row["depth_uri"], storage_options)
+            depth = (
+                decode_depth_npz(data).astype(np.float32)
+                if row["depth_uri"].endswith(".npz")
+                else decode_depth_png(data).astype(np.float32)
+            )
+            near_is_high = row["depth_kind"] != "metric"
+            files[f"thumbs/{number:03d}-depth.jpg"] = encode_jpeg(
+                colorize_depth(depth, size_wh, near_is_high)
+            )
+            sample.depth_thumbnail = f"thumbs/{number:03d}-depth.jpg"
+        except Exception as problem:
+            sample.problems.append(error_reason("depth", problem))
+    if row["segmentation_uri"]:
+        try:
+            class_ids = decode_segmentation_png(_read(row["segmentation_uri"], storage_options))
+            overlay = overlay_segmentation(rgb, class_ids, size_wh, _OVERLAY_ALPHA)
+            files[f"thumbs/{number:03d}-segmentation.jpg"] = encode_jpeg(overlay)
+            sample.segmentation_thumbnail = f"thumbs/{number:03d}-segmentation.jpg"
+            sample.classes = [int(class_id) for class_id in np.unique(class_ids)]
+        except Exception as problem:
+            sample.problems.append(error_reason("segmentation", problem))
+    return sample, files
+
+
+def _read(uri: str, storage_options: dict[str, Any]) -> bytes:
+    fs, path = filesystem_for(uri, storage_options)
+    return retry_transient(lambda: fs.cat_file(path))

@@ -1,0 +1,332 @@
+"""The quality report's parts without Ray: stats, thumbnails, the page, and the builder
+over hand-made outputs (local and on a real S3 endpoint)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from datetime import timedelta
+from html.parser import HTMLParser
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.sample_images import encoded, synthetic_photo
+from pipeline.encode import IGNORE_CLASS_ID, encode_depth_png, encode_segmentation_png
+from pipeline.report import write_quality_report
+from pipeline.report.page import ReportPage, Sample, render_page
+from pipeline.report.stats import histogram, output_stats, sample_rows
+from pipeline.report.thumbnails import (
+    PALETTE,
+    TURBO_LUT,
+    colorize_depth,
+    fit_within,
+    overlay_segmentation,
+)
+from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.storage import filesystem_for
+from tests.pipeline.test_predictions import T0, row
+
+# --- stats ------------------------------------------------------------------
+
+
+def predictions(rows: list[dict]) -> pa.Table:
+    full = [{field.name: r.get(field.name) for field in PREDICTION_SCHEMA} for r in rows]
+    return pa.Table.from_pylist(full, schema=PREDICTION_SCHEMA)
+
+
+def labelled(image_id: str, labels: list[int], confidence: float, coverage: float, kept: bool):
+    return {
+        **row(image_id, "ok", 0),
+        "seg_labels": labels,
+        "seg_confidence_mean": confidence,
+        "label_coverage": coverage,
+        "kept": kept,
+        "depth_kind": "relative_inverse",
+    }
+
+
+def test_counts_error_groups_classes_and_histograms_come_from_the_rows():
+    errors = [
+        {**row(f"t{i}", "error", 0), "error": f"decode: truncated or corrupt image data: t{i}"}
+        for i in range(5)
+    ]
+    errors.append({**row("e", "error", 0), "error": "read: FileNotFoundError: gone"})
+    for error in errors:
+        error["kept"] = False  # as the job writes error rows in pseudo-label mode
+    rows = [
+        labelled("a", [0, 3], 0.9, 0.97, True),
+        labelled("b", [3], 0.6, 0.22, False),
+        labelled("c", [3, 7], 0.55, 0.58, True),
+        *errors,
+    ]
+    stats = output_stats(predictions(rows), examples_per_group=2)
+
+    assert (stats.images, stats.ok, stats.error) == (9, 3, 6)
+    # Error rows carry kept = false too, but they are errors, not weak labels.
+    assert (stats.kept, stats.weak) == (2, 1)
+    assert [(g.reason, g.count) for g in stats.error_groups] == [
+        ("decode: truncated or corrupt image data", 5),
+        ("read: FileNotFoundError", 1),
+    ]
+    assert stats.error_groups[0].examples == [
+        ("s3://b/t0.jpg", "decode: truncated or corrupt image data: t0"),
+        ("s3://b/t1.jpg", "decode: truncated or corrupt image data: t1"),
+    ]
+    assert stats.class_images == [(3, 3), (0, 1), (7, 1)]
+    coverage = stats.histograms["label_coverage"]
+    assert sum(coverage.counts) == 3 and coverage.missing == 6
+    assert coverage.counts[19] == 1 and coverage.counts[4] == 1 and coverage.counts[11] == 1
+    assert stats.depth_kinds == {"relative_inverse": 3}
+
+
+def test_error_groups_beyond_the_cap_are_counted_not_listed():
+    rows = [{**row(f"x{i}", "error", 0), "error": f"decode: kind {i}: detail"} for i in range(7)]
+    stats = output_stats(predictions(rows), max_error_groups=3)
+    assert len(stats.error_groups) == 3 and stats.more_error_groups == 4
+
+
+def test_an_output_without_segmentation_or_rows_still_summarises():
+    stats = output_stats(predictions([row("a", "ok", 0)]))
+    assert (stats.images, stats.ok, stats.class_images, stats.histograms) == (1, 1, [], {})
+    empty = output_stats(predictions([]))
+    assert (empty.images, empty.error_groups) == (0, [])
+
+
+def test_histogram_bins_cover_zero_to_one_inclusive():
+    result = histogram(np.array([0.0, 0.049, 0.05, 1.0, 1.2]), bins=20)
+    assert result.counts[0] == 2 and result.counts[1] == 1 and result.counts[19] == 2
+    assert result.edges[0] == 0.0 and result.edges[-1] == 1.0 and len(result.edges) == 21
+
+
+def test_the_sample_is_ok_rows_only_and_stable_as_the_output_grows():
+    rows = [row(f"img{i}", "ok", 0) for i in range(50)] + [row("bad", "error", 0)]
+    first = [r["image_id"] for r in sample_rows(predictions(rows), 10)]
+    assert len(first) == 10 and "bad" not in first
+    assert [r["image_id"] for r in sample_rows(predictions(rows[::-1]), 10)] == first
+    grown = rows + [row(f"new{i}", "ok", 0) for i in range(5)]
+    again = [r["image_id"] for r in sample_rows(predictions(grown), 10)]
+    assert len(set(first) & set(again)) >= 5
+    assert sample_rows(predictions(rows), 0) == []
+
+
+# --- thumbnails --------------------------------------------------------------
+
+
+def test_turbo_runs_from_dark_blue_through_green_to_dark_red():
+    low, middle, high = TURBO_LUT[16], TURBO_LUT[128], TURBO_LUT[255]
+    assert low[2] > 2 * low[0] and high[0] > 3 * high[2] and middle[1] > 200
+    assert TURBO_LUT.shape == (256, 3) and TURBO_LUT.dtype == np.uint8
+    brightness = TURBO_LUT.astype(int).sum(axis=1)
+    assert brightness[0] < brightness[128] > brightness[255]
+
+
+@pytest.mark.parametrize("kind_near_is_high", [True, False])
+def test_depth_colours_put_red_where_the_scene_is_near(kind_near_is_high):
+    # Left half near, right half far, in the model's convention.
+    near, far = (10.0, 1.0) if kind_near_is_high else (1.0, 10.0)
+    depth = np.full((20, 40), far, dtype=np.float32)
+    depth[:, :20] = near
+    rgb = colorize_depth(depth, (80, 40), near_is_high=kind_near_is_high)
+    assert rgb.shape == (40, 80, 3)
+    assert tuple(rgb[20, 5]) == tuple(TURBO_LUT[255]) and tuple(rgb[20, 75]) == tuple(TURBO_LUT[0])
+
+
+def test_a_flat_or_empty_depth_map_does_not_divide_by_zero():
+    assert colorize_depth(np.ones((4, 4), np.float32), (8, 8), True).shape == (8, 8, 3)
+    nan_map = np.full((4, 4), np.nan, dtype=np.float32)
+    assert not colorize_depth(nan_map, (8, 8), True).any()
+
+
+def test_the_overlay_blends_class_colours_and_dims_ignored_pixels():
+    photo = np.full((10, 10, 3), 200, dtype=np.uint8)
+    class_ids = np.full((5, 5), 2, dtype=np.uint8)
+    class_ids[0, 0] = IGNORE_CLASS_ID
+    overlay = overlay_segmentation(photo, class_ids, (10, 10), alpha=0.5)
+    expected = np.round(200 * 0.5 + PALETTE[2].astype(float) * 0.5)
+    np.testing.assert_array_equal(overlay[9, 9], expected)
+    np.testing.assert_array_equal(overlay[0, 0], [70, 70, 70])  # 200 × 0.35, no class colour
+    without_photo = overlay_segmentation(None, class_ids, (10, 10), alpha=0.5)
+    np.testing.assert_array_equal(without_photo[9, 9], np.round(128 * 0.5 + PALETTE[2] * 0.5))
+
+
+def test_thumbnails_keep_the_aspect_and_never_grow():
+    assert fit_within(4000, 3000, 192) == (192, 144)
+    assert fit_within(300, 4000, 192) == (14, 192)
+    assert fit_within(100, 50, 192) == (100, 50)
+
+
+# --- page ---------------------------------------------------------------------
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.sources, self.counts, self._count = [], [], {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.tags.append(tag)
+        if tag in ("img", "script", "link", "iframe"):
+            self.sources.append(attributes.get("src") or attributes.get("href"))
+        self._count = attributes.get("data-count")
+
+    def handle_data(self, data):
+        if self._count:
+            self.counts[self._count] = data
+            self._count = None
+
+
+def test_the_page_escapes_every_value_from_the_data():
+    hostile = '<script>alert("x")</script>'
+    rows = [
+        {**labelled("a", [1], 0.8, 0.9, True), "source_uri": f"s3://b/{hostile}.jpg"},
+        {**row("e", "error", 0), "error": f"decode: {hostile}: bad"},
+    ]
+    rows[0].update(width=64, height=48)
+    stats = output_stats(predictions(rows))
+    page = render_page(
+        ReportPage(
+            output_uri=f"s3://out/{hostile}",
+            generated_at="now",
+            stats=stats,
+            class_names={1: hostile},
+            runs=[],
+            samples=[Sample(row=rows[0], input_thumbnail="thumbs/000-input.jpg", classes=[1])],
+        )
+    )
+    collector = _Collector()
+    collector.feed(page)
+    assert "script" not in collector.tags and "<script>" not in page
+    assert collector.sources == ["thumbs/000-input.jpg"]  # nothing fetched from elsewhere
+    assert collector.counts == {"images": "2", "ok": "1", "error": "1", "kept": "1", "weak": "0"}
+
+
+# --- builder ------------------------------------------------------------------
+
+
+def write_output(fs: fsspec.AbstractFileSystem, root: str, images: int) -> list[dict]:
+    """An output as a job leaves it: sources, maps, one Parquet part and a run record."""
+    rows = []
+    for index in range(images):
+        width, height = 120 + 8 * index, 90
+        source = f"{root}/src/img {index}.jpg"
+        fs.pipe_file(source, encoded(synthetic_photo(width, height, seed=index), "JPEG"))
+        levels = np.tile(np.linspace(0, 65535, 24, dtype=np.uint16), (18, 1))
+        class_ids = np.zeros((18, 24), dtype=np.uint8)
+        class_ids[:, 12:] = 4
+        class_ids[0, 0] = IGNORE_CLASS_ID
+        fs.pipe_file(f"{root}/depth/{index}.png", encode_depth_png(levels, 1))
+        fs.pipe_file(f"{root}/segmentation/{index}.png", encode_segmentation_png(class_ids, 1))
+        rows.append(
+            {
+                **labelled(f"img{index}", [0, 4], 0.7, 0.8, True),
+                "source_uri": fs.unstrip_protocol(source),
+                "width": width,
+                "height": height,
+                "depth_uri": fs.unstrip_protocol(f"{root}/depth/{index}.png"),
+                "segmentation_uri": fs.unstrip_protocol(f"{root}/segmentation/{index}.png"),
+            }
+        )
+    rows.append({**row("broken", "error", 0), "error": "decode: not an image: x"})
+    buffer = io.BytesIO()
+    pq.write_table(predictions(rows), buffer)
+    fs.pipe_file(f"{root}/predictions/part-0.parquet", buffer.getvalue())
+    for minutes, run_id in ((0, "older"), (5, "newer")):
+        record = {
+            "summary": {
+                "run_id": run_id,
+                "images_ok": images,
+                "images_error": 1,
+                "images_skipped_done": 0,
+                "elapsed_s": 3.0,
+                "images_per_s": 2.0,
+            },
+            "finished_at": (T0 + timedelta(minutes=minutes)).isoformat(),
+            "config": {"models": {"segmentation": None}},
+        }
+        fs.pipe_file(f"{root}/_runs/{run_id}.json", json.dumps(record).encode())
+    return rows
+
+
+def page_of(fs, root) -> _Collector:
+    collector = _Collector()
+    collector.feed(fs.cat_file(f"{root}/report/index.html").decode())
+    return collector
+
+
+def test_the_report_shows_a_bounded_sample_and_replaces_its_earlier_thumbnails(tmp_path):
+    fs, root = filesystem_for(str(tmp_path), {})
+    write_output(fs, root, images=6)
+    uri = write_quality_report(root, {}, {0: "wall", 4: "person"}, samples=5, thumbnail_px=64)
+    assert uri == f"{root}/report/index.html"
+    page = page_of(fs, root)
+    assert page.counts == {"images": "7", "ok": "6", "error": "1", "kept": "6", "weak": "0"}
+    assert len(page.sources) == 15
+    for source in page.sources:
+        with Image.open(tmp_path / "report" / source) as thumbnail:
+            assert max(thumbnail.size) == 64
+    html = (tmp_path / "report/index.html").read_text()
+    assert html.index("newer") < html.index("older")  # runs newest first
+    assert "person (4)" in html and "wall (0)" in html
+
+    write_quality_report(root, {}, {}, samples=2, thumbnail_px=64)
+    assert len(page_of(fs, root).sources) == 6
+    assert len(list((tmp_path / "report/thumbs").iterdir())) == 6
+
+
+def test_a_missing_source_leaves_its_thumbnail_out_and_says_why(tmp_path):
+    fs, root = filesystem_for(str(tmp_path), {})
+    write_output(fs, root, images=1)
+    (tmp_path / "src/img 0.jpg").unlink()
+    write_quality_report(root, {}, {}, samples=4)
+    html = (tmp_path / "report/index.html").read_text()
+    assert page_of(fs, root).sources == ["thumbs/000-depth.jpg", "thumbs/000-segmentation.jpg"]
+    assert re.search(r'class="problem">input: FileNotFoundError', html)
+
+
+def test_the_report_command_rebuilds_a_report_on_s3(s3_endpoint, tmp_path):
+    from tests.test_fault_proxy import s3_through
+
+    s3 = s3_through(s3_endpoint)
+    s3.mkdir("report-out")
+    write_output(s3, "report-out/job", images=3)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.report",
+            "s3://report-out/job",
+            "--samples",
+            "2",
+            "--endpoint-url",
+            s3_endpoint,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3://report-out/job/report/index.html" in result.stdout
+    page = page_of(s3_through(s3_endpoint), "report-out/job")
+    assert page.counts["images"] == "4" and len(page.sources) == 6
+    assert sorted(s3.ls("report-out/job/report/thumbs")) == sorted(
+        f"report-out/job/report/{source}" for source in page.sources
+    )
+
+
+def test_the_report_command_names_a_bad_argument():
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.report", "/nowhere", "--samples", "-1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "--samples" in result.stderr
