@@ -15,8 +15,8 @@ import sys
 from pydantic import ValidationError
 
 from jobs.config import ReportConfig
-from pipeline.predictions import latest_segmentation_model
-from pipeline.report import write_quality_report
+from pipeline.predictions import latest_segmentation_model, run_records
+from pipeline.report import ShardInput, write_quality_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 
         card = ModelCard.fetch("segmentation", model, storage_options=options, with_weights=False)
         class_names = card.class_names
+    latest_run = run_records(args.output_uri, options, newest=1)
     uri = write_quality_report(
         args.output_uri,
         options,
         class_names,
         samples=args.samples,
         thumbnail_px=args.thumbnail_px,
+        shard_input=ShardInput.from_run_record(latest_run[0]) if latest_run else None,
     )
     print(f"wrote {uri}")
     return 0

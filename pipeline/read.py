@@ -119,17 +119,13 @@ def _shard_rows(
     image_column: str,
     id_column: str | None,
 ) -> Iterator[dict[str, Any]]:
-    fs, path = filesystem_for(shard_uri, storage_options)
     images = 0
     try:
-        with retry_transient(lambda: fs.open(path, "rb", block_size=SHARD_BLOCK_BYTES)) as file:
-            if input_format == "webdataset":
-                samples = iter_webdataset(file, extensions)
-            else:
-                samples = iter_parquet_images(file, image_column, id_column)
-            for sample in samples:
-                images += 1
-                yield _image_row(shard_uri, shard_key, shard_version, sample)
+        for sample in iter_shard_images(
+            shard_uri, input_format, storage_options, extensions, image_column, id_column
+        ):
+            images += 1
+            yield _image_row(shard_uri, shard_key, shard_version, sample)
     except (ShardError, OSError, ValueError) as problem:
         where = f"after {images} images" if images else "before any image"
         yield {
@@ -142,6 +138,23 @@ def _shard_rows(
             "error": error_reason("read", f"shard failed {where}: {problem}"),
             "source_metadata": "",
         }
+
+
+def iter_shard_images(
+    shard_uri: str,
+    input_format: str,
+    storage_options: dict[str, Any],
+    extensions: tuple[str, ...],
+    image_column: str,
+    id_column: str | None,
+) -> Iterator[ShardImage]:
+    """Stream a webdataset or Parquet shard's images; the shard closes when the caller stops."""
+    fs, path = filesystem_for(shard_uri, storage_options)
+    with retry_transient(lambda: fs.open(path, "rb", block_size=SHARD_BLOCK_BYTES)) as file:
+        if input_format == "webdataset":
+            yield from iter_webdataset(file, extensions)
+        else:
+            yield from iter_parquet_images(file, image_column, id_column)
 
 
 def _image_row(

@@ -38,7 +38,7 @@ from pipeline.predictions import (
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
-from pipeline.report import REPORT_FOLDER, write_quality_report
+from pipeline.report import REPORT_FOLDER, ShardInput, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.schema import error_reason, reason_group, storage_problem
 from pipeline.storage import (
@@ -225,7 +225,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     )
     _write_run_report(out_fs, report_path, config, summary, started_at)
     if config.report.enabled:
-        summary.quality_report_uri = _write_quality_report(config, cards)
+        summary.quality_report_uri = _write_quality_report(config, cards, listing.format)
     return summary
 
 
@@ -594,7 +594,9 @@ def _check_cluster_fits(config: JobConfig) -> None:
     raise ClusterTooSmallError(problem)
 
 
-def _write_quality_report(config: JobConfig, cards: dict[str, ModelCard]) -> str | None:
+def _write_quality_report(
+    config: JobConfig, cards: dict[str, ModelCard], input_format: str
+) -> str | None:
     """The report on the whole output; a failure is logged, never the run's failure.
 
     The run's results are committed by now: a report that cannot be built (a
@@ -611,6 +613,16 @@ def _write_quality_report(config: JobConfig, cards: dict[str, ModelCard]) -> str
             thumbnail_px=config.report.thumbnail_px,
             max_image_pixels=config.decode.max_image_pixels,
             max_side_px=config.decode.max_side_px,
+            shard_input=(
+                ShardInput(
+                    input_format,
+                    config.input.extensions,
+                    config.input.image_column,
+                    config.input.id_column,
+                )
+                if input_format in SHARD_FORMATS
+                else None
+            ),
         )
     except Exception as problem:
         logger.warning(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import uuid
 
 import numpy as np
@@ -66,6 +67,15 @@ def run_on_s3(s3, s3_endpoint, checkpoints, bucket: str, *overrides: str):
     return summary, {row["source_uri"]: row for row in table.to_pylist()}
 
 
+def report_thumbnails(s3, bucket: str) -> list[str]:
+    """The thumbnails the run's quality report shows, each checked to exist on S3."""
+    html = s3.cat_file(f"{bucket}/out/report/index.html").decode()
+    assert 'class="problem"' not in html  # no thumbnail left out
+    shown = sorted(re.findall(r'<img src="(thumbs/[^"]+)"', html))
+    assert all(s3.exists(f"{bucket}/out/report/{path}") for path in shown)
+    return shown
+
+
 def assert_depth_map(s3, row, image_hw):
     """An ok row of an image of that size, with its depth map at the model's size."""
     assert row["status"] == "ok", row["error"]
@@ -101,6 +111,8 @@ def test_image_files_models_and_outputs_all_on_s3(ray_cluster, s3_endpoint, s3, 
         assert_depth_map(s3, row, (64, 96))
         assert decode_segmentation_png(s3.cat_file(row["segmentation_uri"])).shape == (64, 96)
     assert s3.exists(f"{bucket}/out/_runs/s3-run.json")
+    assert summary.quality_report_uri == f"s3://{bucket}/out/report/index.html"
+    assert len(report_thumbnails(s3, bucket)) == 4 * 3  # input, depth, segmentation
 
 
 def test_webdataset_shards_with_metadata_and_a_truncated_shard(
@@ -132,6 +144,8 @@ def test_webdataset_shards_with_metadata_and_a_truncated_shard(
     assert first_row["depth_uri"] == f"s3://{bucket}/out/depth/a-000.tar/000.jpg.png"
     assert_depth_map(s3, first_row, (64, 96))
     assert rows[f"{prefix}/a-000.tar#001"]["source_metadata"] is None
+    # The report finds its sampled images inside their shards (.tar and .tar.gz).
+    assert len(report_thumbnails(s3, bucket)) == len(ok) * 2  # input, depth
 
 
 def test_parquet_image_shards_with_an_id_column(ray_cluster, s3_endpoint, s3, checkpoints):
@@ -170,6 +184,7 @@ def test_parquet_image_shards_with_an_id_column(ray_cluster, s3_endpoint, s3, ch
         f"s3://{bucket}/out/depth/train-00000.parquet/u1.png"
     )
     assert_depth_map(s3, rows[f"{shard}#u1"], (64, 96))
+    assert len(report_thumbnails(s3, bucket)) == 3 * 2  # input, depth
 
 
 def test_manifest_across_buckets_and_presigned_urls(ray_cluster, s3_endpoint, s3, checkpoints):

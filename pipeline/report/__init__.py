@@ -5,6 +5,6 @@
 ``write_quality_report`` after every run; ``python -m jobs.report`` rebuilds it.
 """
 
-from pipeline.report.build import REPORT_FOLDER, write_quality_report
+from pipeline.report.build import REPORT_FOLDER, ShardInput, write_quality_report
 
-__all__ = ["REPORT_FOLDER", "write_quality_report"]
+__all__ = ["REPORT_FOLDER", "ShardInput", "write_quality_report"]

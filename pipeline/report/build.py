@@ -7,8 +7,10 @@ the page. The page's size depends on the sample count, never on the run's.
 
 from __future__ import annotations
 
+import collections
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
 from pipeline.predictions import read_predictions, run_records
+from pipeline.read import iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
 from pipeline.report.stats import REPORT_COLUMNS, output_stats, sample_rows
 from pipeline.report.thumbnails import (
@@ -37,6 +40,33 @@ RUNS_SHOWN = 20
 # Reads of sources and maps overlap: on S3 each is a round trip.
 _READ_THREADS = 8
 _OVERLAY_ALPHA = 0.55
+# Sampled images inside shards are shown from at most this many shards (each is
+# streamed until its sampled images are found); the rest show their maps only.
+MAX_SHARDS_READ = 3
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """How the run read its shards, to find sampled images in them again."""
+
+    format: str  # "webdataset" or "parquet"
+    extensions: tuple[str, ...]
+    image_column: str
+    id_column: str | None
+
+    @classmethod
+    def from_run_record(cls, record: dict[str, Any]) -> ShardInput | None:
+        """From a finished run's record (``_runs/<run_id>.json``); None for image files."""
+        input_format = record["summary"].get("input_format")
+        if input_format not in ("webdataset", "parquet"):
+            return None
+        settings = record["config"]["input"]
+        return cls(
+            input_format,
+            tuple(settings["extensions"]),
+            settings["image_column"],
+            settings["id_column"],
+        )
 
 
 def write_quality_report(
@@ -47,12 +77,14 @@ def write_quality_report(
     thumbnail_px: int = 192,
     max_image_pixels: int = 2**31,
     max_side_px: int = 1 << 16,
+    shard_input: ShardInput | None = None,
 ) -> str:
     """Build the report for everything committed under ``output_uri``; returns the page's URI.
 
     ``class_names`` (the segmentation checkpoint's ``id2label``) names classes;
     without it they show as ids. ``max_image_pixels`` and ``max_side_px`` are the
     decode limits sources are read under (the job's own, by default).
+    ``shard_input`` lets the report show images that live inside shards.
     """
     storage_options = storage_options or {}
     fs, root = filesystem_for(output_uri, storage_options)
@@ -64,14 +96,18 @@ def write_quality_report(
         for record in run_records(output_uri, storage_options, RUNS_SHOWN)
     ]
 
-    def thumbnails_for(numbered: tuple[int, dict[str, Any]]) -> tuple[Sample, dict[str, bytes]]:
-        number, row = numbered
-        return _sample_thumbnails(
-            number, row, storage_options, thumbnail_px, max_image_pixels, max_side_px
-        )
+    sampled = sample_rows(table, samples)
 
     with ThreadPoolExecutor(_READ_THREADS) as pool:
-        made = list(pool.map(thumbnails_for, enumerate(sample_rows(table, samples))))
+        in_shards = _images_in_shards(pool, sampled, shard_input, storage_options)
+
+        def thumbnails_for(numbered: tuple[int, dict[str, Any]]) -> tuple[Sample, dict[str, bytes]]:
+            number, row = numbered
+            return _sample_thumbnails(
+                number, row, in_shards, storage_options, thumbnail_px, max_image_pixels, max_side_px
+            )
+
+        made = list(pool.map(thumbnails_for, enumerate(sampled)))
     earlier = set(fs.glob(join(folder, "thumbs/*"))) if fs.exists(join(folder, "thumbs")) else set()
     written = set()
     for _, files in made:
@@ -96,9 +132,52 @@ def write_quality_report(
     return full_uri(fs, index)
 
 
+def _images_in_shards(
+    pool: ThreadPoolExecutor,
+    rows: list[dict[str, Any]],
+    shard_input: ShardInput | None,
+    storage_options: dict[str, Any],
+) -> dict[str, bytes | str]:
+    """Source URI → image bytes (or why not) for sampled rows whose image is in a shard."""
+    wanted = collections.defaultdict(set)
+    for row in rows:
+        if "#" in row["source_uri"]:
+            shard_uri, sample_id = row["source_uri"].rsplit("#", 1)
+            wanted[shard_uri].add(sample_id)
+    if not wanted or shard_input is None:
+        return {}
+
+    def read(shard_uri: str) -> dict[str, bytes | str]:
+        found, missing = {}, set(wanted[shard_uri])
+        try:
+            for image in iter_shard_images(
+                shard_uri,
+                shard_input.format,
+                storage_options,
+                shard_input.extensions,
+                shard_input.image_column,
+                shard_input.id_column,
+            ):
+                if image.sample_id in missing and image.data is not None:
+                    found[f"{shard_uri}#{image.sample_id}"] = image.data
+                    missing.discard(image.sample_id)
+                    if not missing:
+                        break  # stop streaming the shard: the rest is not needed
+        except Exception as problem:  # reported per image on the page
+            reason = error_reason("input", problem)
+            found.update({f"{shard_uri}#{sample_id}": reason for sample_id in missing})
+        return found
+
+    results = {}
+    for found in pool.map(read, list(wanted)[:MAX_SHARDS_READ]):
+        results.update(found)
+    return results
+
+
 def _sample_thumbnails(
     number: int,
     row: dict[str, Any],
+    in_shards: dict[str, bytes | str],
     storage_options: dict[str, Any],
     thumbnail_px: int,
     max_image_pixels: int,
@@ -112,12 +191,15 @@ def _sample_thumbnails(
     sample, files = Sample(row=row), {}
     size_wh = fit_within(row["width"], row["height"], thumbnail_px)
     rgb = None
-    if "#" in row["source_uri"]:
+    in_shard = in_shards.get(row["source_uri"])
+    if isinstance(in_shard, str):
+        sample.problems.append(in_shard)
+    elif in_shard is None and "#" in row["source_uri"]:
         # A webdataset sample or Parquet row: reading it means reading its shard.
-        sample.problems.append("input not shown: the image is inside a shard")
+        sample.problems.append("input not shown: its shard was not read for the report")
     else:
         try:
-            data = _read(row["source_uri"], storage_options)
+            data = in_shard or _read(row["source_uri"], storage_options)
             rgb = resize_rgb(decode_image(data, max_image_pixels, max_side_px).rgb, size_wh)
             files[f"thumbs/{number:03d}-input.jpg"] = encode_jpeg(rgb)
             sample.input_thumbnail = f"thumbs/{number:03d}-input.jpg"

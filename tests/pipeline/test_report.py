@@ -20,7 +20,8 @@ from PIL import Image
 
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.encode import IGNORE_CLASS_ID, encode_depth_png, encode_segmentation_png
-from pipeline.report import write_quality_report
+from pipeline.report import ShardInput, write_quality_report
+from pipeline.report.build import MAX_SHARDS_READ
 from pipeline.report.page import ReportPage, Sample, render_page
 from pipeline.report.stats import histogram, output_stats, sample_rows
 from pipeline.report.thumbnails import (
@@ -33,6 +34,7 @@ from pipeline.report.thumbnails import (
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import filesystem_for
 from tests.pipeline.test_predictions import T0, row
+from tests.pipeline.test_shards import tar_bytes
 
 # --- stats ------------------------------------------------------------------
 
@@ -330,3 +332,56 @@ def test_the_report_command_names_a_bad_argument():
         check=False,
     )
     assert result.returncode == 2 and "--samples" in result.stderr
+
+
+def write_shard_output(fs, root: str, shards: int, images_per_shard: int) -> None:
+    """Webdataset shards and an output whose rows point into them (depth maps only)."""
+    rows = []
+    for shard in range(shards):
+        members = [
+            (f"{index:03d}.jpg", encoded(synthetic_photo(80, 60, seed=index), "JPEG"))
+            for index in range(images_per_shard)
+        ]
+        shard_path = f"{root}/shards/s{shard}.tar"
+        fs.pipe_file(shard_path, tar_bytes(members))
+        levels = np.tile(np.arange(24, dtype=np.uint16) * 2000, (18, 1))
+        for index in range(images_per_shard):
+            depth_path = f"{root}/depth/s{shard}/{index}.png"
+            fs.pipe_file(depth_path, encode_depth_png(levels, 1))
+            rows.append(
+                {
+                    **row(f"s{shard}-{index}", "ok", 0),
+                    "source_uri": f"{fs.unstrip_protocol(shard_path)}#{index:03d}",
+                    "width": 80,
+                    "height": 60,
+                    "depth_uri": fs.unstrip_protocol(depth_path),
+                    "depth_kind": "metric",
+                }
+            )
+    buffer = io.BytesIO()
+    pq.write_table(predictions(rows), buffer)
+    fs.pipe_file(f"{root}/predictions/part-0.parquet", buffer.getvalue())
+
+
+def test_sampled_images_come_from_few_shards_read_once(tmp_path):
+    fs, root = filesystem_for(str(tmp_path), {})
+    write_shard_output(fs, root, shards=5, images_per_shard=2)
+    webdataset = ShardInput("webdataset", ("jpg",), "image", None)
+    write_quality_report(root, {}, samples=8, shard_input=webdataset)
+    html = (tmp_path / "report/index.html").read_text()
+    inputs = [source for source in page_of(fs, root).sources if source.endswith("-input.jpg")]
+    assert len(inputs) == 2 * MAX_SHARDS_READ  # the shards past the cap show maps only
+    assert html.count("its shard was not read for the report") == 8 - 2 * MAX_SHARDS_READ
+
+    write_quality_report(root, {}, samples=8)  # without knowing how the shards are laid out
+    assert not [s for s in page_of(fs, root).sources if s.endswith("-input.jpg")]
+
+
+def test_the_shard_layout_comes_from_the_run_record():
+    record = {
+        "summary": {"input_format": "parquet"},
+        "config": {"input": {"extensions": ["jpg"], "image_column": "img", "id_column": "uid"}},
+    }
+    assert ShardInput.from_run_record(record) == ShardInput("parquet", ("jpg",), "img", "uid")
+    record["summary"]["input_format"] = "files"
+    assert ShardInput.from_run_record(record) is None
