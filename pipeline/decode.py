@@ -38,6 +38,7 @@ def decode_image(
     max_image_pixels: int,
     max_side_px: int,
     reduce_for: Collection[PreprocessSpec] = (),
+    reduce_to_px: int | None = None,
 ) -> DecodedImage:
     """Decode to RGB uint8 with EXIF orientation applied.
 
@@ -46,7 +47,9 @@ def decode_image(
     larger than every model's input is decoded at 1/2, 1/4 or 1/8 scale in the
     DCT (Pillow's ``draft``), never below what the largest input needs: an 8 MP
     photo decodes about 4× faster, and the models see the same picture (the
-    difference is measured in tests/pipeline/test_decode.py).
+    difference is measured in tests/pipeline/test_decode.py). ``reduce_to_px``
+    sets that bound directly (both sides keep at least that many pixels), for
+    pictures such as thumbnails that no model sees.
     """
     if not data:
         raise DecodeError("empty file")
@@ -75,7 +78,7 @@ def decode_image(
             orientation = image.getexif().get(ExifTags.Base.Orientation)
             turned = orientation in _TRANSPOSING_ORIENTATIONS
             original_hw = (width, height) if turned else (height, width)
-            side_px = draft_side_px(original_hw, reduce_for)
+            side_px = reduce_to_px or draft_side_px(original_hw, reduce_for)
             if side_px is not None and image.format == "JPEG":
                 image.draft(image.mode, (side_px, side_px))
             image.load()

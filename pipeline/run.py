@@ -223,9 +223,11 @@ def run_annotation(config: JobConfig) -> RunSummary:
         error_reasons=dict(reasons.most_common(10)),
         gpus=config.resources.actors.max * config.resources.gpus_per_actor,
     )
-    _write_run_report(out_fs, report_path, config, summary, started_at)
     if config.report.enabled:
-        summary.quality_report_uri = _write_quality_report(config, cards, listing.format)
+        report_started = time.perf_counter()
+        summary.quality_report_uri = _write_quality_report(config, cards, summary)
+        summary.timings_s["report"] = round(time.perf_counter() - report_started, 3)
+    _write_run_report(out_fs, report_path, config, summary, started_at)
     return summary
 
 
@@ -595,7 +597,7 @@ def _check_cluster_fits(config: JobConfig) -> None:
 
 
 def _write_quality_report(
-    config: JobConfig, cards: dict[str, ModelCard], input_format: str
+    config: JobConfig, cards: dict[str, ModelCard], summary: RunSummary
 ) -> str | None:
     """The report on the whole output; a failure is logged, never the run's failure.
 
@@ -603,7 +605,7 @@ def _write_quality_report(
     storage hiccup, a source deleted mid-read) must not turn a finished run into
     a failed one, and ``python -m jobs.report`` can build it again.
     """
-    started = time.perf_counter()
+    input_format = summary.input_format
     try:
         uri = write_quality_report(
             config.output.uri,
@@ -623,6 +625,7 @@ def _write_quality_report(
                 if input_format in SHARD_FORMATS
                 else None
             ),
+            this_run=asdict(summary),
         )
     except Exception as problem:
         logger.warning(
@@ -631,7 +634,7 @@ def _write_quality_report(
             config.output.uri,
         )
         return None
-    logger.info("quality report %s (%.1f s)", uri, time.perf_counter() - started)
+    logger.info("quality report %s", uri)
     return uri
 
 

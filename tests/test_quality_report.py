@@ -35,6 +35,7 @@ _PAGE_FACTS = """JSON.stringify({
                              .map(e => [e.dataset.count, e.textContent])),
   errors: [...document.querySelectorAll(".error-group summary")].map(e => e.textContent),
   legend: [...document.querySelectorAll(".legend-item")].map(e => e.textContent),
+  runs: [...document.querySelectorAll("#runs td:first-child")].map(e => e.textContent),
 })"""
 
 
@@ -131,6 +132,7 @@ def test_every_run_writes_a_report_whose_page_matches_the_parquet(finished_outpu
     )
     # Classes are named from the checkpoint's id2label.
     assert any(name in " ".join(facts["legend"]) for name in SEEDED_LABELS)
+    assert facts["runs"] == [summary.run_id]  # the run that wrote the page heads its table
     assert (ARTIFACTS / "quality-report.png").stat().st_size > 10_000
 
 

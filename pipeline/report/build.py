@@ -78,6 +78,7 @@ def write_quality_report(
     max_image_pixels: int = 2**31,
     max_side_px: int = 1 << 16,
     shard_input: ShardInput | None = None,
+    this_run: dict[str, Any] | None = None,
 ) -> str:
     """Build the report for everything committed under ``output_uri``; returns the page's URI.
 
@@ -85,6 +86,7 @@ def write_quality_report(
     without it they show as ids. ``max_image_pixels`` and ``max_side_px`` are the
     decode limits sources are read under (the job's own, by default).
     ``shard_input`` lets the report show images that live inside shards.
+    ``this_run`` (a run summary) heads the runs table before its record is written.
     """
     storage_options = storage_options or {}
     fs, root = filesystem_for(output_uri, storage_options)
@@ -92,9 +94,13 @@ def write_quality_report(
     table = read_predictions(output_uri, storage_options, columns=REPORT_COLUMNS)
     stats = output_stats(table)
     runs = [
-        {**record["summary"], "finished_at": record.get("finished_at", "")[:19].replace("T", " ")}
+        {**record["summary"], "finished_at": _shown_time(record.get("finished_at", ""))}
         for record in run_records(output_uri, storage_options, RUNS_SHOWN)
     ]
+    if this_run is not None:
+        earlier = [run for run in runs if run["run_id"] != this_run["run_id"]]
+        finished_at = _shown_time(datetime.now(UTC).isoformat())
+        runs = [{**this_run, "finished_at": finished_at}, *earlier][:RUNS_SHOWN]
 
     sampled = sample_rows(table, samples)
 
@@ -200,7 +206,8 @@ def _sample_thumbnails(
     else:
         try:
             data = in_shard or _read(row["source_uri"], storage_options)
-            rgb = resize_rgb(decode_image(data, max_image_pixels, max_side_px).rgb, size_wh)
+            decoded = decode_image(data, max_image_pixels, max_side_px, reduce_to_px=thumbnail_px)
+            rgb = resize_rgb(decoded.rgb, size_wh)
             files[f"thumbs/{number:03d}-input.jpg"] = encode_jpeg(rgb)
             sample.input_thumbnail = f"thumbs/{number:03d}-input.jpg"
         except Exception as problem:  # any unreadable file is reported on the page
@@ -230,6 +237,10 @@ def _sample_thumbnails(
         except Exception as problem:
             sample.problems.append(error_reason("segmentation", problem))
     return sample, files
+
+
+def _shown_time(iso_time: str) -> str:
+    return iso_time[:19].replace("T", " ")
 
 
 def _read(uri: str, storage_options: dict[str, Any]) -> bytes:

@@ -96,7 +96,7 @@ def _runs_section(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return ""
     header = (
-        "<tr><th>run</th><th>finished</th><th>ok</th><th>errors</th><th>already done</th>"
+        "<tr><th>run</th><th>finished (UTC)</th><th>ok</th><th>errors</th><th>already done</th>"
         "<th>seconds</th><th>images/s</th></tr>"
     )
     rows = "".join(

@@ -132,3 +132,10 @@ def test_decode_batch_reports_original_size_of_drafted_images():
         out = decode_batch(batch, {"depth": PreprocessSpec()}, **LIMITS, jpeg_draft=jpeg_draft)
         assert (out["height"][0], out["width"][0]) == (1080, 1920)
         assert out["depth_input"][0].shape == (384, 384, 3)
+
+
+def test_reduce_to_px_decodes_a_large_jpeg_at_the_smallest_scale_that_keeps_the_side():
+    data = encoded(synthetic_photo(800, 600, seed=1), "JPEG")
+    # 1/4 scale keeps both sides at least 100 px (200×150); 1/8 would not (100×75).
+    assert decode_image(data, 2**31, 1 << 16, reduce_to_px=100).rgb.shape == (150, 200, 3)
+    assert decode_image(data, 2**31, 1 << 16).rgb.shape == (600, 800, 3)
