@@ -20,9 +20,9 @@ from dpt_model.predictor import IGNORE_LABEL
 from dpt_model.processing import upsample_depth
 from dpt_model.quantize import depth_at_size
 from pipeline.decode import decode_image
-from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
+from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.predictions import read_predictions
-from pipeline.storage import filesystem_for
+from pipeline.storage import read_bytes
 
 # The job's own limits (jobs/config.py DecodeConfig): every image it annotated fits.
 _MAX_IMAGE_PIXELS = 2**31
@@ -100,14 +100,13 @@ class PseudoLabelDataset(Dataset):
             rgb = decode_image(data, _MAX_IMAGE_PIXELS, _MAX_SIDE_PX).rgb
             item["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         if row["depth_uri"]:
-            data = self._read(row["depth_uri"])
-            if row["depth_uri"].endswith(".npz"):  # output.depth_format: npz_float16
-                stored = torch.from_numpy(decode_depth_npz(data)).float()
-                same_size = tuple(stored.shape) == size_hw
-                depth = (stored if same_size else upsample_depth(stored, size_hw)).numpy()
+            stored = decode_depth_map(row["depth_uri"], self._read(row["depth_uri"]))
+            if stored.dtype == np.float16:  # output.depth_format: npz_float16
+                values = torch.from_numpy(stored).float()
+                same_size = tuple(values.shape) == size_hw
+                depth = (values if same_size else upsample_depth(values, size_hw)).numpy()
             else:
-                levels = decode_depth_png(data)
-                depth = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
+                depth = depth_at_size(stored, row["depth_min"], row["depth_max"], size_hw)
             if self.depth == "normalized":
                 # The map as delivered, at the image's size, spans exactly [0, 1].
                 low, high = float(depth.min()), float(depth.max())
@@ -121,10 +120,7 @@ class PseudoLabelDataset(Dataset):
         return self.transform(item) if self.transform else item
 
     def _read(self, uri: str) -> bytes:
-        # Per call, not per dataset: fsspec caches filesystems per process, and a
-        # DataLoader worker must not reuse its parent's S3 connections.
-        fs, path = filesystem_for(uri, self.storage_options)
-        return fs.cat_file(path)
+        return read_bytes(uri, self.storage_options)
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:

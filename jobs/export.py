@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from dpt_model.labels import coco_annotations
+from jobs.arguments import add_output_arguments, class_names_for, storage_options
 from pipeline.encode import decode_segmentation_png
-from pipeline.predictions import latest_segmentation_model, read_predictions
-from pipeline.retry import retry_transient
-from pipeline.storage import filesystem_for, join
+from pipeline.predictions import read_predictions
+from pipeline.storage import files_in, filesystem_for, join, read_bytes, remove_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,16 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m jobs.export", description=__doc__.split("\n")[0]
     )
     parser.add_argument("format", choices=["coco"])
-    parser.add_argument("output_uri", help="a job's output.uri")
+    add_output_arguments(parser)
     parser.add_argument("--dest", help="folder for the parts (default: <output>/export/coco)")
     parser.add_argument("--images-per-file", type=_positive, default=1000)
     parser.add_argument("--include-weak", action="store_true", help="also images with kept = false")
-    parser.add_argument(
-        "--labels-from",
-        help="segmentation checkpoint whose id2label names the categories "
-        "(default: the one the latest run used)",
-    )
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
     return parser.parse_args(argv)
 
 
@@ -65,22 +60,24 @@ def export_coco(
         and row["segmentation_uri"]
         and (include_weak or row["kept"] is not False)
     ]
+    class_names = class_names_for(output_uri, labels_from, storage_options)
+    if class_names is None:
+        raise SystemExit(f"no finished run under {output_uri} used a segmentation model")
     categories = [
-        {"id": class_id + 1, "name": name}
-        for class_id, name in sorted(_class_names(output_uri, labels_from, storage_options).items())
+        {"id": class_id + 1, "name": name} for class_id, name in sorted(class_names.items())
     ]
     dest_fs, dest_root = filesystem_for(
         dest_uri or join(output_uri, "export/coco"), storage_options
     )
-    earlier_parts = set(dest_fs.glob(join(dest_root, "part-*.json")))
+    earlier_parts = {
+        path for path in files_in(dest_fs, dest_root) if re.search(r"/part-\d+\.json$", path)
+    }
     written = []
     annotation_id = 1
     for part, start in enumerate(range(0, len(rows), images_per_file)):
         images, annotations = [], []
         for image_id, row in enumerate(rows[start : start + images_per_file], start=start + 1):
-            map_fs, map_path = filesystem_for(row["segmentation_uri"], storage_options)
-            data = retry_transient(lambda fs=map_fs, path=map_path: fs.cat_file(path))
-            label = decode_segmentation_png(data)
+            label = decode_segmentation_png(read_bytes(row["segmentation_uri"], storage_options))
             images.append(
                 {
                     "id": image_id,
@@ -108,34 +105,19 @@ def export_coco(
         written.append(path)
     # An export is a snapshot: parts an earlier, larger one left go, once the new
     # parts are all written (a failed export leaves the earlier one whole).
-    for stale in earlier_parts - {dest_fs._strip_protocol(path) for path in written}:
-        dest_fs.rm_file(stale)
+    remove_files(dest_fs, sorted(earlier_parts - set(written)))
     return written
-
-
-def _class_names(
-    output_uri: str, labels_from: str | None, storage_options: dict[str, Any]
-) -> dict[int, str]:
-    from dpt_model import ModelCard
-
-    model = labels_from or latest_segmentation_model(output_uri, storage_options)
-    if model is None:
-        raise SystemExit(f"no finished run under {output_uri} used a segmentation model")
-    return ModelCard.fetch(
-        "segmentation", model, storage_options=storage_options, with_weights=False
-    ).class_names
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
     written = export_coco(
         args.output_uri,
         args.dest,
         args.images_per_file,
         args.include_weak,
         args.labels_from,
-        options,
+        storage_options(args),
     )
     print(f"wrote {len(written)} COCO part(s)" + (f", first {written[0]}" if written else ""))
     return 0

@@ -3,7 +3,8 @@
 Every run writes the report; this rebuilds it from what an output already holds
 (after a run whose report failed, or with another sample size) without running
 the models. Class names come from the segmentation checkpoint the latest run
-used, or ``--labels-from``.
+used, or ``--labels-from``. Exit codes: 0 written, 2 bad arguments or no
+predictions at that URI.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import sys
 
 from pydantic import ValidationError
 
+from jobs.arguments import add_output_arguments, class_names_for, storage_options
 from jobs.config import ReportConfig
-from pipeline.predictions import latest_segmentation_model, run_records
+from pipeline.predictions import PREDICTIONS_FOLDER, run_records
 from pipeline.report import ShardInput, write_quality_report
+from pipeline.schema import error_reason, strip_url_secrets
+from pipeline.storage import filesystem_for, join
+
+logger = logging.getLogger(__name__)
+EXIT_BAD_ARGUMENTS = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.report", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("output_uri", help="a job's output.uri")
+    add_output_arguments(parser)
     parser.add_argument(
         "--samples",
         type=int,
@@ -37,12 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.thumbnail_px,
         help=f"longest side of a thumbnail (default {defaults.thumbnail_px})",
     )
-    parser.add_argument(
-        "--labels-from",
-        help="segmentation checkpoint whose id2label names the classes "
-        "(default: the one the latest run used)",
-    )
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
     args = parser.parse_args(argv)
     try:
         ReportConfig(samples=args.samples, thumbnail_px=args.thumbnail_px)
@@ -55,14 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    options = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
-    model = args.labels_from or latest_segmentation_model(args.output_uri, options)
-    class_names = {}
-    if model:
-        from dpt_model import ModelCard
-
-        card = ModelCard.fetch("segmentation", model, storage_options=options, with_weights=False)
-        class_names = card.class_names
+    options = storage_options(args)
+    fs, root = filesystem_for(args.output_uri, options)
+    if not fs.exists(join(root, PREDICTIONS_FOLDER)):
+        print(f"error: no predictions under {strip_url_secrets(args.output_uri)}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    try:
+        class_names = class_names_for(args.output_uri, args.labels_from, options) or {}
+    except Exception as problem:  # e.g. the hub out of reach: ids still make a report
+        logger.warning("classes shown as ids: %s", error_reason("labels", problem))
+        class_names = {}
     latest_run = run_records(args.output_uri, options, newest=1)
     uri = write_quality_report(
         args.output_uri,

@@ -44,6 +44,15 @@ def decode_depth_npz(data: bytes) -> np.ndarray:
         return archive["depth"]
 
 
+def decode_depth_map(name: str, data: bytes) -> np.ndarray:
+    """A depth map file's array, picked by the file's name (``output.depth_format``).
+
+    ``.npz``: float16 depth values; otherwise a 16-bit PNG's uint16 levels, which
+    ``dpt_model.dequantize_depth`` turns into values with the row's depth_min/max.
+    """
+    return decode_depth_npz(data) if name.endswith(".npz") else decode_depth_png(data)
+
+
 def segmentation_palette() -> list[int]:
     """A fixed 256-colour palette: distinct colours per class id, black for ignore (255)."""
     generator = np.random.default_rng(12345)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +27,24 @@ import pyarrow.parquet as pq
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import arrow_filesystem, filesystem_for, join
 
+logger = logging.getLogger(__name__)
+
 PREDICTIONS_FOLDER = "predictions"
 RUNS_FOLDER = "_runs"
 _ROW_CHOICE_COLUMNS = ("image_id", "status", "source_version", "config_hash", "written_at")
 
 
 def read_committed(
-    fs: fsspec.AbstractFileSystem, root: str, columns: list[str] | None = None
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    columns: list[str] | None = None,
+    image_ids: Collection[str] | None = None,
 ) -> pa.Table:
-    """Every row of every complete part under ``root``/predictions, duplicates included."""
+    """Every row of every complete part under ``root``/predictions, duplicates included.
+
+    ``image_ids`` reads only those images' rows (a filtered scan: the other rows
+    are never held in memory).
+    """
     folder = join(root, PREDICTIONS_FOLDER)
     schema = (
         PREDICTION_SCHEMA
@@ -42,55 +53,77 @@ def read_committed(
     )
     if not fs.exists(folder) or not fs.ls(folder):
         return schema.empty_table()
+    only = (
+        None
+        if image_ids is None
+        else pc.field("image_id").isin(pa.array(list(image_ids), pa.string()))
+    )
     # Hidden and underscore files (parts being written) are skipped by the reader.
-    return pq.read_table(folder, filesystem=arrow_filesystem(fs), columns=columns, schema=schema)
+    return pq.read_table(
+        folder, filesystem=arrow_filesystem(fs), columns=columns, schema=schema, filters=only
+    )
 
 
 def read_predictions(
     output_uri: str,
     storage_options: dict[str, Any] | None = None,
     columns: list[str] | None = None,
+    image_ids: Collection[str] | None = None,
 ) -> pa.Table:
     """One row per image: the committed view of an output, whatever runs crashed.
 
     For each image the most recently written row wins, except that an error
     row never hides an ok row for the same source version and config (a
     transient failure in a forced rerun does not erase a good result).
+    ``columns`` and ``image_ids`` narrow what is read.
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
     # Only the columns asked for, plus those that pick each image's row.
     needed = None if columns is None else list(dict.fromkeys([*columns, *_ROW_CHOICE_COLUMNS]))
-    table = read_committed(fs, root, needed)
-    keep = _latest_rows(
-        table["image_id"].to_pylist(),
-        table["status"].to_pylist(),
-        table["source_version"].to_pylist(),
-        table["config_hash"].to_pylist(),
-        table["written_at"].to_pylist(),
-    )
-    view = table.take(pa.array(keep, type=pa.int64()))
+    table = read_committed(fs, root, needed, image_ids)
+    view = table.take(pa.array(latest_rows(table), type=pa.int64()))
     return view if columns is None else view.select(columns)
 
 
-def _latest_rows(
-    image_ids: list, statuses: list, versions: list, config_hashes: list, written_at: list
-) -> list[int]:
-    chosen: dict[str, int] = {}
-    order = sorted(
-        range(len(image_ids)), key=lambda index: (written_at[index] is None, written_at[index])
-    )
-    for index in order:
-        previous = chosen.get(image_ids[index])
-        if (
-            previous is not None
-            and statuses[index] != "ok"
-            and statuses[previous] == "ok"
-            and (versions[index], config_hashes[index])
-            == (versions[previous], config_hashes[previous])
-        ):
-            continue
-        chosen[image_ids[index]] = index
-    return sorted(chosen.values())
+def latest_rows(table: pa.Table) -> np.ndarray:
+    """Indices (ascending) of each image's row in the committed view; vectorised.
+
+    Rows are ordered per image by ``written_at`` (null last, then by position).
+    The image's last row is its row, unless it is an error that follows an ok
+    row of the same source version and config with only such errors between
+    them: then that ok row stands.
+    """
+    count = table.num_rows
+    if count == 0:
+        return np.empty(0, dtype=np.int64)
+    image = _codes(table["image_id"])
+    # One code per (source_version, config_hash) pair.
+    version, config = _codes(table["source_version"]), _codes(table["config_hash"])
+    key = version * (int(config.max()) + 2) + config
+    written = table["written_at"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+    written_null = pc.is_null(table["written_at"]).to_numpy(zero_copy_only=False)
+    is_ok = pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
+
+    order = np.lexsort((np.arange(count), np.nan_to_num(written), written_null, image))
+    image, key, is_ok = image[order], key[order], is_ok[order]
+    last = np.flatnonzero(np.r_[image[1:] != image[:-1], True])
+    first = np.r_[0, last[:-1] + 1]
+    group = np.repeat(np.arange(len(last)), last - first + 1)
+    # Errors with the same version and config as the image's last row: an ok
+    # row of that pair before them (with nothing else between) stands.
+    same_error = ~is_ok & (key == key[last][group])
+    positions = np.where(same_error, -1, np.arange(count))
+    positions[last] = -1
+    before = np.maximum.reduceat(positions, first)
+    safe = np.maximum(before, 0)
+    ok_stands = (before >= first) & ~is_ok[last] & is_ok[safe] & (key[safe] == key[last])
+    return np.sort(order[np.where(ok_stands, before, last)])
+
+
+def _codes(column: pa.ChunkedArray) -> np.ndarray:
+    """An int64 code per distinct value (-1 for null)."""
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def done_key(image_id: str, source_version: str) -> int:
@@ -184,8 +217,16 @@ def run_records(
     ]
     files.sort(key=_modified, reverse=True)
     paths = [info["name"] for info in files[:newest]]
-    contents = fs.cat(paths) if paths else {}
-    records = [json.loads(contents[path]) for path in paths]
+    # cat_ranges, not cat: cat would expand glob characters in paths and run ids.
+    contents = fs.cat_ranges(paths, None, None, on_error="return") if paths else []
+    records = []
+    for path, content in zip(paths, contents, strict=True):
+        try:
+            if isinstance(content, Exception):
+                raise content
+            records.append(json.loads(content))
+        except (OSError, ValueError) as problem:  # one unreadable record hides only itself
+            logger.warning("skipping run record %s: %s", path, problem)
     # Run ids are the user's to choose, so finish times, not names, give the order.
     return sorted(records, key=lambda record: record.get("finished_at", ""), reverse=True)
 
@@ -195,7 +236,7 @@ def latest_segmentation_model(
 ) -> str | None:
     """The segmentation checkpoint the latest finished run used, if any did."""
     for record in run_records(output_uri, storage_options):
-        model = record["config"]["models"].get("segmentation")
+        model = record.get("config", {}).get("models", {}).get("segmentation")
         if model:
             return model
     return None

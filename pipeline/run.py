@@ -40,7 +40,7 @@ from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
 from pipeline.report import REPORT_FOLDER, ShardInput, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
-from pipeline.schema import error_reason, reason_group, storage_problem
+from pipeline.schema import error_reason, reason_group, storage_problem, strip_url_secrets
 from pipeline.storage import (
     arrow_filesystem,
     check_reachable,
@@ -631,7 +631,7 @@ def _write_quality_report(
         logger.warning(
             "quality report not written (%s); rebuild it with: python -m jobs.report %s",
             error_reason("report", problem),
-            config.output.uri,
+            strip_url_secrets(config.output.uri),
         )
         return None
     logger.info("quality report %s", uri)

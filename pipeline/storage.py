@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -51,6 +52,47 @@ def check_reachable(key: str, uri: str, storage_options: dict[str, Any]) -> None
         from pipeline.schema import storage_problem
 
         raise StorageUnreachableError(storage_problem(key, uri, error)) from None
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+    """One object's bytes, transient errors retried.
+
+    The filesystem is looked up per call (fsspec caches it per process), so a
+    forked DataLoader worker never reuses its parent's S3 connections.
+    """
+    from pipeline.retry import retry_transient
+
+    fs, path = filesystem_for(uri, storage_options)
+    return retry_transient(lambda: fs.cat_file(path))
+
+
+def files_in(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
+    """Paths of the files directly in ``folder``; none where it does not exist.
+
+    A listing, not a glob: an output path may hold ``[``, ``*`` or ``?``.
+    """
+    try:
+        listed = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return set()
+    return {info["name"] for info in listed if info["type"] == "file"}
+
+
+def remove_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
+    """Delete each path as written: ``fs.rm`` would expand ``[``, ``*`` and ``?`` as a glob."""
+    from pipeline.retry import retry_transient
+
+    for path in paths:
+        retry_transient(lambda path=path: fs.rm_file(path))
+
+
+def upload_options(fs: fsspec.AbstractFileSystem, content_type: str) -> dict[str, Any]:
+    """Keyword arguments for ``pipe_file`` that set an object's Content-Type on S3.
+
+    Without it S3 serves ``binary/octet-stream`` and a browser downloads an
+    HTML page instead of showing it.
+    """
+    return {"ContentType": content_type} if "s3" in fs.protocol else {}
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -14,6 +14,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -62,9 +63,29 @@ class Chromium:
         self._buffer = b""
 
     def __enter__(self) -> Chromium:
-        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
+        self._cleanup = contextlib.ExitStack()
+        try:
+            self._start()
+        except BaseException:
+            self._cleanup.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with contextlib.suppress(BrowserError, OSError):
+            self.call("Browser.close")
+        self._cleanup.close()
+
+    def _start(self) -> None:
+        profile = self._cleanup.enter_context(
+            tempfile.TemporaryDirectory(prefix="chromium-profile-")
+        )
+        # Chromium's log goes to a file: a pipe nobody drains would block it.
+        self._log = self._cleanup.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
+        for fd in (to_browser_read, self._to_browser, self._from_browser, from_browser_write):
+            self._cleanup.callback(_close_quietly, fd)
         # The shell moves the pipe ends to fds 3 and 4, where Chromium looks for them.
         redirects = f"3<&{to_browser_read} 4>&{from_browser_write}"
         for fd in {to_browser_read, from_browser_write} - {3, 4}:
@@ -75,37 +96,34 @@ class Chromium:
             f'exec "$0" "$@" {redirects}',
             self.executable,
             *CHROMIUM_FLAGS,
-            f"--user-data-dir={self._profile.name}",
+            f"--user-data-dir={profile}",
             "about:blank",
         ]
         self._process = subprocess.Popen(
             command,
             pass_fds=(to_browser_read, from_browser_write),
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
             start_new_session=True,
         )
-        os.close(to_browser_read)
-        os.close(from_browser_write)
+        # Registered after the profile, so it runs first: the browser's whole
+        # process group goes before its profile folder is removed.
+        self._cleanup.callback(self._stop)
+        _close_quietly(to_browser_read)
+        _close_quietly(from_browser_write)
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
+        attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
+        self._session = attached["sessionId"]
         for domain in ("Page", "Runtime", "Network", "Log"):
             self.call(f"{domain}.enable", session=True)
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        with contextlib.suppress(BrowserError, OSError):
-            self.call("Browser.close")
-        try:
+    def _stop(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        os.close(self._to_browser)
-        os.close(self._from_browser)
-        self._profile.cleanup()
+        # Renderer and GPU helpers share the session Chromium started in.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        self._process.wait()
 
     def call(self, method: str, params: dict | None = None, session: bool = False) -> dict:
         self._next_id += 1
@@ -113,8 +131,9 @@ class Chromium:
         if session:
             message["sessionId"] = self._session
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            reply = self._receive()
+            reply = self._receive(deadline)
             if reply.get("id") == self._next_id:
                 if "error" in reply:
                     raise BrowserError(f"{method}: {reply['error']}")
@@ -122,11 +141,12 @@ class Chromium:
             self.events.append(reply)
 
     def wait_for_event(self, method: str) -> dict:
+        deadline = time.monotonic() + self.timeout_s
         while True:
             for index, event in enumerate(self.events):
                 if event.get("method") == method:
                     return self.events.pop(index)
-            self.events.append(self._receive())
+            self.events.append(self._receive(deadline))
 
     def load(self, url: str) -> None:
         """Navigate and wait for the load event (every image loaded or failed)."""
@@ -154,17 +174,22 @@ class Chromium:
         path.write_bytes(base64.b64decode(data))
         return path
 
-    def _receive(self) -> dict:
-        deadline = time.monotonic() + self.timeout_s
+    def _receive(self, deadline: float) -> dict:
         while b"\0" not in self._buffer:
             remaining = deadline - time.monotonic()
             ready, _, _ = select.select([self._from_browser], [], [], max(0.0, remaining))
             if not ready:
-                raise BrowserError(f"no message from Chromium within {self.timeout_s} s")
+                raise BrowserError(f"no answer from Chromium within {self.timeout_s} s")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                stderr = self._process.stderr.read().decode(errors="replace")[-2000:]
-                raise BrowserError(f"Chromium closed the pipe; its stderr ends:\n{stderr}")
+                self._log.seek(0)
+                log = self._log.read().decode(errors="replace")[-2000:]
+                raise BrowserError(f"Chromium closed the pipe; its log ends:\n{log}")
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from pipeline.bench import storage, throughput
+from pipeline.bench import report, storage, throughput
 
-BENCHMARKS: dict[str, ModuleType] = {"storage": storage, "throughput": throughput}
+BENCHMARKS: dict[str, ModuleType] = {
+    "report": report,
+    "storage": storage,
+    "throughput": throughput,
+}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -372,18 +372,15 @@ def machine_info(with_aws: bool = True) -> dict[str, Any]:
     return info
 
 
-def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter; its result comes back through a file."""
+def run_in_child(module: str, measurement: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run ``module``'s measurement in a fresh interpreter, so its peak RSS is its own.
+
+    The child is ``python -m <module> <measurement> <params JSON> <result path>``;
+    its result comes back through the file.
+    """
     with tempfile.TemporaryDirectory() as folder:
         result_path = os.path.join(folder, "result.json")
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline.bench.storage",
-            measurement,
-            json.dumps(params),
-            result_path,
-        ]
+        command = [sys.executable, "-m", module, measurement, json.dumps(params), result_path]
         child = subprocess.run(command, capture_output=True, text=True, check=False)
         if child.returncode != 0:
             raise RuntimeError(
@@ -391,6 +388,10 @@ def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:
             )
         with open(result_path) as result:
             return json.load(result)
+
+
+def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:
+    return run_in_child("pipeline.bench.storage", measurement, params)
 
 
 def print_table(results: dict[str, Any]) -> None:

@@ -23,10 +23,9 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -123,7 +122,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{measurement} over {args.images} images...", file=sys.stderr)
         results[measurement] = _run_child(measurement, params)
     for index, variant in enumerate(args.variant):
-        overrides = [item for item in variant.split(",") if item]
+        # Commas inside brackets belong to a list value: inference.segmentation_scales=[1,1.5]
+        overrides = [item for item in re.split(r",(?![^\[]*\])", variant) if item]
         print(f"pipeline with {overrides}...", file=sys.stderr)
         result = _run_child("pipeline", {**params, "overrides": overrides, "run": index + 1})
         results.setdefault("pipeline_variants", []).append({"overrides": overrides, **result})
@@ -362,15 +362,9 @@ def measure_pipeline(
 
 
 def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as folder:
-        result_path = os.path.join(folder, "result.json")
-        command = [sys.executable, "-m", __name__, measurement, json.dumps(params), result_path]
-        child = subprocess.run(command, capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            raise RuntimeError(
-                f"{measurement} failed ({child.returncode}):\n{child.stderr[-4000:]}"
-            )
-        return json.loads(Path(result_path).read_text())
+    from pipeline.bench.storage import run_in_child
+
+    return run_in_child(__name__, measurement, params)
 
 
 if __name__ == "__main__":

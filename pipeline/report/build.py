@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.decode import decode_image
-from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
+from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.predictions import read_predictions, run_records
 from pipeline.read import iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
-from pipeline.report.stats import REPORT_COLUMNS, output_stats, sample_rows
+from pipeline.report.stats import STATS_COLUMNS, output_stats, sample_image_ids
 from pipeline.report.thumbnails import (
     colorize_depth,
     encode_jpeg,
@@ -30,12 +30,21 @@ from pipeline.report.thumbnails import (
     resize_rgb,
 )
 from pipeline.retry import retry_transient
-from pipeline.schema import error_reason
-from pipeline.storage import filesystem_for, full_uri, join
+from pipeline.schema import error_reason, strip_url_secrets
+from pipeline.storage import (
+    files_in,
+    filesystem_for,
+    full_uri,
+    join,
+    read_bytes,
+    remove_files,
+    upload_options,
+)
 
 logger = logging.getLogger(__name__)
 
 REPORT_FOLDER = "report"
+THUMBNAILS_FOLDER = "thumbs"
 RUNS_SHOWN = 20
 # Reads of sources and maps overlap: on S3 each is a round trip.
 _READ_THREADS = 8
@@ -83,59 +92,72 @@ def write_quality_report(
     """Build the report for everything committed under ``output_uri``; returns the page's URI.
 
     ``class_names`` (the segmentation checkpoint's ``id2label``) names classes;
-    without it they show as ids. ``max_image_pixels`` and ``max_side_px`` are the
-    decode limits sources are read under (the job's own, by default).
-    ``shard_input`` lets the report show images that live inside shards.
-    ``this_run`` (a run summary) heads the runs table before its record is written.
+    without it they show as ids. Sources are decoded under ``max_image_pixels``
+    and ``max_side_px`` (by default the largest the job's config accepts; the
+    job passes its own). ``shard_input`` lets the report show images that live
+    inside shards. ``this_run`` (a run summary) heads the runs table before its
+    record is written.
     """
     storage_options = storage_options or {}
     fs, root = filesystem_for(output_uri, storage_options)
     folder = join(root, REPORT_FOLDER)
-    table = read_predictions(output_uri, storage_options, columns=REPORT_COLUMNS)
+    table = read_predictions(output_uri, storage_options, columns=STATS_COLUMNS)
     stats = output_stats(table)
-    runs = [
-        {**record["summary"], "finished_at": _shown_time(record.get("finished_at", ""))}
-        for record in run_records(output_uri, storage_options, RUNS_SHOWN)
-    ]
-    if this_run is not None:
-        earlier = [run for run in runs if run["run_id"] != this_run["run_id"]]
-        finished_at = _shown_time(datetime.now(UTC).isoformat())
-        runs = [{**this_run, "finished_at": finished_at}, *earlier][:RUNS_SHOWN]
-
-    sampled = sample_rows(table, samples)
+    sampled_ids = sample_image_ids(table, samples)
+    del table  # the largest object here; the sample's rows are read on their own
+    sampled = read_predictions(output_uri, storage_options, image_ids=sampled_ids).to_pylist()
+    sampled.sort(key=lambda row: sampled_ids.index(row["image_id"]))
 
     with ThreadPoolExecutor(_READ_THREADS) as pool:
         in_shards = _images_in_shards(pool, sampled, shard_input, storage_options)
 
-        def thumbnails_for(numbered: tuple[int, dict[str, Any]]) -> tuple[Sample, dict[str, bytes]]:
-            number, row = numbered
+        def thumbnails_for(row: dict[str, Any]) -> tuple[Sample, dict[str, bytes]]:
             return _sample_thumbnails(
-                number, row, in_shards, storage_options, thumbnail_px, max_image_pixels, max_side_px
+                row, in_shards, storage_options, thumbnail_px, max_image_pixels, max_side_px
             )
 
-        made = list(pool.map(thumbnails_for, enumerate(sampled)))
-    earlier = set(fs.glob(join(folder, "thumbs/*"))) if fs.exists(join(folder, "thumbs")) else set()
-    written = set()
-    for _, files in made:
-        for relative, data in files.items():
-            path = join(folder, relative)
-            retry_transient(lambda path=path, data=data: fs.pipe_file(path, data))
-            written.add(fs._strip_protocol(path))
+        pictures = list(pool.map(thumbnails_for, sampled))
+    earlier_thumbnails = files_in(fs, join(folder, THUMBNAILS_FOLDER))
+    thumbnails = {
+        join(folder, relative): data for _, files in pictures for relative, data in files.items()
+    }
+    if thumbnails:
+        options = upload_options(fs, "image/jpeg")
+        retry_transient(lambda: fs.pipe(thumbnails, **options))
     page = ReportPage(
-        output_uri=output_uri,
+        output_uri=strip_url_secrets(output_uri),
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         stats=stats,
         class_names=class_names or {},
-        runs=runs,
-        samples=[sample for sample, _ in made],
+        runs=_runs_table(output_uri, storage_options, this_run),
+        samples=[sample for sample, _ in pictures],
     )
     index = join(folder, "index.html")
     html = render_page(page).encode()
-    retry_transient(lambda: fs.pipe_file(index, html))
-    # Thumbnails of an earlier, larger sample go once the new page is in place.
-    for stale in earlier - written:
-        fs.rm_file(stale)
+    options = upload_options(fs, "text/html; charset=utf-8")
+    retry_transient(lambda: fs.pipe_file(index, html, **options))
+    # Thumbnails only the earlier page showed go once the new page is in place;
+    # one left behind costs a few kilobytes, so a failure here is only logged.
+    stale = sorted(earlier_thumbnails - set(thumbnails))
+    try:
+        remove_files(fs, stale)
+    except OSError as problem:
+        logger.warning("could not remove %d old report thumbnails: %s", len(stale), problem)
     return full_uri(fs, index)
+
+
+def _runs_table(
+    output_uri: str, storage_options: dict[str, Any], this_run: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    runs = [
+        {**record.get("summary", {}), "finished_at": _shown_time(record.get("finished_at", ""))}
+        for record in run_records(output_uri, storage_options, RUNS_SHOWN)
+    ]
+    if this_run is None:
+        return runs
+    earlier = [run for run in runs if run.get("run_id") != this_run["run_id"]]
+    finished_at = _shown_time(datetime.now(UTC).isoformat())
+    return [{**this_run, "finished_at": finished_at}, *earlier][:RUNS_SHOWN]
 
 
 def _images_in_shards(
@@ -181,7 +203,6 @@ def _images_in_shards(
 
 
 def _sample_thumbnails(
-    number: int,
     row: dict[str, Any],
     in_shards: dict[str, bytes | str],
     storage_options: dict[str, Any],
@@ -192,10 +213,15 @@ def _sample_thumbnails(
     """One grid entry: its input, depth and segmentation thumbnails as JPEG bytes.
 
     A file that cannot be read any more (moved source, deleted map) leaves that
-    thumbnail out and says why on the page; it never fails the report.
+    thumbnail out and says why on the page; it never fails the report. Names
+    carry the image id, so a page never shows another page's picture.
     """
     sample, files = Sample(row=row), {}
+    if not row.get("width") or not row.get("height"):
+        sample.problems.append("no thumbnails: the row records no image size")
+        return sample, files
     size_wh = fit_within(row["width"], row["height"], thumbnail_px)
+    stem = f"{THUMBNAILS_FOLDER}/{row['image_id'][:20]}"
     rgb = None
     in_shard = in_shards.get(row["source_uri"])
     if isinstance(in_shard, str):
@@ -205,34 +231,29 @@ def _sample_thumbnails(
         sample.problems.append("input not shown: its shard was not read for the report")
     else:
         try:
-            data = in_shard or _read(row["source_uri"], storage_options)
+            data = in_shard or read_bytes(row["source_uri"], storage_options)
             decoded = decode_image(data, max_image_pixels, max_side_px, reduce_to_px=thumbnail_px)
             rgb = resize_rgb(decoded.rgb, size_wh)
-            files[f"thumbs/{number:03d}-input.jpg"] = encode_jpeg(rgb)
-            sample.input_thumbnail = f"thumbs/{number:03d}-input.jpg"
+            files[f"{stem}-input.jpg"] = encode_jpeg(rgb)
+            sample.input_thumbnail = f"{stem}-input.jpg"
         except Exception as problem:  # any unreadable file is reported on the page
             sample.problems.append(error_reason("input", problem))
     if row["depth_uri"]:
         try:
-            data = _read(row["depth_uri"], storage_options)
-            depth = (
-                decode_depth_npz(data).astype(np.float32)
-                if row["depth_uri"].endswith(".npz")
-                else decode_depth_png(data).astype(np.float32)
-            )
+            data = read_bytes(row["depth_uri"], storage_options)
+            depth = decode_depth_map(row["depth_uri"], data).astype(np.float32)
             near_is_high = row["depth_kind"] != "metric"
-            files[f"thumbs/{number:03d}-depth.jpg"] = encode_jpeg(
-                colorize_depth(depth, size_wh, near_is_high)
-            )
-            sample.depth_thumbnail = f"thumbs/{number:03d}-depth.jpg"
+            files[f"{stem}-depth.jpg"] = encode_jpeg(colorize_depth(depth, size_wh, near_is_high))
+            sample.depth_thumbnail = f"{stem}-depth.jpg"
         except Exception as problem:
             sample.problems.append(error_reason("depth", problem))
     if row["segmentation_uri"]:
         try:
-            class_ids = decode_segmentation_png(_read(row["segmentation_uri"], storage_options))
+            data = read_bytes(row["segmentation_uri"], storage_options)
+            class_ids = decode_segmentation_png(data)
             overlay = overlay_segmentation(rgb, class_ids, size_wh, _OVERLAY_ALPHA)
-            files[f"thumbs/{number:03d}-segmentation.jpg"] = encode_jpeg(overlay)
-            sample.segmentation_thumbnail = f"thumbs/{number:03d}-segmentation.jpg"
+            files[f"{stem}-segmentation.jpg"] = encode_jpeg(overlay)
+            sample.segmentation_thumbnail = f"{stem}-segmentation.jpg"
             sample.classes = [int(class_id) for class_id in np.unique(class_ids)]
         except Exception as problem:
             sample.problems.append(error_reason("segmentation", problem))
@@ -241,8 +262,3 @@ def _sample_thumbnails(
 
 def _shown_time(iso_time: str) -> str:
     return iso_time[:19].replace("T", " ")
-
-
-def _read(uri: str, storage_options: dict[str, Any]) -> bytes:
-    fs, path = filesystem_for(uri, storage_options)
-    return retry_transient(lambda: fs.cat_file(path))

@@ -99,11 +99,12 @@ def _runs_section(runs: list[dict[str, Any]]) -> str:
         "<tr><th>run</th><th>finished (UTC)</th><th>ok</th><th>errors</th><th>already done</th>"
         "<th>seconds</th><th>images/s</th></tr>"
     )
+    # .get throughout: records written by earlier versions lack some fields.
     rows = "".join(
-        f"<tr><td>{_text(run['run_id'])}</td><td>{_text(run.get('finished_at', ''))}</td>"
-        f"<td>{run['images_ok']:,}</td><td>{run['images_error']:,}</td>"
-        f"<td>{run['images_skipped_done']:,}</td><td>{run['elapsed_s']:,.1f}</td>"
-        f"<td>{run['images_per_s']:,.2f}</td></tr>"
+        f"<tr><td>{_text(run.get('run_id', '?'))}</td><td>{_text(run.get('finished_at', ''))}</td>"
+        f"<td>{run.get('images_ok', 0):,}</td><td>{run.get('images_error', 0):,}</td>"
+        f"<td>{run.get('images_skipped_done', 0):,}</td><td>{run.get('elapsed_s', 0):,.1f}</td>"
+        f"<td>{run.get('images_per_s', 0):,.2f}</td></tr>"
         for run in runs
     )
     return f'<section id="runs"><h2>Runs</h2><table>{header}{rows}</table></section>'

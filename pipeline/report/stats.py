@@ -1,15 +1,13 @@
 """What the quality report says about an output: counts, errors, classes, histograms.
 
 Pure functions over the one-row-per-image view of the predictions
-(``pipeline.read_predictions``); vectorised, so a run of millions of rows is
-summarised in seconds on the driver.
+(``pipeline.read_predictions``) in Arrow compute and numpy, no per-row Python
+except for error rows; the sampled images' full rows are read separately.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,22 +15,19 @@ import pyarrow.compute as pc
 
 from pipeline.schema import reason_group
 
-# The columns the report reads; map and source URIs only for the sampled rows.
-REPORT_COLUMNS = [
+# The columns the statistics and the sample choice need, for every image. Map
+# URIs and sizes are read only for the sampled images.
+STATS_COLUMNS = [
     "image_id",
     "source_uri",
     "status",
     "error",
-    "width",
-    "height",
-    "depth_uri",
-    "depth_kind",
-    "segmentation_uri",
     "seg_labels",
     "seg_confidence_mean",
     "label_coverage",
     "entropy_mean",
     "kept",
+    "depth_kind",
 ]
 HISTOGRAM_BINS = 20
 
@@ -60,44 +55,44 @@ class OutputStats:
     # weak (kept = false); rows from runs without the mode count in neither.
     kept: int
     weak: int
-    error_groups: list[ErrorGroup] = field(default_factory=list)
-    more_error_groups: int = 0  # groups beyond the ones listed
-    class_images: list[tuple[int, int]] = field(default_factory=list)  # (class id, images)
-    histograms: dict[str, Histogram] = field(default_factory=dict)
+    error_groups: list[ErrorGroup]
+    more_error_groups: int  # kinds of error beyond the ones listed
+    class_images: list[tuple[int, int]]  # (class id, images it appears in), most first
+    histograms: dict[str, Histogram]  # by column; only columns with values
     depth_kinds: dict[str, int] = field(default_factory=dict)
 
 
 def output_stats(
     table: pa.Table, max_error_groups: int = 30, examples_per_group: int = 3
 ) -> OutputStats:
-    """Summarise predictions (one row per image, at least ``REPORT_COLUMNS``)."""
+    """Summarise predictions (one row per image, at least ``STATS_COLUMNS``)."""
     status = table["status"]
     is_ok = pc.equal(status, "ok")
     ok = _count(is_ok)
     # Error rows also have kept = false; weak means annotated, yet under min_coverage.
     kept = table["kept"]
-    stats = OutputStats(
+    error_groups, more_error_groups = _error_groups(
+        table.filter(pc.not_equal(status, "ok")), max_error_groups, examples_per_group
+    )
+    histograms = {}
+    for name in ("seg_confidence_mean", "label_coverage", "entropy_mean"):
+        values = table[name].drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+        present = values[~np.isnan(values)]
+        if len(present):
+            histograms[name] = histogram(present, missing=table.num_rows - len(present))
+    kinds = pc.value_counts(table["depth_kind"].drop_null())
+    return OutputStats(
         images=table.num_rows,
         ok=ok,
         error=table.num_rows - ok,
         kept=_count(pc.and_(is_ok, pc.equal(kept, True))),
         weak=_count(pc.and_(is_ok, pc.equal(kept, False))),
+        error_groups=error_groups,
+        more_error_groups=more_error_groups,
+        class_images=class_image_counts(table["seg_labels"]),
+        histograms=histograms,
+        depth_kinds={item["values"].as_py(): item["counts"].as_py() for item in kinds},
     )
-    groups, stats.more_error_groups = _error_groups(
-        table.filter(pc.not_equal(status, "ok")), max_error_groups, examples_per_group
-    )
-    stats.error_groups = groups
-    stats.class_images = class_image_counts(table["seg_labels"])
-    for name in ("seg_confidence_mean", "label_coverage", "entropy_mean"):
-        values = table[name].to_numpy(zero_copy_only=False)
-        present = values[~np.isnan(values.astype(np.float64))] if len(values) else values
-        if len(present):
-            stats.histograms[name] = histogram(present, missing=len(values) - len(present))
-    kinds = pc.value_counts(table["depth_kind"].drop_null())
-    stats.depth_kinds = {
-        item["values"].as_py(): item["counts"].as_py() for item in kinds if item["values"].is_valid
-    }
-    return stats
 
 
 def histogram(values: np.ndarray, missing: int = 0, bins: int = HISTOGRAM_BINS) -> Histogram:
@@ -139,31 +134,33 @@ def _error_groups(
     return listed, max(0, len(ordered) - max_groups)
 
 
-def sample_rows(table: pa.Table, count: int) -> list[dict[str, Any]]:
-    """Up to ``count`` ok rows, picked by a hash of the image id.
+def sample_image_ids(table: pa.Table, count: int) -> list[str]:
+    """The ids of up to ``count`` ok images, the same ones each time.
 
-    The same images come back each time the report is rebuilt, and a grown
-    output keeps most of its earlier picks (a new image enters only where its
-    hash is smaller), so reports of scheduled runs can be compared by eye.
-    Images inside shards are picked shard by shard (by a hash of the shard), so
-    showing them means reading one or two shards, not one per image.
+    Image ids are hex digests, so the smallest ones are a stable pseudo-random
+    sample: a rebuilt report shows the same images, and a grown output keeps
+    most of its earlier picks (a new image enters only where its id is smaller),
+    so reports of scheduled runs can be compared by eye. Images inside shards
+    are picked shard by shard (the first shards by URI), so showing them means
+    reading a shard or two, not one per image.
     """
     ok_rows = table.filter(pc.equal(table["status"], "ok"))
     if count <= 0 or ok_rows.num_rows == 0:
         return []
-    image_hashes = _crc32s(ok_rows["image_id"].to_pylist())
-    shards = [
-        uri.rsplit("#", 1)[0] if "#" in uri else "" for uri in ok_rows["source_uri"].to_pylist()
-    ]
-    shard_hashes = _crc32s(shards)  # crc32 of "" is 0: images that are files come first
-    order = np.lexsort((np.arange(len(image_hashes)), image_hashes, shard_hashes))[:count]
-    return ok_rows.take(pa.array(order, type=pa.int64())).to_pylist()
-
-
-def _crc32s(texts: list[str]) -> np.ndarray:
-    return np.fromiter(
-        (zlib.crc32(text.encode()) for text in texts), dtype=np.uint32, count=len(texts)
+    source_uri = ok_rows["source_uri"]
+    shard = pc.if_else(
+        pc.match_substring(source_uri, "#"),
+        pc.replace_substring_regex(source_uri, pattern="#.*$", replacement=""),
+        "",  # image files: no shard, all in one group
     )
+    keys = pa.table({"shard": shard, "image_id": ok_rows["image_id"]})
+    chosen = pc.select_k_unstable(
+        keys,
+        k=min(count, keys.num_rows),
+        sort_keys=[("shard", "ascending"), ("image_id", "ascending")],
+    )
+    picked = keys.take(chosen).sort_by([("shard", "ascending"), ("image_id", "ascending")])
+    return picked["image_id"].to_pylist()
 
 
 def _count(mask: pa.ChunkedArray) -> int:

@@ -8,6 +8,7 @@ from pipeline.predictions import (
     DoneImages,
     done_key,
     drop_done_rows,
+    latest_rows,
     load_done_images,
     read_predictions,
 )
@@ -109,3 +110,59 @@ def test_parts_written_before_a_column_was_added_still_read(tmp_path):
     view = read_predictions(str(tmp_path)).to_pylist()
     assert sorted(r["image_id"] for r in view) == ["x", "y"]
     assert all(r["kept"] is None and r["label_coverage"] is None for r in view)
+
+
+def _latest_rows_one_by_one(rows: list[dict]) -> list[int]:
+    """The view's rule applied row by row in written order: the reference for latest_rows."""
+    chosen: dict[str, int] = {}
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (rows[i]["written_at"] is None, rows[i]["written_at"] or T0),
+    )
+    for index in order:
+        current, previous = rows[index], chosen.get(rows[index]["image_id"])
+        if (
+            previous is not None
+            and current["status"] != "ok"
+            and rows[previous]["status"] == "ok"
+            and (current["source_version"], current["config_hash"])
+            == (rows[previous]["source_version"], rows[previous]["config_hash"])
+        ):
+            continue
+        chosen[current["image_id"]] = index
+    return sorted(chosen.values())
+
+
+def test_the_vectorised_view_agrees_with_the_rule_row_by_row():
+    generator = np.random.default_rng(7)
+    for trial in range(200):
+        rows = [
+            row(
+                f"i{generator.integers(4)}",
+                "ok" if generator.random() < 0.5 else "error",
+                int(generator.integers(6)),  # ties in written_at on purpose
+                version=f"v{generator.integers(2)}",
+                config=f"c{generator.integers(2)}",
+            )
+            for _ in range(int(generator.integers(1, 12)))
+        ]
+        for item in rows:
+            if generator.random() < 0.1:
+                item["written_at"] = None  # parts from before the column counted as newest
+        table = pa.Table.from_pylist(
+            [{f.name: r.get(f.name) for f in PREDICTION_SCHEMA} for r in rows],
+            schema=PREDICTION_SCHEMA,
+        )
+        assert latest_rows(table).tolist() == _latest_rows_one_by_one(rows), (trial, rows)
+
+
+def test_the_view_of_chosen_images_reads_only_their_rows(tmp_path):
+    write_part(tmp_path, "a.parquet", [row("x", "ok", 0), row("y", "ok", 0)])
+    write_part(tmp_path, "b.parquet", [row("x", "error", 5, version="v2")])
+    view = read_predictions(str(tmp_path), image_ids=["x"]).to_pylist()
+    assert [(r["image_id"], r["status"]) for r in view] == [("x", "error")]
+
+
+def test_an_empty_choice_of_images_reads_nothing(tmp_path):
+    write_part(tmp_path, "a.parquet", [row("x", "ok", 0)])
+    assert read_predictions(str(tmp_path), image_ids=[]).num_rows == 0

@@ -23,7 +23,7 @@ from pipeline.encode import IGNORE_CLASS_ID, encode_depth_png, encode_segmentati
 from pipeline.report import ShardInput, write_quality_report
 from pipeline.report.build import MAX_SHARDS_READ
 from pipeline.report.page import ReportPage, Sample, render_page
-from pipeline.report.stats import histogram, output_stats, sample_rows
+from pipeline.report.stats import histogram, output_stats, sample_image_ids
 from pipeline.report.thumbnails import (
     PALETTE,
     TURBO_LUT,
@@ -108,15 +108,15 @@ def test_histogram_bins_cover_zero_to_one_inclusive():
     assert result.edges[0] == 0.0 and result.edges[-1] == 1.0 and len(result.edges) == 21
 
 
-def test_the_sample_is_ok_rows_only_and_stable_as_the_output_grows():
-    rows = [row(f"img{i}", "ok", 0) for i in range(50)] + [row("bad", "error", 0)]
-    first = [r["image_id"] for r in sample_rows(predictions(rows), 10)]
-    assert len(first) == 10 and "bad" not in first
-    assert [r["image_id"] for r in sample_rows(predictions(rows[::-1]), 10)] == first
-    grown = rows + [row(f"new{i}", "ok", 0) for i in range(5)]
-    again = [r["image_id"] for r in sample_rows(predictions(grown), 10)]
-    assert len(set(first) & set(again)) >= 5
-    assert sample_rows(predictions(rows), 0) == []
+def test_the_sample_is_the_smallest_ok_image_ids_and_stable_as_the_output_grows():
+    rows = [row(f"img{i:02d}", "ok", 0) for i in range(50)] + [row("a-bad", "error", 0)]
+    first = sample_image_ids(predictions(rows), 10)
+    # "a-bad" has the smallest id of all, but it is an error row.
+    assert first == [f"img{i:02d}" for i in range(10)]
+    assert sample_image_ids(predictions(rows[::-1]), 10) == first
+    grown = [*rows, row("a-new", "ok", 0), row("zz-new", "ok", 0)]
+    assert sample_image_ids(predictions(grown), 10) == ["a-new", *first[:9]]
+    assert sample_image_ids(predictions(rows), 0) == []
 
 
 # --- thumbnails --------------------------------------------------------------
@@ -172,10 +172,12 @@ class _Collector(HTMLParser):
     def __init__(self):
         super().__init__()
         self.tags, self.sources, self.counts, self._count = [], [], {}, None
+        self.attributes = []  # attribute names of every tag
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
         self.tags.append(tag)
+        self.attributes.append(set(attributes))
         if tag in ("img", "script", "link", "iframe"):
             self.sources.append(attributes.get("src") or attributes.get("href"))
         self._count = attributes.get("data-count")
@@ -187,7 +189,7 @@ class _Collector(HTMLParser):
 
 
 def test_the_page_escapes_every_value_from_the_data():
-    hostile = '<script>alert("x")</script>'
+    hostile = '<script>alert("x")</script>" onerror="alert(1)'
     rows = [
         {**labelled("a", [1], 0.8, 0.9, True), "source_uri": f"s3://b/{hostile}.jpg"},
         {**row("e", "error", 0), "error": f"decode: {hostile}: bad"},
@@ -200,14 +202,15 @@ def test_the_page_escapes_every_value_from_the_data():
             generated_at="now",
             stats=stats,
             class_names={1: hostile},
-            runs=[],
-            samples=[Sample(row=rows[0], input_thumbnail="thumbs/000-input.jpg", classes=[1])],
+            runs=[{"run_id": hostile, "images_ok": 1}],  # a record from an older version
+            samples=[Sample(row=rows[0], input_thumbnail="thumbs/x-input.jpg", classes=[1])],
         )
     )
     collector = _Collector()
     collector.feed(page)
     assert "script" not in collector.tags and "<script>" not in page
-    assert collector.sources == ["thumbs/000-input.jpg"]  # nothing fetched from elsewhere
+    assert all("onerror" not in attributes for attributes in collector.attributes)
+    assert collector.sources == ["thumbs/x-input.jpg"]  # nothing fetched from elsewhere
     assert collector.counts == {"images": "2", "ok": "1", "error": "1", "kept": "1", "weak": "0"}
 
 
@@ -280,8 +283,24 @@ def test_the_report_shows_a_bounded_sample_and_replaces_its_earlier_thumbnails(t
     assert "person (4)" in html and "wall (0)" in html
 
     write_quality_report(root, {}, {}, samples=2, thumbnail_px=64)
-    assert len(page_of(fs, root).sources) == 6
-    assert len(list((tmp_path / "report/thumbs").iterdir())) == 6
+    shown = page_of(fs, root).sources
+    assert len(shown) == 6 and set(shown) <= set(page.sources)
+    assert sorted(f"thumbs/{p.name}" for p in (tmp_path / "report/thumbs").iterdir()) == sorted(
+        shown
+    )
+
+
+def test_a_row_without_a_size_is_reported_not_fatal(tmp_path):
+    fs, root = filesystem_for(str(tmp_path), {})
+    rows = write_output(fs, root, images=2)
+    rows[0]["width"] = None
+    buffer = io.BytesIO()
+    pq.write_table(predictions(rows), buffer)
+    fs.pipe_file(f"{root}/predictions/part-0.parquet", buffer.getvalue())
+    write_quality_report(root, {}, {}, samples=4)
+    html = (tmp_path / "report/index.html").read_text()
+    assert "no thumbnails: the row records no image size" in html
+    assert len(page_of(fs, root).sources) == 3  # the other image's three
 
 
 def test_a_missing_source_leaves_its_thumbnail_out_and_says_why(tmp_path):
@@ -290,8 +309,20 @@ def test_a_missing_source_leaves_its_thumbnail_out_and_says_why(tmp_path):
     (tmp_path / "src/img 0.jpg").unlink()
     write_quality_report(root, {}, {}, samples=4)
     html = (tmp_path / "report/index.html").read_text()
-    assert page_of(fs, root).sources == ["thumbs/000-depth.jpg", "thumbs/000-segmentation.jpg"]
+    assert [source.rsplit("-", 1)[1] for source in page_of(fs, root).sources] == [
+        "depth.jpg",
+        "segmentation.jpg",
+    ]
     assert re.search(r'class="problem">input: FileNotFoundError', html)
+
+
+def report_command(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.report", *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def test_the_report_command_rebuilds_a_report_on_s3(s3_endpoint, tmp_path):
@@ -299,39 +330,37 @@ def test_the_report_command_rebuilds_a_report_on_s3(s3_endpoint, tmp_path):
 
     s3 = s3_through(s3_endpoint)
     s3.mkdir("report-out")
-    write_output(s3, "report-out/job", images=3)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.report",
-            "s3://report-out/job",
-            "--samples",
-            "2",
-            "--endpoint-url",
-            s3_endpoint,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "s3://report-out/job/report/index.html" in result.stdout
-    page = page_of(s3_through(s3_endpoint), "report-out/job")
+    # Glob characters in the output path, and a sibling output they would match.
+    output = "report-out/job[1]"
+    write_output(s3, output, images=3)
+    write_output(s3, "report-out/job1", images=1)
+    assert report_command("s3://report-out/job1", "--endpoint-url", s3_endpoint).returncode == 0
+    sibling_thumbnails = sorted(s3.ls("report-out/job1/report/thumbs"))
+    for samples in ("3", "2"):  # the second build replaces the first one's extra thumbnails
+        result = report_command(
+            f"s3://{output}", "--samples", samples, "--endpoint-url", s3_endpoint
+        )
+        assert result.returncode == 0, result.stderr
+    assert f"s3://{output}/report/index.html" in result.stdout
+    s3 = s3_through(s3_endpoint)
+    page = page_of(s3, output)
     assert page.counts["images"] == "4" and len(page.sources) == 6
-    assert sorted(s3.ls("report-out/job/report/thumbs")) == sorted(
-        f"report-out/job/report/{source}" for source in page.sources
+    assert sorted(s3.ls(f"{output}/report/thumbs")) == sorted(
+        f"{output}/report/{source}" for source in page.sources
     )
+    assert sorted(s3.ls("report-out/job1/report/thumbs")) == sibling_thumbnails
+    # Served as a page and pictures, not as downloads.
+    s3.invalidate_cache()  # listings do not carry Content-Type; a HEAD does
+    assert s3.info(f"{output}/report/index.html")["ContentType"].startswith("text/html")
+    assert s3.info(f"{output}/report/{page.sources[0]}")["ContentType"] == "image/jpeg"
 
 
-def test_the_report_command_names_a_bad_argument():
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.report", "/nowhere", "--samples", "-1"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def test_the_report_command_names_a_bad_argument_and_a_wrong_uri(tmp_path):
+    result = report_command(str(tmp_path), "--samples", "-1")
     assert result.returncode == 2 and "--samples" in result.stderr
+    result = report_command(str(tmp_path / "typo"))
+    assert result.returncode == 2 and "no predictions under" in result.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def write_shard_output(fs, root: str, shards: int, images_per_shard: int) -> None:
