@@ -21,6 +21,7 @@ from dpt_model.processing import upsample_depth
 from dpt_model.quantize import depth_at_size
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
+from pipeline.keys import split_shard_member
 from pipeline.predictions import read_predictions
 from pipeline.storage import read_bytes
 
@@ -80,7 +81,9 @@ class PseudoLabelDataset(Dataset):
             if row["status"] == "ok" and not (kept_only and row["kept"] is False)
         ]
         if with_images:
-            shard_rows = [row["source_uri"] for row in self.rows if "#" in row["source_uri"]]
+            shard_rows = [
+                row["source_uri"] for row in self.rows if split_shard_member(row["source_uri"])
+            ]
             if shard_rows:
                 # A webdataset sample or Parquet row is not an object of its own.
                 raise ValueError(
@@ -101,7 +104,7 @@ class PseudoLabelDataset(Dataset):
             item["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         if row["depth_uri"]:
             stored = decode_depth_map(row["depth_uri"], self._read(row["depth_uri"]))
-            if stored.dtype == np.float16:  # output.depth_format: npz_float16
+            if row["depth_uri"].endswith(".npz"):  # output.depth_format: npz_float16
                 values = torch.from_numpy(stored).float()
                 same_size = tuple(values.shape) == size_hw
                 depth = (values if same_size else upsample_depth(values, size_hw)).numpy()

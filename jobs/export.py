@@ -21,7 +21,10 @@ from dpt_model.labels import coco_annotations
 from jobs.arguments import add_output_arguments, class_names_for, storage_options
 from pipeline.encode import decode_segmentation_png
 from pipeline.predictions import read_predictions
+from pipeline.schema import strip_url_secrets
 from pipeline.storage import files_in, filesystem_for, join, read_bytes, remove_files
+
+EXIT_BAD_ARGUMENTS = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +65,10 @@ def export_coco(
     ]
     class_names = class_names_for(output_uri, labels_from, storage_options)
     if class_names is None:
-        raise SystemExit(f"no finished run under {output_uri} used a segmentation model")
+        raise ValueError(
+            f"no finished run under {strip_url_secrets(output_uri)} used a segmentation model; "
+            "name a checkpoint with --labels-from"
+        )
     categories = [
         {"id": class_id + 1, "name": name} for class_id, name in sorted(class_names.items())
     ]
@@ -93,7 +99,7 @@ def export_coco(
             annotation_id += len(found)
         document = {
             "info": {
-                "description": f"pseudo-labels from {output_uri}",
+                "description": f"pseudo-labels from {strip_url_secrets(output_uri)}",
                 "date_created": datetime.now(UTC).isoformat(),
             },
             "images": images,
@@ -111,14 +117,18 @@ def export_coco(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    written = export_coco(
-        args.output_uri,
-        args.dest,
-        args.images_per_file,
-        args.include_weak,
-        args.labels_from,
-        storage_options(args),
-    )
+    try:
+        written = export_coco(
+            args.output_uri,
+            args.dest,
+            args.images_per_file,
+            args.include_weak,
+            args.labels_from,
+            storage_options(args),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
     print(f"wrote {len(written)} COCO part(s)" + (f", first {written[0]}" if written else ""))
     return 0
 

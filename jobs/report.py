@@ -15,6 +15,7 @@ import sys
 
 from pydantic import ValidationError
 
+from dpt_model import ModelLoadError
 from jobs.arguments import add_output_arguments, class_names_for, storage_options
 from jobs.config import ReportConfig
 from pipeline.predictions import PREDICTIONS_FOLDER, run_records
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_ARGUMENTS
     try:
         class_names = class_names_for(args.output_uri, args.labels_from, options) or {}
-    except Exception as problem:  # e.g. the hub out of reach: ids still make a report
+    except (ModelLoadError, OSError, ValueError) as problem:  # ids still make a report
         logger.warning("classes shown as ids: %s", error_reason("labels", problem))
         class_names = {}
     latest_run = run_records(args.output_uri, options, newest=1)

@@ -11,7 +11,18 @@ segments. The result is always a relative key under the output prefix.
 from __future__ import annotations
 
 import hashlib
+import re
 
+WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# An image inside a shard is "<shard URI>#<sample id>". The first "#" right after
+# a shard's suffix splits it: file names, shard paths and sample ids may hold "#".
+SHARD_MEMBER_PATTERN = (
+    "(?s)^(.*?(?i:"
+    + "|".join(re.escape(suffix) for suffix in WEBDATASET_SUFFIXES + PARQUET_SUFFIXES)
+    + "))#(.*)$"
+)
+_SHARD_MEMBER = re.compile(SHARD_MEMBER_PATTERN)
 _ENCODED_CHARACTERS = frozenset("%\\?#*[]") | {chr(code) for code in range(32)} | {"\x7f"}
 _RESERVED_SEGMENTS = {".": "%2E", "..": "%2E%2E", "": "%"}
 
@@ -19,6 +30,17 @@ _RESERVED_SEGMENTS = {".": "%2E", "..": "%2E%2E", "": "%"}
 def image_id_for(source_uri: str) -> str:
     """A stable 32-hex-digit id: the same source URI gives the same id in every run."""
     return hashlib.sha256(source_uri.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def shard_member_uri(shard_uri: str, sample_id: str) -> str:
+    """The source URI of one image inside a shard."""
+    return f"{shard_uri}#{sample_id}"
+
+
+def split_shard_member(source_uri: str) -> tuple[str, str] | None:
+    """(shard URI, sample id) of an image inside a shard; None for an image file."""
+    match = _SHARD_MEMBER.match(source_uri)
+    return (match[1], match[2]) if match else None
 
 
 def _encode_segment(segment: str) -> str:

@@ -20,13 +20,11 @@ import fsspec.asyn
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from pipeline.keys import image_id_for
+from pipeline.keys import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, image_id_for
 from pipeline.schema import storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
 
 SHARD_FORMATS = frozenset({"webdataset", "parquet"})
-WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 TEXT_MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest")
 # Objects looked at before `auto` decides; enough to see past a few stray files.
 AUTO_PEEK_OBJECTS = 1000

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.keys import split_shard_member
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import arrow_filesystem, filesystem_for, join
 
@@ -46,22 +47,29 @@ def read_committed(
     are never held in memory).
     """
     folder = join(root, PREDICTIONS_FOLDER)
+    only = None
+    read_columns = columns
+    if image_ids is not None:
+        only = pc.field("image_id").isin(pa.array(list(image_ids), pa.string()))
+        if columns is not None and "image_id" not in columns:
+            read_columns = [*columns, "image_id"]  # the filter needs it in the schema
     schema = (
         PREDICTION_SCHEMA
-        if columns is None
-        else pa.schema([PREDICTION_SCHEMA.field(name) for name in columns])
+        if read_columns is None
+        else pa.schema([PREDICTION_SCHEMA.field(name) for name in read_columns])
     )
     if not fs.exists(folder) or not fs.ls(folder):
-        return schema.empty_table()
-    only = (
-        None
-        if image_ids is None
-        else pc.field("image_id").isin(pa.array(list(image_ids), pa.string()))
-    )
-    # Hidden and underscore files (parts being written) are skipped by the reader.
-    return pq.read_table(
-        folder, filesystem=arrow_filesystem(fs), columns=columns, schema=schema, filters=only
-    )
+        table = schema.empty_table()
+    else:
+        # Hidden and underscore files (parts being written) are skipped by the reader.
+        table = pq.read_table(
+            folder,
+            filesystem=arrow_filesystem(fs),
+            columns=read_columns,
+            schema=schema,
+            filters=only,
+        )
+    return table if read_columns == columns else table.select(columns)
 
 
 def read_predictions(
@@ -100,11 +108,13 @@ def latest_rows(table: pa.Table) -> np.ndarray:
     # One code per (source_version, config_hash) pair.
     version, config = _codes(table["source_version"]), _codes(table["config_hash"])
     key = version * (int(config.max()) + 2) + config
-    written = table["written_at"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+    # Nulls filled before numpy sees them: with nulls it would give float64,
+    # which loses microseconds past 2^53.
+    written = pc.fill_null(table["written_at"].cast(pa.int64()), 0).to_numpy()
     written_null = pc.is_null(table["written_at"]).to_numpy(zero_copy_only=False)
     is_ok = pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
 
-    order = np.lexsort((np.arange(count), np.nan_to_num(written), written_null, image))
+    order = np.lexsort((np.arange(count), written, written_null, image))
     image, key, is_ok = image[order], key[order], is_ok[order]
     last = np.flatnonzero(np.r_[image[1:] != image[:-1], True])
     first = np.r_[0, last[:-1] + 1]
@@ -180,10 +190,9 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
             count=len(image_ids),
         )
     )
+    shards = [split_shard_member(uri) for uri in done["source_uri"].to_pylist()]
     per_shard = collections.Counter(
-        (uri.rsplit("#", 1)[0], version)
-        for uri, version in zip(done["source_uri"].to_pylist(), versions, strict=True)
-        if "#" in uri
+        (shard[0], version) for shard, version in zip(shards, versions, strict=True) if shard
     )
     return DoneImages(keys=keys, per_shard=per_shard)
 
@@ -224,11 +233,14 @@ def run_records(
         try:
             if isinstance(content, Exception):
                 raise content
-            records.append(json.loads(content))
+            record = json.loads(content)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            records.append(record)
         except (OSError, ValueError) as problem:  # one unreadable record hides only itself
             logger.warning("skipping run record %s: %s", path, problem)
     # Run ids are the user's to choose, so finish times, not names, give the order.
-    return sorted(records, key=lambda record: record.get("finished_at", ""), reverse=True)
+    return sorted(records, key=lambda record: str(record.get("finished_at") or ""), reverse=True)
 
 
 def latest_segmentation_model(
@@ -236,7 +248,8 @@ def latest_segmentation_model(
 ) -> str | None:
     """The segmentation checkpoint the latest finished run used, if any did."""
     for record in run_records(output_uri, storage_options):
-        model = record.get("config", {}).get("models", {}).get("segmentation")
+        models = (record.get("config") or {}).get("models") or {}
+        model = models.get("segmentation")
         if model:
             return model
     return None

@@ -14,7 +14,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.keys import image_id_for
+from pipeline.keys import image_id_for, shard_member_uri
 from pipeline.retry import backoff_delays, is_transient, retry_transient
 from pipeline.schema import error_reason
 from pipeline.shards import ShardError, ShardImage, iter_parquet_images, iter_webdataset
@@ -160,7 +160,7 @@ def iter_shard_images(
 def _image_row(
     shard_uri: str, shard_key: str, shard_version: str, sample: ShardImage
 ) -> dict[str, Any]:
-    source_uri = f"{shard_uri}#{sample.sample_id}"
+    source_uri = shard_member_uri(shard_uri, sample.sample_id)
     return {
         "image_id": image_id_for(source_uri),
         "source_uri": source_uri,

@@ -13,6 +13,7 @@ import pyarrow
 import pyarrow.fs
 
 from dpt_model.loading import storage_options_for
+from pipeline.retry import retry_transient
 
 
 def filesystem_for(
@@ -60,8 +61,6 @@ def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
     The filesystem is looked up per call (fsspec caches it per process), so a
     forked DataLoader worker never reuses its parent's S3 connections.
     """
-    from pipeline.retry import retry_transient
-
     fs, path = filesystem_for(uri, storage_options)
     return retry_transient(lambda: fs.cat_file(path))
 
@@ -80,8 +79,6 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
 
 def remove_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
     """Delete each path as written: ``fs.rm`` would expand ``[``, ``*`` and ``?`` as a glob."""
-    from pipeline.retry import retry_transient
-
     for path in paths:
         retry_transient(lambda path=path: fs.rm_file(path))
 

@@ -61,6 +61,7 @@ class Chromium:
         self.events: list[dict[str, Any]] = []
         self._next_id = 0
         self._buffer = b""
+        self._closing = False
 
     def __enter__(self) -> Chromium:
         self._cleanup = contextlib.ExitStack()
@@ -74,6 +75,7 @@ class Chromium:
     def __exit__(self, *exc_info) -> None:
         with contextlib.suppress(BrowserError, OSError):
             self.call("Browser.close")
+            self._closing = True
         self._cleanup.close()
 
     def _start(self) -> None:
@@ -83,9 +85,9 @@ class Chromium:
         # Chromium's log goes to a file: a pipe nobody drains would block it.
         self._log = self._cleanup.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
         to_browser_read, self._to_browser = os.pipe()
+        self._cleanup.callback(os.close, self._to_browser)
         self._from_browser, from_browser_write = os.pipe()
-        for fd in (to_browser_read, self._to_browser, self._from_browser, from_browser_write):
-            self._cleanup.callback(_close_quietly, fd)
+        self._cleanup.callback(os.close, self._from_browser)
         # The shell moves the pipe ends to fds 3 and 4, where Chromium looks for them.
         redirects = f"3<&{to_browser_read} 4>&{from_browser_write}"
         for fd in {to_browser_read, from_browser_write} - {3, 4}:
@@ -99,18 +101,21 @@ class Chromium:
             f"--user-data-dir={profile}",
             "about:blank",
         ]
-        self._process = subprocess.Popen(
-            command,
-            pass_fds=(to_browser_read, from_browser_write),
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            start_new_session=True,
-        )
+        try:
+            self._process = subprocess.Popen(
+                command,
+                pass_fds=(to_browser_read, from_browser_write),
+                stdout=subprocess.DEVNULL,
+                stderr=self._log,
+                start_new_session=True,
+            )
+        finally:
+            # The browser holds its own copies now; ours would keep the pipe open.
+            os.close(to_browser_read)
+            os.close(from_browser_write)
         # Registered after the profile, so it runs first: the browser's whole
         # process group goes before its profile folder is removed.
         self._cleanup.callback(self._stop)
-        _close_quietly(to_browser_read)
-        _close_quietly(from_browser_write)
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
         self._session = attached["sessionId"]
@@ -118,8 +123,9 @@ class Chromium:
             self.call(f"{domain}.enable", session=True)
 
     def _stop(self) -> None:
+        # A browser asked to close gets a moment to; one that failed to start does not.
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=10)
+            self._process.wait(timeout=10 if self._closing else 0)
         # Renderer and GPU helpers share the session Chromium started in.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, signal.SIGKILL)
@@ -188,8 +194,3 @@ class Chromium:
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)

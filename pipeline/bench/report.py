@@ -5,8 +5,9 @@ output, not the run. N synthetic prediction rows (1 % errors, segmentation and
 pseudo-label columns filled, written as Parquet parts) are summarised in a
 fresh Python process each, so each peak RSS is its own:
 
-* report: ``write_quality_report`` with no sampled images (the per-output part;
-  the sample's thumbnails cost the same at any size);
+* report: ``write_quality_report`` with its default 24 sampled rows (their
+  rows found by a filtered scan of the whole output; their files do not exist,
+  so the thumbnails themselves, a fixed cost at any output size, are skipped);
 * done_images: ``load_done_images``, what every incremental run reads at its
   start over the same output, for comparison;
 * baseline: importing the modules only.
@@ -21,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.storage import machine_info, peak_rss_mib, run_in_child
+from pipeline.bench.child import peak_rss_mib, run_in_child
+from pipeline.bench.storage import machine_info
 
 MEASUREMENTS = ("baseline", "report", "done_images")
 _ROWS_PER_PART = 250_000
@@ -94,6 +96,10 @@ def write_synthetic_output(output: Path, rows: int) -> None:
             kept=pa.array(generator.random(count) < 0.8),
             depth_kind=pa.array(["relative_inverse"] * count),
             run_id=pa.array(["bench"] * count),
+            # webdataset side members: the widest column a real output may hold
+            source_metadata=pa.array(
+                [f'{{"json": "{{\\"caption\\": \\"photo {value}\\"}}"}}' for value in range(count)]
+            ),
             source_version=pa.array(['"0123456789abcdef0123456789abcdef"'] * count),
             config_hash=pa.array(["0123456789abcdef"] * count),
             written_at=pa.array([datetime.now(UTC)] * count, pa.timestamp("us", "UTC")),
@@ -110,7 +116,7 @@ def measure(measurement: str, output: str) -> dict[str, Any]:
 
     started = time.perf_counter()
     if measurement == "report":
-        write_quality_report(output, {}, {}, samples=0)
+        write_quality_report(output, {}, {}, samples=24)
     elif measurement == "done_images":
         fs, root = filesystem_for(output, {})
         load_done_images(fs, root, "0123456789abcdef")

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.child import peak_rss_mib, run_in_child
 from pipeline.bench.fault_proxy import FaultInjectingProxy
 from pipeline.bench.listing_server import endpoint_of, listing_server
 
@@ -343,11 +343,6 @@ def memory_mib() -> dict[str, float]:
     return memory
 
 
-def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
-
-
 def machine_info(with_aws: bool = True) -> dict[str, Any]:
     versions = {}
     for package in _PACKAGES:
@@ -370,24 +365,6 @@ def machine_info(with_aws: bool = True) -> dict[str, Any]:
         found = subprocess.run([aws, "--version"], capture_output=True, text=True, check=False)
         info["aws_cli"] = (found.stdout or found.stderr).strip()
     return info
-
-
-def run_in_child(module: str, measurement: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run ``module``'s measurement in a fresh interpreter, so its peak RSS is its own.
-
-    The child is ``python -m <module> <measurement> <params JSON> <result path>``;
-    its result comes back through the file.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        result_path = os.path.join(folder, "result.json")
-        command = [sys.executable, "-m", module, measurement, json.dumps(params), result_path]
-        child = subprocess.run(command, capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            raise RuntimeError(
-                f"{measurement} measurement failed ({child.returncode}):\n{child.stderr[-4000:]}"
-            )
-        with open(result_path) as result:
-            return json.load(result)
 
 
 def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:

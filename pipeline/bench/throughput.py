@@ -31,6 +31,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.child import run_in_child
+
 # (width, height): 0.3, 1.2, 2.1, 5.0 and 8.0 megapixels, photo aspect ratios.
 IMAGE_SIZES = ((640, 480), (1280, 960), (1920, 1080), (2592, 1944), (3264, 2448))
 MEASUREMENTS = ("naive", "model_only", "stages", "pipeline")
@@ -362,8 +364,6 @@ def measure_pipeline(
 
 
 def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.bench.storage import run_in_child
-
     return run_in_child(__name__, measurement, params)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
+from pipeline.keys import shard_member_uri, split_shard_member
 from pipeline.predictions import read_predictions, run_records
 from pipeline.read import iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
@@ -45,6 +46,19 @@ logger = logging.getLogger(__name__)
 
 REPORT_FOLDER = "report"
 THUMBNAILS_FOLDER = "thumbs"
+# What the grid needs of each sampled image (its row is read on its own).
+SAMPLE_COLUMNS = [
+    "image_id",
+    "source_uri",
+    "width",
+    "height",
+    "depth_uri",
+    "depth_kind",
+    "segmentation_uri",
+    "seg_confidence_mean",
+    "label_coverage",
+    "kept",
+]
 RUNS_SHOWN = 20
 # Reads of sources and maps overlap: on S3 each is a round trip.
 _READ_THREADS = 8
@@ -105,7 +119,11 @@ def write_quality_report(
     stats = output_stats(table)
     sampled_ids = sample_image_ids(table, samples)
     del table  # the largest object here; the sample's rows are read on their own
-    sampled = read_predictions(output_uri, storage_options, image_ids=sampled_ids).to_pylist()
+    sampled = (
+        read_predictions(output_uri, storage_options, SAMPLE_COLUMNS, sampled_ids).to_pylist()
+        if sampled_ids
+        else []
+    )
     sampled.sort(key=lambda row: sampled_ids.index(row["image_id"]))
 
     with ThreadPoolExecutor(_READ_THREADS) as pool:
@@ -150,7 +168,7 @@ def _runs_table(
     output_uri: str, storage_options: dict[str, Any], this_run: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
     runs = [
-        {**record.get("summary", {}), "finished_at": _shown_time(record.get("finished_at", ""))}
+        {**(record.get("summary") or {}), "finished_at": _shown_time(record.get("finished_at"))}
         for record in run_records(output_uri, storage_options, RUNS_SHOWN)
     ]
     if this_run is None:
@@ -169,8 +187,8 @@ def _images_in_shards(
     """Source URI → image bytes (or why not) for sampled rows whose image is in a shard."""
     wanted = collections.defaultdict(set)
     for row in rows:
-        if "#" in row["source_uri"]:
-            shard_uri, sample_id = row["source_uri"].rsplit("#", 1)
+        if member := split_shard_member(row["source_uri"]):
+            shard_uri, sample_id = member
             wanted[shard_uri].add(sample_id)
     if not wanted or shard_input is None:
         return {}
@@ -187,13 +205,13 @@ def _images_in_shards(
                 shard_input.id_column,
             ):
                 if image.sample_id in missing and image.data is not None:
-                    found[f"{shard_uri}#{image.sample_id}"] = image.data
+                    found[shard_member_uri(shard_uri, image.sample_id)] = image.data
                     missing.discard(image.sample_id)
                     if not missing:
                         break  # stop streaming the shard: the rest is not needed
         except Exception as problem:  # reported per image on the page
             reason = error_reason("input", problem)
-            found.update({f"{shard_uri}#{sample_id}": reason for sample_id in missing})
+            found.update({shard_member_uri(shard_uri, sample): reason for sample in missing})
         return found
 
     results = {}
@@ -226,7 +244,7 @@ def _sample_thumbnails(
     in_shard = in_shards.get(row["source_uri"])
     if isinstance(in_shard, str):
         sample.problems.append(in_shard)
-    elif in_shard is None and "#" in row["source_uri"]:
+    elif in_shard is None and split_shard_member(row["source_uri"]):
         # A webdataset sample or Parquet row: reading it means reading its shard.
         sample.problems.append("input not shown: its shard was not read for the report")
     else:
@@ -260,5 +278,5 @@ def _sample_thumbnails(
     return sample, files
 
 
-def _shown_time(iso_time: str) -> str:
-    return iso_time[:19].replace("T", " ")
+def _shown_time(iso_time: str | None) -> str:
+    return str(iso_time or "")[:19].replace("T", " ")

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.keys import SHARD_MEMBER_PATTERN
 from pipeline.schema import reason_group
 
 # The columns the statistics and the sample choice need, for every image. Map
@@ -149,8 +150,8 @@ def sample_image_ids(table: pa.Table, count: int) -> list[str]:
         return []
     source_uri = ok_rows["source_uri"]
     shard = pc.if_else(
-        pc.match_substring(source_uri, "#"),
-        pc.replace_substring_regex(source_uri, pattern="#.*$", replacement=""),
+        pc.match_substring_regex(source_uri, SHARD_MEMBER_PATTERN),
+        pc.replace_substring_regex(source_uri, pattern=SHARD_MEMBER_PATTERN, replacement=r"\1"),
         "",  # image files: no shard, all in one group
     )
     keys = pa.table({"shard": shard, "image_id": ok_rows["image_id"]})

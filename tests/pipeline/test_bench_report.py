@@ -1,9 +1,12 @@
 import argparse
 import re
 
+import pytest
+
 from pipeline.bench import report
 
 
+@pytest.mark.slow
 def test_the_report_benchmark_measures_the_report_and_the_resume_check(tmp_path):
     args = argparse.Namespace(rows=3000, work_dir=tmp_path)
     results = report.main(args)

@@ -3,7 +3,13 @@ import posixpath
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.keys import image_id_for, map_file_key, output_key_for
+from pipeline.keys import (
+    image_id_for,
+    map_file_key,
+    output_key_for,
+    shard_member_uri,
+    split_shard_member,
+)
 
 source_keys = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=40
@@ -46,3 +52,13 @@ def test_image_id_is_stable_and_distinct():
     assert image_id_for("s3://bucket/a.jpg") == image_id_for("s3://bucket/a.jpg")
     assert image_id_for("s3://bucket/a.jpg") != image_id_for("s3://bucket/b.jpg")
     assert len(image_id_for("x")) == 32
+
+
+def test_a_shard_member_splits_after_the_shard_suffix_not_at_any_hash():
+    assert split_shard_member("s3://b/set#1/a-000.tar#x/002") == ("s3://b/set#1/a-000.tar", "x/002")
+    assert split_shard_member("s3://b/d/train.PARQUET#u#1") == ("s3://b/d/train.PARQUET", "u#1")
+    member = shard_member_uri("s3://b/a.tar.gz", "k")
+    assert split_shard_member(member) == ("s3://b/a.tar.gz", "k")
+    # An image file whose name holds "#" is not in a shard.
+    assert split_shard_member("s3://b/photos/best#1.jpg") is None
+    assert split_shard_member("/data/tar#ball.png") is None

@@ -10,9 +10,11 @@ from pipeline.predictions import (
     drop_done_rows,
     latest_rows,
     load_done_images,
+    read_committed,
     read_predictions,
 )
 from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.storage import filesystem_for
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
 
@@ -166,3 +168,10 @@ def test_the_view_of_chosen_images_reads_only_their_rows(tmp_path):
 def test_an_empty_choice_of_images_reads_nothing(tmp_path):
     write_part(tmp_path, "a.parquet", [row("x", "ok", 0)])
     assert read_predictions(str(tmp_path), image_ids=[]).num_rows == 0
+
+
+def test_chosen_images_can_be_read_without_their_id_column(tmp_path):
+    write_part(tmp_path, "a.parquet", [row("x", "ok", 0), row("y", "error", 0)])
+    fs, root = filesystem_for(str(tmp_path), {})
+    table = read_committed(fs, root, ["status"], image_ids=["y"])
+    assert table.column_names == ["status"] and table["status"].to_pylist() == ["error"]

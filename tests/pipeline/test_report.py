@@ -20,6 +20,7 @@ from PIL import Image
 
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.encode import IGNORE_CLASS_ID, encode_depth_png, encode_segmentation_png
+from pipeline.predictions import run_records
 from pipeline.report import ShardInput, write_quality_report
 from pipeline.report.build import MAX_SHARDS_READ
 from pipeline.report.page import ReportPage, Sample, render_page
@@ -117,6 +118,17 @@ def test_the_sample_is_the_smallest_ok_image_ids_and_stable_as_the_output_grows(
     grown = [*rows, row("a-new", "ok", 0), row("zz-new", "ok", 0)]
     assert sample_image_ids(predictions(grown), 10) == ["a-new", *first[:9]]
     assert sample_image_ids(predictions(rows), 0) == []
+
+
+def test_images_in_shards_are_sampled_shard_by_shard_and_files_with_a_hash_are_files():
+    rows = [
+        {**row(f"{shard}-{i}", "ok", 0), "source_uri": f"s3://b/set#1/{shard}.tar#{i}"}
+        for shard in ("s2", "s1")
+        for i in range(3)
+    ]
+    rows.append({**row("zz-file", "ok", 0), "source_uri": "s3://b/photos/best#1.jpg"})
+    # Files first (one group), then the first shard by URI, whole, then the next.
+    assert sample_image_ids(predictions(rows), 5) == ["zz-file", "s1-0", "s1-1", "s1-2", "s2-0"]
 
 
 # --- thumbnails --------------------------------------------------------------
@@ -404,6 +416,24 @@ def test_sampled_images_come_from_few_shards_read_once(tmp_path):
 
     write_quality_report(root, {}, samples=8)  # without knowing how the shards are laid out
     assert not [s for s in page_of(fs, root).sources if s.endswith("-input.jpg")]
+
+
+def test_unreadable_or_odd_run_records_hide_only_themselves(tmp_path):
+    fs, root = filesystem_for(str(tmp_path / "out[1]"), {})
+    write_output(fs, root, images=1)
+    fs.pipe_file(f"{root}/_runs/broken.json", b"{not json")
+    fs.pipe_file(f"{root}/_runs/list.json", b"[1, 2]")
+    fs.pipe_file(f"{root}/_runs/nulls.json", b'{"summary": null, "finished_at": null}')
+    records = run_records(root)
+    assert [
+        record.get("summary", {}) and record["summary"].get("run_id") for record in records
+    ] == [
+        "newer",
+        "older",
+        None,
+    ]
+    write_quality_report(root, {}, {}, samples=1)
+    assert "newer" in (tmp_path / "out[1]/report/index.html").read_text()
 
 
 def test_the_shard_layout_comes_from_the_run_record():
