@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpt_model import ModelCard
+from dpt_model import ModelCard, ModelLoadError
 from dpt_model.loading import DEFAULT_CACHE_DIR, depth_kind
 from jobs.config import JobConfig
 from pipeline.cluster import GIB, PoolRequest, capacity_problem, read_cluster_capacity
@@ -33,6 +33,7 @@ from pipeline.predictions import (
     RUNS_FOLDER,
     DoneImages,
     drop_done_rows,
+    latest_segmentation_model,
     load_done_images,
     read_committed,
 )
@@ -610,7 +611,7 @@ def _write_quality_report(
         uri = write_quality_report(
             config.output.uri,
             config.storage_options(),
-            cards["segmentation"].class_names if "segmentation" in cards else {},
+            _class_names(config, cards),
             samples=config.report.samples,
             thumbnail_px=config.report.thumbnail_px,
             max_image_pixels=config.decode.max_image_pixels,
@@ -636,6 +637,27 @@ def _write_quality_report(
         return None
     logger.info("quality report %s", uri)
     return uri
+
+
+def _class_names(config: JobConfig, cards: dict[str, ModelCard]) -> dict[int, str]:
+    """This run's segmentation classes, or those of the latest run that had any.
+
+    A depth-only run over an output that also holds earlier segmentation maps
+    still names their classes; where none can be found the report shows ids.
+    """
+    if "segmentation" in cards:
+        return cards["segmentation"].class_names
+    storage_options = config.storage_options()
+    model = latest_segmentation_model(config.output.uri, storage_options)
+    if model is None:
+        return {}
+    cache_dir = Path(config.models.cache_dir or DEFAULT_CACHE_DIR)
+    try:
+        card = ModelCard.fetch("segmentation", model, cache_dir, storage_options, False)
+    except (ModelLoadError, OSError, ValueError) as problem:
+        logger.warning("report shows class ids: %s", error_reason("labels", problem))
+        return {}
+    return card.class_names
 
 
 def _write_run_report(

@@ -150,3 +150,25 @@ def test_the_report_command_rebuilds_the_page_with_another_sample(chromium, fini
     # The whole report stays small: a page and a few dozen thumbnails.
     report_bytes = sum(path.stat().st_size for path in (output / "report").rglob("*"))
     assert report_bytes < 1_000_000
+
+
+@pytest.mark.slow
+def test_a_depth_only_run_over_the_output_still_names_earlier_classes(
+    finished_output, checkpoints, tmp_path
+):
+    from pipeline.run import run_annotation
+
+    output, _ = finished_output
+    write_files(tmp_path, {"new.jpg": encoded(synthetic_photo(100, 80, seed=40), "JPEG")})
+    config = load_config(
+        None,
+        [
+            f"input.uri={tmp_path}",
+            f"output.uri={output}",
+            f"models.depth={checkpoints['depth-vit']}",
+            "models.segmentation=null",
+        ],
+    )
+    run_annotation(config)
+    classes = (output / "report" / "index.html").read_text().split('id="classes"')[1]
+    assert any(f"{name} (" in classes for name in SEEDED_LABELS)
