@@ -80,15 +80,15 @@ class ShardInput:
     @classmethod
     def from_run_record(cls, record: dict[str, Any]) -> ShardInput | None:
         """From a finished run's record (``_runs/<run_id>.json``); None for image files."""
-        input_format = record["summary"].get("input_format")
-        if input_format not in ("webdataset", "parquet"):
+        input_format = (record.get("summary") or {}).get("input_format")
+        settings = (record.get("config") or {}).get("input") or {}
+        if input_format not in ("webdataset", "parquet") or "extensions" not in settings:
             return None
-        settings = record["config"]["input"]
         return cls(
             input_format,
             tuple(settings["extensions"]),
-            settings["image_column"],
-            settings["id_column"],
+            settings.get("image_column", "image"),
+            settings.get("id_column"),
         )
 
 

@@ -444,3 +444,4 @@ def test_the_shard_layout_comes_from_the_run_record():
     assert ShardInput.from_run_record(record) == ShardInput("parquet", ("jpg",), "img", "uid")
     record["summary"]["input_format"] = "files"
     assert ShardInput.from_run_record(record) is None
+    assert ShardInput.from_run_record({"summary": None, "config": None}) is None
