@@ -89,7 +89,10 @@ def read_predictions(
     # Only the columns asked for, plus those that pick each image's row.
     needed = None if columns is None else list(dict.fromkeys([*columns, *_ROW_CHOICE_COLUMNS]))
     table = read_committed(fs, root, needed, image_ids)
-    view = table.take(pa.array(latest_rows(table), type=pa.int64()))
+    keep = latest_rows(table)
+    # Usually every row is its image's only one: then the view is the table, and
+    # no copy of it (the largest allocation here) is made.
+    view = table if len(keep) == table.num_rows else table.take(pa.array(keep, type=pa.int64()))
     return view if columns is None else view.select(columns)
 
 
