@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dpt_model.labels import coco_annotations
-from jobs.arguments import add_output_arguments, class_names_for, storage_options
+from jobs.arguments import add_output_arguments, storage_options
 from pipeline.encode import decode_segmentation_png
-from pipeline.predictions import read_predictions
+from pipeline.predictions import read_predictions, segmentation_class_names
 from pipeline.schema import strip_url_secrets
 from pipeline.storage import files_in, filesystem_for, join, read_bytes, remove_files
 
@@ -63,7 +63,7 @@ def export_coco(
         and row["segmentation_uri"]
         and (include_weak or row["kept"] is not False)
     ]
-    class_names = class_names_for(output_uri, labels_from, storage_options)
+    class_names = segmentation_class_names(output_uri, storage_options, labels_from)
     if class_names is None:
         raise ValueError(
             f"no finished run under {strip_url_secrets(output_uri)} used a segmentation model; "

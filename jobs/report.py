@@ -15,15 +15,13 @@ import sys
 
 from pydantic import ValidationError
 
-from dpt_model import ModelLoadError
-from jobs.arguments import add_output_arguments, class_names_for, storage_options
+from jobs.arguments import add_output_arguments, storage_options
 from jobs.config import ReportConfig
 from pipeline.predictions import PREDICTIONS_FOLDER, run_records
-from pipeline.report import ShardInput, write_quality_report
-from pipeline.schema import error_reason, strip_url_secrets
+from pipeline.report import ShardInput, class_names_or_ids, write_quality_report
+from pipeline.schema import strip_url_secrets
 from pipeline.storage import filesystem_for, join
 
-logger = logging.getLogger(__name__)
 EXIT_BAD_ARGUMENTS = 2
 
 
@@ -62,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not fs.exists(join(root, PREDICTIONS_FOLDER)):
         print(f"error: no predictions under {strip_url_secrets(args.output_uri)}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
-    try:
-        class_names = class_names_for(args.output_uri, args.labels_from, options) or {}
-    except (ModelLoadError, OSError, ValueError) as problem:  # ids still make a report
-        logger.warning("classes shown as ids: %s", error_reason("labels", problem))
-        class_names = {}
+    class_names = class_names_or_ids(args.output_uri, options, args.labels_from)
     latest_run = run_records(args.output_uri, options, newest=1)
     uri = write_quality_report(
         args.output_uri,

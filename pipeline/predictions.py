@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -24,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dpt_model import ModelCard
+from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.keys import split_shard_member
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import arrow_filesystem, filesystem_for, join
@@ -246,15 +249,31 @@ def run_records(
     return sorted(records, key=lambda record: str(record.get("finished_at") or ""), reverse=True)
 
 
-def latest_segmentation_model(
-    output_uri: str, storage_options: dict[str, Any] | None = None
+def segmentation_class_names(
+    output_uri: str,
+    storage_options: dict[str, Any] | None = None,
+    model_uri: str | None = None,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+) -> dict[int, str] | None:
+    """Class id → name from ``model_uri``'s ``id2label``, else from the segmentation
+    checkpoint the latest finished run used; None when no run used one.
+
+    Fetches the checkpoint's JSON files only, never its weights.
+    """
+    model_uri = model_uri or _latest_segmentation_model(output_uri, storage_options)
+    if model_uri is None:
+        return None
+    card = ModelCard.fetch("segmentation", model_uri, cache_dir, storage_options, False)
+    return card.class_names
+
+
+def _latest_segmentation_model(
+    output_uri: str, storage_options: dict[str, Any] | None
 ) -> str | None:
-    """The segmentation checkpoint the latest finished run used, if any did."""
     for record in run_records(output_uri, storage_options):
         models = (record.get("config") or {}).get("models") or {}
-        model = models.get("segmentation")
-        if model:
-            return model
+        if models.get("segmentation"):
+            return models["segmentation"]
     return None
 
 

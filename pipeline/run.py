@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpt_model import ModelCard, ModelLoadError
+from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR, depth_kind
 from jobs.config import JobConfig
 from pipeline.cluster import GIB, PoolRequest, capacity_problem, read_cluster_capacity
@@ -33,13 +33,12 @@ from pipeline.predictions import (
     RUNS_FOLDER,
     DoneImages,
     drop_done_rows,
-    latest_segmentation_model,
     load_done_images,
     read_committed,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
-from pipeline.report import REPORT_FOLDER, ShardInput, write_quality_report
+from pipeline.report import REPORT_FOLDER, ShardInput, class_names_or_ids, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.schema import error_reason, reason_group, storage_problem, strip_url_secrets
 from pipeline.storage import (
@@ -640,24 +639,12 @@ def _write_quality_report(
 
 
 def _class_names(config: JobConfig, cards: dict[str, ModelCard]) -> dict[int, str]:
-    """This run's segmentation classes, or those of the latest run that had any.
-
-    A depth-only run over an output that also holds earlier segmentation maps
-    still names their classes; where none can be found the report shows ids.
-    """
+    """This run's segmentation classes, or those of the latest run that had any:
+    a depth-only run over an output holding earlier segmentation maps names them."""
     if "segmentation" in cards:
         return cards["segmentation"].class_names
-    storage_options = config.storage_options()
-    model = latest_segmentation_model(config.output.uri, storage_options)
-    if model is None:
-        return {}
     cache_dir = Path(config.models.cache_dir or DEFAULT_CACHE_DIR)
-    try:
-        card = ModelCard.fetch("segmentation", model, cache_dir, storage_options, False)
-    except (ModelLoadError, OSError, ValueError) as problem:
-        logger.warning("report shows class ids: %s", error_reason("labels", problem))
-        return {}
-    return card.class_names
+    return class_names_or_ids(config.output.uri, config.storage_options(), cache_dir=cache_dir)
 
 
 def _write_run_report(

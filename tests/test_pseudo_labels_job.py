@@ -36,10 +36,9 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def run(corpus: Path, output: Path, checkpoints, min_coverage: float):
-    from pipeline.run import run_annotation
-
-    config = load_config(
+def pseudo_label_config(corpus: Path, output: Path, checkpoints, *overrides: str):
+    """Depth and segmentation with the seeded ViT checkpoints, in pseudo-label mode."""
+    return load_config(
         None,
         [
             f"input.uri={corpus}",
@@ -50,10 +49,19 @@ def run(corpus: Path, output: Path, checkpoints, min_coverage: float):
             # The seeded 6-class model is barely better than chance (max softmax
             # 0.17-0.18 for 1/6 = 0.167), so the bar sits inside that spread.
             "pseudo_labels.min_confidence=0.175",
-            f"pseudo_labels.min_coverage={min_coverage}",
+            *overrides,
         ],
     )
-    run_annotation(config)
+
+
+def run(corpus: Path, output: Path, checkpoints, min_coverage: float):
+    from pipeline.run import run_annotation
+
+    run_annotation(
+        pseudo_label_config(
+            corpus, output, checkpoints, f"pseudo_labels.min_coverage={min_coverage}"
+        )
+    )
     return {Path(row["source_uri"]).name: row for row in read_predictions(str(output)).to_pylist()}
 
 

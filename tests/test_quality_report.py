@@ -21,6 +21,7 @@ from pipeline import read_predictions
 from pipeline.schema import reason_group
 from tests.browser import INSTALL_HINT, Chromium, find_chromium
 from tests.corpus import hostile_files, write_files
+from tests.test_pseudo_labels_job import pseudo_label_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("DPT_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
@@ -62,18 +63,8 @@ def finished_output(ray_cluster, checkpoints, tmp_path_factory):
     hostile = hostile_files()
     write_files(corpus, {**photos, **{name: hostile[name] for name in list(hostile)[:3]}})
     output = tmp_path_factory.mktemp("report-output")
-    config = load_config(
-        None,
-        [
-            f"input.uri={corpus}",
-            f"output.uri={output}",
-            f"models.depth={checkpoints['depth-vit']}",
-            f"models.segmentation={checkpoints['segmentation-vit']}",
-            "pseudo_labels.enabled=true",
-            "pseudo_labels.min_confidence=0.175",  # inside the seeded model's spread
-            "pseudo_labels.min_coverage=0.45",
-            "report.samples=5",
-        ],
+    config = pseudo_label_config(
+        corpus, output, checkpoints, "pseudo_labels.min_coverage=0.45", "report.samples=5"
     )
     summary = run_annotation(config)
     return output, summary

@@ -5,6 +5,11 @@
 ``write_quality_report`` after every run; ``python -m jobs.report`` rebuilds it.
 """
 
-from pipeline.report.build import REPORT_FOLDER, ShardInput, write_quality_report
+from pipeline.report.build import (
+    REPORT_FOLDER,
+    ShardInput,
+    class_names_or_ids,
+    write_quality_report,
+)
 
-__all__ = ["REPORT_FOLDER", "ShardInput", "write_quality_report"]
+__all__ = ["REPORT_FOLDER", "ShardInput", "class_names_or_ids", "write_quality_report"]

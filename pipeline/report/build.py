@@ -12,14 +12,17 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpt_model import ModelLoadError
+from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
-from pipeline.predictions import read_predictions, run_records
+from pipeline.predictions import read_predictions, run_records, segmentation_class_names
 from pipeline.read import iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
 from pipeline.report.stats import STATS_COLUMNS, output_stats, sample_image_ids
@@ -162,6 +165,21 @@ def write_quality_report(
     except OSError as problem:
         logger.warning("could not remove %d old report thumbnails: %s", len(stale), problem)
     return full_uri(fs, index)
+
+
+def class_names_or_ids(
+    output_uri: str,
+    storage_options: dict[str, Any],
+    model_uri: str | None = None,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+) -> dict[int, str]:
+    """``predictions.segmentation_class_names`` for the report, which never fails on it:
+    where no checkpoint names the classes, or it cannot be fetched, they show as ids."""
+    try:
+        return segmentation_class_names(output_uri, storage_options, model_uri, cache_dir) or {}
+    except (ModelLoadError, OSError, ValueError) as problem:
+        logger.warning("report shows class ids: %s", error_reason("labels", problem))
+        return {}
 
 
 def _runs_table(
