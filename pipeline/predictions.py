@@ -14,7 +14,7 @@ import collections
 import hashlib
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from dpt_model import ModelCard
@@ -180,27 +181,54 @@ class DoneImages:
 
 
 def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str) -> DoneImages:
-    """What the committed parts say is done: ok rows written with ``config_hash``."""
-    table = read_committed(
-        fs, root, ["image_id", "source_uri", "source_version", "status", "config_hash"]
-    )
-    done = table.filter(
-        pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["config_hash"], config_hash))
-    )
-    image_ids = done["image_id"].to_pylist()
-    versions = [version or "" for version in done["source_version"].to_pylist()]
-    keys = np.unique(
-        np.fromiter(
-            (done_key(i, v) for i, v in zip(image_ids, versions, strict=True)),
-            dtype=np.uint64,
-            count=len(image_ids),
+    """What the committed parts say is done: ok rows written with ``config_hash``.
+
+    Streamed a record batch at a time: the driver keeps 8 bytes per done image
+    (and a count per shard), never the rows or a Python string per row, so the
+    check stays small on an output of millions of images.
+    """
+    done_rows = (pc.field("status") == "ok") & (pc.field("config_hash") == config_hash)
+    keys, per_shard = [], collections.Counter()
+    for batch in _committed_batches(
+        fs, root, ["image_id", "source_uri", "source_version"], done_rows
+    ):
+        versions = pc.fill_null(batch["source_version"], "")
+        keys.append(
+            np.fromiter(
+                map(done_key, batch["image_id"].to_pylist(), versions.to_pylist()),
+                dtype=np.uint64,
+                count=batch.num_rows,
+            )
         )
+        # Only shard members name a shard; plain images cost no Python objects here.
+        in_shards = pc.match_substring(batch["source_uri"], "#")
+        if pc.any(in_shards).as_py():
+            members = zip(
+                pc.filter(batch["source_uri"], in_shards).to_pylist(),
+                pc.filter(versions, in_shards).to_pylist(),
+                strict=True,
+            )
+            for uri, version in members:
+                shard = split_shard_member(uri)
+                if shard:
+                    per_shard[shard[0], version] += 1
+    all_keys = np.unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
+    return DoneImages(keys=all_keys, per_shard=per_shard)
+
+
+def _committed_batches(
+    fs: fsspec.AbstractFileSystem, root: str, columns: list[str], rows: pc.Expression
+) -> Iterator[pa.RecordBatch]:
+    """The committed rows matching ``rows``, ``columns`` only, a record batch at a time."""
+    folder = join(root, PREDICTIONS_FOLDER)
+    if not fs.exists(folder) or not fs.ls(folder):
+        return
+    # The full schema: parts written before a column existed read it as nulls.
+    # Hidden and underscore files (parts being written) are skipped, as in read_committed.
+    dataset = ds.dataset(
+        folder, schema=PREDICTION_SCHEMA, format="parquet", filesystem=arrow_filesystem(fs)
     )
-    shards = [split_shard_member(uri) for uri in done["source_uri"].to_pylist()]
-    per_shard = collections.Counter(
-        (shard[0], version) for shard, version in zip(shards, versions, strict=True) if shard
-    )
-    return DoneImages(keys=keys, per_shard=per_shard)
+    yield from dataset.to_batches(columns=columns, filter=rows)
 
 
 def drop_done_rows(batch: dict[str, np.ndarray], done: DoneImages) -> dict[str, np.ndarray]:

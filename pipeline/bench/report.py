@@ -64,6 +64,10 @@ def write_synthetic_output(output: Path, rows: int) -> None:
 
     folder = output / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
+    # Local paths that do not exist: the sampled rows' thumbnails fail at once,
+    # with no network (an s3:// URI here would wait on AWS's endpoint when
+    # credentials are set, for as long as its connect timeouts and retries allow).
+    missing = f"file://{output}/missing"
     generator = np.random.default_rng(0)
     for part, start in enumerate(range(0, rows, _ROWS_PER_PART)):
         count = min(_ROWS_PER_PART, rows - start)
@@ -72,16 +76,16 @@ def write_synthetic_output(output: Path, rows: int) -> None:
         columns = {field.name: pa.nulls(count, field.type) for field in PREDICTION_SCHEMA}
         columns.update(
             image_id=pa.array(ids),
-            source_uri=pa.array([f"s3://photos/2026/{image_id}.jpg" for image_id in ids]),
+            source_uri=pa.array([f"{missing}/photos/{image_id}.jpg" for image_id in ids]),
             status=pa.array(np.where(ok, "ok", "error")),
             error=pa.array(
                 [None if good else "decode: truncated or corrupt image data: …" for good in ok]
             ),
             width=pa.array(np.full(count, 1920, np.int32)),
             height=pa.array(np.full(count, 1080, np.int32)),
-            depth_uri=pa.array([f"s3://out/depth/2026/{image_id}.jpg.png" for image_id in ids]),
+            depth_uri=pa.array([f"{missing}/depth/{image_id}.jpg.png" for image_id in ids]),
             segmentation_uri=pa.array(
-                [f"s3://out/segmentation/2026/{image_id}.jpg.png" for image_id in ids]
+                [f"{missing}/segmentation/{image_id}.jpg.png" for image_id in ids]
             ),
             seg_labels=pa.array(
                 [

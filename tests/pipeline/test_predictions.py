@@ -71,13 +71,33 @@ def test_done_images_are_ok_rows_of_the_same_config_and_source_version(tmp_path)
             {**row("s", "ok", 0), "source_uri": "s3://b/shard.tar#s"},
         ],
     )
+    write_part(
+        tmp_path,
+        "b.parquet",
+        [
+            {**row("t", "ok", 1), "source_uri": "s3://b/shard.tar#t"},
+            {**row("n", "ok", 1), "source_version": None},  # a store without versions
+            {**row("h", "ok", 1), "source_uri": "s3://b/photos#1.jpg"},  # '#' in a file name
+        ],
+    )
+    # A part from before the pseudo-label columns existed, and a crashed
+    # writer's hidden part (not committed, so not done).
+    older_schema = pa.schema([f for f in PREDICTION_SCHEMA if f.name != "kept"])
+    pq.write_table(
+        pa.Table.from_pylist([row("o", "ok", 0)], schema=older_schema),
+        tmp_path / "predictions" / "old.parquet",
+    )
+    (tmp_path / "predictions" / ".c.parquet.tmp").write_bytes(b"PAR1 half")
     import fsspec
 
     done = load_done_images(fsspec.filesystem("file"), str(tmp_path), "c1")
-    assert len(done) == 2
-    assert done.per_shard == {("s3://b/shard.tar", "v1"): 1}
-    found = done.contains(["x", "x", "y", "z", "s"], ["v1", "v2", "v1", "v1", "v1"])
-    assert found.tolist() == [True, False, False, False, True]
+    assert len(done) == 6
+    assert done.per_shard == {("s3://b/shard.tar", "v1"): 2}
+    found = done.contains(
+        ["x", "x", "y", "z", "s", "t", "n", "h", "o"],
+        ["v1", "v2", "v1", "v1", "v1", "v1", "", "v1", "v1"],
+    )
+    assert found.tolist() == [True, False, False, False, True, True, True, True, True]
     assert done.has("x", "v1") and not done.has("x", "v2") and not done.has("zz", "v1")
 
 
