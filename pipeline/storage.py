@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import os
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -14,6 +17,9 @@ import pyarrow.fs
 
 from dpt_model.loading import storage_options_for
 from pipeline.retry import retry_transient
+
+# Ten times the pause that was always enough (see _wait_for_arrow_at_exit).
+_EXIT_GRACE_S = 0.5
 
 
 def filesystem_for(
@@ -116,10 +122,28 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
 
 
 class _CompleteFilesHandler(pyarrow.fs.FSSpecHandler):
+    def open_input_file(self, path: str) -> pyarrow.PythonFile:
+        _wait_for_arrow_at_exit()
+        return super().open_input_file(path)
+
     def open_output_stream(self, path: str, metadata: Any) -> pyarrow.PythonFile:
         if not is_local(self.fs):
             return super().open_output_stream(path, metadata)
         return pyarrow.PythonFile(_RenamedOnClose(path), mode="w")
+
+
+@functools.cache
+def _wait_for_arrow_at_exit() -> None:
+    """Give Arrow's threads a moment at exit, once this process has read through fsspec.
+
+    After a Parquet read through a Python filesystem returns, Arrow's threads
+    can still be finishing work that calls into Python for some milliseconds;
+    a process that exits in that window aborts ("terminate called without an
+    active exception", exit 134: apache/arrow issues 34314 and 39162). Seen
+    here in most runs of a script whose last work was such a read, and in none
+    with a 50 ms pause before exit.
+    """
+    atexit.register(time.sleep, _EXIT_GRACE_S)
 
 
 class _RenamedOnClose(io.RawIOBase):
