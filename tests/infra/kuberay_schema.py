@@ -1,7 +1,7 @@
 """JSON schemas for KubeRay's ray.io/v1 RayCluster and RayJob, for offline validation.
 
 No package registry ships KubeRay's CRDs, so the Ray-specific fields are
-written out here from KubeRay v1.4's API types (ray-operator/apis/ray/v1), with
+written out here from KubeRay v1.5.1's API types (ray-operator/apis/ray/v1), with
 unknown keys rejected, while pod templates and object metadata point at the
 Kubernetes definitions that kubernetes-validate bundles, so everything inside a
 pod is checked against Kubernetes' own schema.
@@ -93,6 +93,8 @@ RAY_CLUSTER_SPEC = _closed(
         "suspend": {"type": "boolean"},
         "managedBy": {"type": "string"},
         "gcsFaultToleranceOptions": {"type": "object"},
+        # From v1.5.1: the operator makes the token secret and hands it out.
+        "authOptions": _closed({"mode": {"enum": ["disabled", "token"]}}),
     },
     required=("headGroupSpec",),
 )

@@ -145,6 +145,37 @@ def test_the_rayjob_cluster_is_the_long_running_cluster():
     assert job["spec"]["rayClusterSpec"] == cluster["spec"]
 
 
+def test_token_auth_is_set_up_by_the_operator_and_the_cronjob_uses_its_secret():
+    # A container that sets RAY_AUTH_* itself is left alone by the operator, and
+    # its token would not be the one the operator sends to the dashboard.
+    for spec in cluster_specs():
+        assert spec["authOptions"] == {"mode": "token"}
+        env = [*spec["autoscalerOptions"].get("env", [])]
+        env += [var for container in containers(spec) for var in container.get("env", [])]
+        assert not [var["name"] for var in env if var["name"].startswith("RAY_AUTH")]
+    (job,) = by_kind("RayJob")
+    for container in job["spec"]["submitterPodTemplate"]["spec"]["containers"]:
+        assert not [var for var in container.get("env", []) if var["name"].startswith("RAY_AUTH")]
+    # KubeRay names the secret after the cluster, with the token under auth_token.
+    (cluster,) = by_kind("RayCluster")
+    (cron,) = by_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {var["name"]: var for var in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": cluster["metadata"]["name"],
+        "key": "auth_token",
+    }
+    # The submit command reaches the head service KubeRay makes for that cluster.
+    assert f"--address=http://{cluster['metadata']['name']}-head-svc:8265" in container["command"]
+    # And the README's client reads the same secret.
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert (
+        f"kubectl get secret {cluster['metadata']['name']} -o jsonpath='{{.data.auth_token}}'"
+        in readme
+    )
+
+
 def test_s3_access_comes_from_a_role_not_from_keys():
     for path in [*MANIFESTS, INFRA / "aws" / "cluster.yaml"]:
         text = path.read_text()
