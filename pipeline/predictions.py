@@ -184,8 +184,8 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     """What the committed parts say is done: ok rows written with ``config_hash``.
 
     Streamed a record batch at a time: the driver keeps 8 bytes per done image
-    (and a count per shard), never the rows or a Python string per row, so the
-    check stays small on an output of millions of images.
+    (and a count per shard); rows, and the Python strings hashed into keys,
+    live only as long as their batch.
     """
     done_rows = (pc.field("status") == "ok") & (pc.field("config_hash") == config_hash)
     keys, per_shard = [], collections.Counter()

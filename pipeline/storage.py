@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import io
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -20,6 +20,8 @@ from pipeline.retry import retry_transient
 
 # Ten times the pause that was always enough (see _wait_for_arrow_at_exit).
 _EXIT_GRACE_S = 0.5
+_exit_grace_lock = threading.Lock()
+_exit_grace_registered = False
 
 
 def filesystem_for(
@@ -132,7 +134,6 @@ class _CompleteFilesHandler(pyarrow.fs.FSSpecHandler):
         return pyarrow.PythonFile(_RenamedOnClose(path), mode="w")
 
 
-@functools.cache
 def _wait_for_arrow_at_exit() -> None:
     """Give Arrow's threads a moment at exit, once this process has read through fsspec.
 
@@ -143,7 +144,11 @@ def _wait_for_arrow_at_exit() -> None:
     here in most runs of a script whose last work was such a read, and in none
     with a 50 ms pause before exit.
     """
-    atexit.register(time.sleep, _EXIT_GRACE_S)
+    global _exit_grace_registered
+    with _exit_grace_lock:  # Arrow's threads open files too
+        if not _exit_grace_registered:
+            atexit.register(time.sleep, _EXIT_GRACE_S)
+            _exit_grace_registered = True
 
 
 class _RenamedOnClose(io.RawIOBase):

@@ -153,6 +153,9 @@ def test_token_auth_is_set_up_by_the_operator_and_the_cronjob_uses_its_secret():
         env = [*spec["autoscalerOptions"].get("env", [])]
         env += [var for container in containers(spec) for var in container.get("env", [])]
         assert not [var["name"] for var in env if var["name"].startswith("RAY_AUTH")]
+        # envFrom could bring them in under names this test cannot see.
+        assert not [c["name"] for c in containers(spec) if c.get("envFrom")]
+        assert not spec["autoscalerOptions"].get("envFrom")
     (job,) = by_kind("RayJob")
     for container in job["spec"]["submitterPodTemplate"]["spec"]["containers"]:
         assert not [var for var in container.get("env", []) if var["name"].startswith("RAY_AUTH")]
