@@ -26,7 +26,6 @@ from pipeline.bench.child import peak_rss_mib, run_in_child
 from pipeline.bench.storage import machine_info
 
 MEASUREMENTS = ("baseline", "report", "done_images")
-_ROWS_PER_PART = 250_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,17 +36,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("bench_results/report"),
         help="generated output (reused when it already holds --rows rows)",
     )
+    parser.add_argument(
+        "--rows-per-part",
+        type=int,
+        default=250_000,
+        help="rows per Parquet part (a job writes output.rows_per_part, 1,000 by default)",
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    output = args.work_dir.resolve() / f"output-{args.rows}"
+    output = args.work_dir.resolve() / f"output-{args.rows}-{args.rows_per_part}"
     if not (output / "_complete").exists():
-        write_synthetic_output(output, args.rows)
-    results: dict[str, Any] = {"machine": machine_info(with_aws=False), "rows": args.rows}
+        write_synthetic_output(output, args.rows, args.rows_per_part)
+    results: dict[str, Any] = {
+        "machine": machine_info(with_aws=False),
+        "rows": args.rows,
+        "rows_per_part": args.rows_per_part,
+    }
     for measurement in MEASUREMENTS:
         print(f"{measurement} over {args.rows:,} rows...", file=sys.stderr)
         results[measurement] = run_in_child(__name__, measurement, {"output": str(output)})
-    print(f"\nreport benchmark, {args.rows:,} rows, {results['machine']['cpu_count']} CPUs")
+    print(
+        f"\nreport benchmark, {args.rows:,} rows in parts of {args.rows_per_part:,}, "
+        f"{results['machine']['cpu_count']} CPUs"
+    )
     for measurement in MEASUREMENTS:
         result = results[measurement]
         seconds, peak = result["seconds"], result["peak_rss_mib"]
@@ -55,7 +67,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def write_synthetic_output(output: Path, rows: int) -> None:
+def write_synthetic_output(output: Path, rows: int, rows_per_part: int) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -69,8 +81,8 @@ def write_synthetic_output(output: Path, rows: int) -> None:
     # credentials are set, for as long as its connect timeouts and retries allow).
     missing = f"file://{output}/missing"
     generator = np.random.default_rng(0)
-    for part, start in enumerate(range(0, rows, _ROWS_PER_PART)):
-        count = min(_ROWS_PER_PART, rows - start)
+    for part, start in enumerate(range(0, rows, rows_per_part)):
+        count = min(rows_per_part, rows - start)
         ids = [f"{value:032x}" for value in generator.integers(1 << 62, size=count)]
         ok = generator.random(count) >= 0.01
         columns = {field.name: pa.nulls(count, field.type) for field in PREDICTION_SCHEMA}

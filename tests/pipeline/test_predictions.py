@@ -195,3 +195,17 @@ def test_chosen_images_can_be_read_without_their_id_column(tmp_path):
     fs, root = filesystem_for(str(tmp_path), {})
     table = read_committed(fs, root, ["status"], image_ids=["y"])
     assert table.column_names == ["status"] and table["status"].to_pylist() == ["error"]
+
+
+def test_done_images_are_the_same_whatever_the_parts_per_scan(tmp_path, monkeypatch):
+    import fsspec
+
+    import pipeline.predictions
+
+    for part in range(5):
+        write_part(tmp_path, f"p{part}.parquet", [row(f"i{part}{n}", "ok", part) for n in range(3)])
+    fs = fsspec.filesystem("file")
+    whole = load_done_images(fs, str(tmp_path), "c1")
+    monkeypatch.setattr(pipeline.predictions, "_PARTS_PER_SCAN", 2)  # groups of 2, 2 and 1
+    grouped = load_done_images(fs, str(tmp_path), "c1")
+    assert len(whole) == 15 and whole.keys.tolist() == grouped.keys.tolist()
