@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.keys import split_shard_member
-from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.schema import PREDICTION_SCHEMA, strip_url_secrets
 from pipeline.storage import arrow_filesystem, filesystem_for, join
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,42 @@ def read_predictions(
     # no copy of it (the largest allocation here) is made.
     view = table if len(keep) == table.num_rows else table.take(pa.array(keep, type=pa.int64()))
     return view if columns is None else view.select(columns)
+
+
+def iter_predictions(
+    output_uri: str, columns: list[str], storage_options: dict[str, Any] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The rows of :func:`read_predictions`, ``columns`` only, a record batch at a time.
+
+    Two passes over one listing of the parts: the columns that pick each
+    image's row (about 110 bytes a row, held while the rows are picked), then
+    ``columns`` batch by batch, keeping the picked rows. A whole output's
+    statistics thus never hold its widest columns at once.
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    parts = _committed_parts(fs, root)
+    choice_columns = list(_ROW_CHOICE_COLUMNS)
+    choice = pa.Table.from_batches(
+        list(_scan_parts(fs, parts, choice_columns)),
+        schema=pa.schema([PREDICTION_SCHEMA.field(name) for name in choice_columns]),
+    )
+    keep, total = latest_rows(choice), choice.num_rows
+    del choice
+    picked = None
+    if len(keep) < total:
+        picked = np.zeros(total, dtype=bool)
+        picked[keep] = True
+    offset = 0
+    for batch in _scan_parts(fs, parts, columns):
+        rows = batch.num_rows
+        if picked is not None:
+            batch = batch.filter(pa.array(picked[offset : offset + rows]))
+        offset += rows
+        yield batch
+    if offset != total:  # a part replaced between the passes: parts are never rewritten
+        raise RuntimeError(
+            f"predictions under {strip_url_secrets(output_uri)} changed while being read"
+        )
 
 
 def latest_rows(table: pa.Table) -> np.ndarray:
@@ -191,8 +227,8 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     """
     done_rows = (pc.field("status") == "ok") & (pc.field("config_hash") == config_hash)
     keys, per_shard = [], collections.Counter()
-    for batch in _committed_batches(
-        fs, root, ["image_id", "source_uri", "source_version"], done_rows
+    for batch in _scan_parts(
+        fs, _committed_parts(fs, root), ["image_id", "source_uri", "source_version"], done_rows
     ):
         versions = pc.fill_null(batch["source_version"], "")
         keys.append(
@@ -218,18 +254,25 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     return DoneImages(keys=all_keys, per_shard=per_shard)
 
 
-def _committed_batches(
-    fs: fsspec.AbstractFileSystem, root: str, columns: list[str], rows: pc.Expression
-) -> Iterator[pa.RecordBatch]:
-    """The committed rows matching ``rows``, ``columns`` only, a record batch at a time."""
+def _committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Paths of the complete parts under ``root``/predictions, in a fixed order."""
     folder = join(root, PREDICTIONS_FOLDER)
     if not fs.exists(folder) or not fs.ls(folder):
-        return
-    filesystem = arrow_filesystem(fs)
+        return []
     # Hidden and underscore files (parts being written) are skipped, as in read_committed.
-    parts = ds.dataset(
-        folder, schema=PREDICTION_SCHEMA, format="parquet", filesystem=filesystem
+    return ds.dataset(
+        folder, schema=PREDICTION_SCHEMA, format="parquet", filesystem=arrow_filesystem(fs)
     ).files
+
+
+def _scan_parts(
+    fs: fsspec.AbstractFileSystem,
+    parts: list[str],
+    columns: list[str],
+    rows: pc.Expression | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the rows matching ``rows``, a record batch at a time, in ``parts`` order."""
+    filesystem = arrow_filesystem(fs)
     # A scan keeps each part's footer once read (the filter is checked against
     # its statistics), so a dataset over every part grows with the output
     # (4,000 parts: ~230 MiB). One dataset per group of parts lets them go.
@@ -244,8 +287,8 @@ def _committed_batches(
         # Files are fetched eight at a time (an object store's latency, paid per
         # part, dominates: 100 parts at 30 ms a request took 1.0 s, 1.9 s with
         # Arrow's default of four) and decoded one batch at a time on this
-        # thread: with Arrow's decode threads, batches piled up ahead of the
-        # hashing here, and the peak grew with the output.
+        # thread, in order: with Arrow's decode threads, batches piled up ahead
+        # of the consumer, and the peak grew with the output.
         yield from dataset.to_batches(
             columns=columns,
             filter=rows,

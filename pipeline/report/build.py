@@ -22,10 +22,15 @@ from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
-from pipeline.predictions import read_predictions, run_records, segmentation_class_names
+from pipeline.predictions import (
+    iter_predictions,
+    read_predictions,
+    run_records,
+    segmentation_class_names,
+)
 from pipeline.read import iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
-from pipeline.report.stats import STATS_COLUMNS, output_stats, sample_image_ids
+from pipeline.report.stats import STATS_COLUMNS, SampleChooser, StatsAccumulator
 from pipeline.report.thumbnails import (
     colorize_depth,
     encode_jpeg,
@@ -118,10 +123,13 @@ def write_quality_report(
     storage_options = storage_options or {}
     fs, root = filesystem_for(output_uri, storage_options)
     folder = join(root, REPORT_FOLDER)
-    table = read_predictions(output_uri, storage_options, columns=STATS_COLUMNS)
-    stats = output_stats(table)
-    sampled_ids = sample_image_ids(table, samples)
-    del table  # the largest object here; the sample's rows are read on their own
+    # Streamed: the statistics and the sample are sums and running picks, so the
+    # whole output's columns are never held at once.
+    summary, chooser = StatsAccumulator(), SampleChooser(samples)
+    for batch in iter_predictions(output_uri, STATS_COLUMNS, storage_options):
+        summary.add(batch)
+        chooser.add(batch)
+    stats, sampled_ids = summary.result(), chooser.image_ids()
     sampled = (
         read_predictions(output_uri, storage_options, SAMPLE_COLUMNS, sampled_ids).to_pylist()
         if sampled_ids

@@ -3,11 +3,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.predictions import (
     DoneImages,
     done_key,
     drop_done_rows,
+    iter_predictions,
     latest_rows,
     load_done_images,
     read_committed,
@@ -209,3 +211,22 @@ def test_done_images_are_the_same_whatever_the_parts_per_scan(tmp_path, monkeypa
     monkeypatch.setattr(pipeline.predictions, "_PARTS_PER_SCAN", 2)  # groups of 2, 2 and 1
     grouped = load_done_images(fs, str(tmp_path), "c1")
     assert len(whole) == 15 and whole.keys.tolist() == grouped.keys.tolist()
+
+
+@pytest.mark.parametrize("parts_per_scan", [1, 256])
+def test_the_streamed_view_is_the_view(tmp_path, monkeypatch, parts_per_scan):
+    import pipeline.predictions
+
+    monkeypatch.setattr(pipeline.predictions, "_PARTS_PER_SCAN", parts_per_scan)
+    write_part(tmp_path, "a.parquet", [row("x", "ok", 0), row("y", "ok", 0), row("z", "error", 0)])
+    write_part(tmp_path, "b.parquet", [row("w", "ok", 1)])
+    write_part(
+        tmp_path,
+        "c.parquet",
+        [row("x", "error", 5), row("y", "error", 5, version="v2"), row("z", "ok", 5)],
+    )
+    columns = ["image_id", "status", "source_version", "written_at"]
+    expected = read_predictions(str(tmp_path), columns=columns).to_pylist()
+    streamed = [r for batch in iter_predictions(str(tmp_path), columns) for r in batch.to_pylist()]
+    assert streamed == expected and len(expected) == 4
+    assert list(iter_predictions(str(tmp_path / "none"), columns)) == []

@@ -24,7 +24,12 @@ from pipeline.predictions import run_records
 from pipeline.report import ShardInput, write_quality_report
 from pipeline.report.build import MAX_SHARDS_READ
 from pipeline.report.page import ReportPage, Sample, render_page
-from pipeline.report.stats import histogram, output_stats, sample_image_ids
+from pipeline.report.stats import (
+    SampleChooser,
+    StatsAccumulator,
+    output_stats,
+    sample_image_ids,
+)
 from pipeline.report.thumbnails import (
     PALETTE,
     TURBO_LUT,
@@ -104,8 +109,11 @@ def test_an_output_without_segmentation_or_rows_still_summarises():
 
 
 def test_histogram_bins_cover_zero_to_one_inclusive():
-    result = histogram(np.array([0.0, 0.049, 0.05, 1.0, 1.2]), bins=20)
+    coverage = [0.0, 0.049, 0.05, 1.0, 1.2, None, float("nan")]
+    rows = [{**row(f"i{n}", "ok", 0), "label_coverage": c} for n, c in enumerate(coverage)]
+    result = output_stats(predictions(rows)).histograms["label_coverage"]
     assert result.counts[0] == 2 and result.counts[1] == 1 and result.counts[19] == 2
+    assert sum(result.counts) == 5 and result.missing == 2
     assert result.edges[0] == 0.0 and result.edges[-1] == 1.0 and len(result.edges) == 21
 
 
@@ -129,6 +137,48 @@ def test_images_in_shards_are_sampled_shard_by_shard_and_files_with_a_hash_are_f
     rows.append({**row("zz-file", "ok", 0), "source_uri": "s3://b/photos/best#1.jpg"})
     # Files first (one group), then the first shard by URI, whole, then the next.
     assert sample_image_ids(predictions(rows), 5) == ["zz-file", "s1-0", "s1-1", "s1-2", "s2-0"]
+
+
+def random_view(seed: int, count: int) -> pa.Table:
+    """A one-row-per-image view with every kind of value the statistics read."""
+    generator = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        status = "error" if generator.random() < 0.2 else "ok"
+        shard = generator.integers(4)
+        source = f"s3://b/s{shard}.tar#{i}" if shard < 2 else f"s3://b/{i}.jpg"
+        score = [None, float("nan"), 0.0, 1.0, 1.3, -0.1, *generator.random(4)]
+        rows.append(
+            {
+                **row(f"{generator.integers(1 << 40):012x}", status, 0),
+                "source_uri": source,
+                "error": f"stage{i % 7}: kind {i % 5}: detail {i}" if status == "error" else None,
+                "seg_labels": sorted(set(generator.integers(12, size=3).tolist())),
+                "seg_confidence_mean": score[generator.integers(len(score))],
+                "label_coverage": score[generator.integers(len(score))],
+                "entropy_mean": score[generator.integers(len(score))],
+                "kept": [None, True, False][generator.integers(3)],
+                "depth_kind": [None, "relative_inverse", "metric"][generator.integers(3)],
+            }
+        )
+    return predictions(rows)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_statistics_and_sample_fed_in_batches_equal_those_of_the_whole_view(seed):
+    table = random_view(seed, 400)
+    whole_stats = output_stats(table, max_error_groups=4, examples_per_group=2)
+    whole_sample = sample_image_ids(table, 7)
+    assert whole_stats.images == 400 and whole_stats.error_groups and whole_stats.histograms
+    summary = StatsAccumulator(max_error_groups=4, examples_per_group=2)
+    chooser = SampleChooser(7)
+    cuts = np.sort(np.random.default_rng(seed).integers(0, 400, size=6))
+    for start, stop in zip([0, *cuts], [*cuts, 400], strict=True):  # some batches empty
+        for batch in table.slice(start, stop - start).to_batches() or [table.schema.empty_table()]:
+            summary.add(batch)
+            chooser.add(batch)
+    assert summary.result() == whole_stats
+    assert chooser.image_ids() == whole_sample
 
 
 # --- thumbnails --------------------------------------------------------------
