@@ -125,17 +125,23 @@ def iter_predictions(
     if len(keep) < total:
         picked = np.zeros(total, dtype=bool)
         picked[keep] = True
+    changed = RuntimeError(
+        f"predictions under {strip_url_secrets(output_uri)} changed while being read"
+    )
+    # Both passes see the same rows in the same order: Arrow's ScanBatches
+    # yields batches in fragment order (arrow/dataset/scanner.h), and parts are
+    # never rewritten; a row count that differs means one was, and stops here.
     offset = 0
     for batch in _scan_parts(fs, parts, columns):
         rows = batch.num_rows
+        if offset + rows > total:
+            raise changed
         if picked is not None:
             batch = batch.filter(pa.array(picked[offset : offset + rows]))
         offset += rows
         yield batch
-    if offset != total:  # a part replaced between the passes: parts are never rewritten
-        raise RuntimeError(
-            f"predictions under {strip_url_secrets(output_uri)} changed while being read"
-        )
+    if offset != total:
+        raise changed
 
 
 def latest_rows(table: pa.Table) -> np.ndarray:

@@ -230,3 +230,21 @@ def test_the_streamed_view_is_the_view(tmp_path, monkeypatch, parts_per_scan):
     streamed = [r for batch in iter_predictions(str(tmp_path), columns) for r in batch.to_pylist()]
     assert streamed == expected and len(expected) == 4
     assert list(iter_predictions(str(tmp_path / "none"), columns)) == []
+
+
+def test_the_streamed_view_stops_if_a_part_changes_between_its_passes(tmp_path, monkeypatch):
+    import pipeline.predictions
+
+    write_part(tmp_path, "a.parquet", [row("x", "ok", 0), row("x", "error", 5, version="v2")])
+    scans = []
+    real_scan = pipeline.predictions._scan_parts
+
+    def scan_growing(fs, parts, columns, rows=None):
+        scans.append(columns)
+        yield from real_scan(fs, parts, columns, rows)
+        if len(scans) == 2:  # the second pass finds a row more, as if a part was rewritten
+            yield from real_scan(fs, parts, columns, rows)
+
+    monkeypatch.setattr(pipeline.predictions, "_scan_parts", scan_growing)
+    with pytest.raises(RuntimeError, match="changed while being read"):
+        list(iter_predictions(str(tmp_path), ["image_id"]))
