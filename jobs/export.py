@@ -11,20 +11,33 @@ unless ``--dest`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from dpt_model.labels import coco_annotations
 from jobs.arguments import add_output_arguments, storage_options
 from pipeline.encode import decode_segmentation_png
-from pipeline.predictions import read_predictions, segmentation_class_names
+from pipeline.predictions import iter_predictions, segmentation_class_names
 from pipeline.schema import strip_url_secrets
 from pipeline.storage import files_in, filesystem_for, join, read_bytes, remove_files
 
 EXIT_BAD_ARGUMENTS = 2
+_EXPORT_COLUMNS = [
+    "image_id",
+    "source_uri",
+    "status",
+    "width",
+    "height",
+    "segmentation_uri",
+    "seg_confidence_mean",
+    "label_coverage",
+    "kept",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,15 +67,13 @@ def export_coco(
     labels_from: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Write COCO parts for an output's segmentation maps; returns their URIs."""
+    """Write COCO parts for an output's segmentation maps; returns their URIs.
+
+    Rows stream from the output a batch at a time and each part is written as
+    soon as it holds ``images_per_file`` images, so an export of millions of
+    images holds one part's rows and masks, not the output.
+    """
     storage_options = storage_options or {}
-    rows = [
-        row
-        for row in read_predictions(output_uri, storage_options).to_pylist()
-        if row["status"] == "ok"
-        and row["segmentation_uri"]
-        and (include_weak or row["kept"] is not False)
-    ]
     class_names = segmentation_class_names(output_uri, storage_options, labels_from)
     if class_names is None:
         raise ValueError(
@@ -78,11 +89,12 @@ def export_coco(
     earlier_parts = {
         path for path in files_in(dest_fs, dest_root) if re.search(r"/part-\d+\.json$", path)
     }
-    written = []
-    annotation_id = 1
-    for part, start in enumerate(range(0, len(rows), images_per_file)):
+    rows = _exported_rows(output_uri, storage_options, include_weak)
+    written: list[str] = []
+    image_id, annotation_id = 1, 1
+    while part_rows := list(itertools.islice(rows, images_per_file)):
         images, annotations = [], []
-        for image_id, row in enumerate(rows[start : start + images_per_file], start=start + 1):
+        for row in part_rows:
             label = decode_segmentation_png(read_bytes(row["segmentation_uri"], storage_options))
             images.append(
                 {
@@ -96,7 +108,7 @@ def export_coco(
             )
             found = coco_annotations(label, image_id, annotation_id, row["seg_confidence_mean"])
             annotations.extend(found)
-            annotation_id += len(found)
+            image_id, annotation_id = image_id + 1, annotation_id + len(found)
         document = {
             "info": {
                 "description": f"pseudo-labels from {strip_url_secrets(output_uri)}",
@@ -106,13 +118,27 @@ def export_coco(
             "annotations": annotations,
             "categories": categories,
         }
-        path = join(dest_root, f"part-{part:05d}.json")
+        path = join(dest_root, f"part-{len(written):05d}.json")
         dest_fs.pipe_file(path, json.dumps(document).encode())
         written.append(path)
     # An export is a snapshot: parts an earlier, larger one left go, once the new
     # parts are all written (a failed export leaves the earlier one whole).
     remove_files(dest_fs, sorted(earlier_parts - set(written)))
     return written
+
+
+def _exported_rows(
+    output_uri: str, storage_options: dict[str, Any], include_weak: bool
+) -> Iterator[dict[str, Any]]:
+    """The rows an export holds: ok images with a segmentation map (kept ones unless weak too)."""
+    for batch in iter_predictions(output_uri, _EXPORT_COLUMNS, storage_options):
+        for row in batch.to_pylist():
+            if (
+                row["status"] == "ok"
+                and row["segmentation_uri"]
+                and (include_weak or row["kept"] is not False)
+            ):
+                yield row
 
 
 def main(argv: list[str] | None = None) -> int:
