@@ -1,10 +1,11 @@
 """A job's output as a training set: ``PseudoLabelDataset``.
 
 Reads an output prefix back (local or any fsspec URI, e.g. S3): the committed
-rows (one per image, ``pipeline.read_predictions``), and per item the source
-image and its map files. It is the one ``dpt_model`` module that imports
-``pipeline``, whose reader of the output contract it reuses; nothing here
-imports Ray, so it runs in a plain training process and its DataLoader workers.
+rows (one per image, streamed by ``pipeline.predictions.iter_predictions``),
+and per item the source image and its map files. It is the one ``dpt_model``
+module that imports ``pipeline``, whose reader of the output contract it
+reuses; nothing here imports Ray, so it runs in a plain training process and
+its DataLoader workers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
@@ -21,8 +24,9 @@ from dpt_model.processing import upsample_depth
 from dpt_model.quantize import depth_at_size
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
-from pipeline.keys import split_shard_member
-from pipeline.predictions import read_predictions
+from pipeline.keys import SHARD_MEMBER_PATTERN
+from pipeline.predictions import iter_predictions
+from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import read_bytes
 
 # The job's own limits (jobs/config.py DecodeConfig): every image it annotated fits.
@@ -74,28 +78,39 @@ class PseudoLabelDataset(Dataset):
         self.depth = depth
         self.with_images = with_images
         self.transform = transform
-        rows = read_predictions(output_uri, self.storage_options, columns=_COLUMNS).to_pylist()
-        self.rows = [
-            row
-            for row in rows
-            if row["status"] == "ok" and not (kept_only and row["kept"] is False)
-        ]
+        chosen = []
+        for batch in iter_predictions(output_uri, _COLUMNS, self.storage_options):
+            wanted = pc.equal(batch["status"], "ok")
+            if kept_only:  # kept null: a run without pseudo-label mode, which keeps all
+                wanted = pc.and_(wanted, pc.fill_null(batch["kept"], True))
+            chosen.append(batch.filter(wanted))
+        # Arrow columns, not a list of dicts: a few hundred bytes a row, and
+        # DataLoader workers share them after fork (Python objects would be
+        # copied page by page as their reference counts change).
+        self.rows = pa.Table.from_batches(
+            chosen, schema=pa.schema([PREDICTION_SCHEMA.field(name) for name in _COLUMNS])
+        )
         if with_images:
-            shard_rows = [
-                row["source_uri"] for row in self.rows if split_shard_member(row["source_uri"])
-            ]
-            if shard_rows:
+            in_shards = self.rows.filter(
+                pc.match_substring_regex(self.rows["source_uri"], SHARD_MEMBER_PATTERN)
+            )
+            if in_shards.num_rows:
                 # A webdataset sample or Parquet row is not an object of its own.
                 raise ValueError(
-                    f"{len(shard_rows)} images come from shards (e.g. {shard_rows[0]}); "
+                    f"{in_shards.num_rows} images come from shards "
+                    f"(e.g. {in_shards['source_uri'][0]}); "
                     "read them from their shards, or pass with_images=False for maps only"
                 )
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.rows.num_rows
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        [row] = self.rows.slice(index, 1).to_pylist()
         size_hw = (row["height"], row["width"])
         item: dict[str, Any] = {"image_id": row["image_id"]}
         if self.with_images:

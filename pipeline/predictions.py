@@ -233,9 +233,7 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     """
     done_rows = (pc.field("status") == "ok") & (pc.field("config_hash") == config_hash)
     keys, per_shard = [], collections.Counter()
-    for batch in _scan_parts(
-        fs, _committed_parts(fs, root), ["image_id", "source_uri", "source_version"], done_rows
-    ):
+    for batch in scan_committed(fs, root, ["image_id", "source_uri", "source_version"], done_rows):
         versions = pc.fill_null(batch["source_version"], "")
         keys.append(
             np.fromiter(
@@ -258,6 +256,16 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
                     per_shard[shard[0], version] += 1
     all_keys = np.unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
     return DoneImages(keys=all_keys, per_shard=per_shard)
+
+
+def scan_committed(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    columns: list[str],
+    rows: pc.Expression | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the committed rows matching ``rows`` (duplicates too), a batch at a time."""
+    return _scan_parts(fs, _committed_parts(fs, root), columns, rows)
 
 
 def _committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

@@ -34,7 +34,7 @@ from pipeline.predictions import (
     DoneImages,
     drop_done_rows,
     load_done_images,
-    read_committed,
+    scan_committed,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
 from pipeline.read import read_batch, read_shard
@@ -455,14 +455,16 @@ def _not_done(
 
 
 def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> dict[str, list]:
-    table = read_committed(fs, root, ["run_id", "status", "error", "written_at"])
-    mine = table.filter(
-        pc.and_(
-            pc.equal(table["run_id"], run_id),
-            pc.greater_equal(table["written_at"], pa.scalar(started_at, pa.timestamp("us", "UTC"))),
-        )
+    """Status and error of each row this run committed (a filtered scan of the output)."""
+    mine = (pc.field("run_id") == run_id) & (
+        pc.field("written_at") >= pa.scalar(started_at, pa.timestamp("us", "UTC"))
     )
-    return mine.select(["status", "error"]).to_pydict()
+    status: list[str] = []
+    error: list[str | None] = []
+    for batch in scan_committed(fs, root, ["status", "error"], mine):
+        status += batch["status"].to_pylist()
+        error += batch["error"].to_pylist()
+    return {"status": status, "error": error}
 
 
 def decode_rows(config: JobConfig) -> int:

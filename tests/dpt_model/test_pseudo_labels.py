@@ -64,3 +64,29 @@ def test_coco_annotations_cover_every_labelled_pixel_once():
     three = annotations[1]
     np.testing.assert_array_equal(rle_to_mask(three["segmentation"]), label == 3)
     assert three["bbox"] == [1, 0, 2, 2] and three["score"] == 0.8 and three["image_id"] == 7
+
+
+def test_the_dataset_holds_ok_kept_rows_as_columns_and_indexes_like_a_sequence(tmp_path):
+    from dpt_model.labels import PseudoLabelDataset
+    from tests.pipeline.test_predictions import row, write_part
+
+    write_part(
+        tmp_path,
+        "a.parquet",
+        [
+            {**row("a", "ok", 0), "kept": True},
+            {**row("b", "ok", 0), "kept": False},  # weak
+            {**row("c", "ok", 0), "kept": None},  # a run without pseudo-label mode
+            {**row("d", "error", 0), "kept": False},
+            {**row("e", "ok", 0), "source_uri": "s3://b/set/a-000.tar#e"},
+        ],
+    )
+    dataset = PseudoLabelDataset(str(tmp_path), with_images=False)
+    assert [item["image_id"] for item in dataset] == ["a", "c", "e"]
+    assert dataset[-1]["image_id"] == "e" and len(dataset) == 3
+    with pytest.raises(IndexError):
+        dataset[3]
+    everything = PseudoLabelDataset(str(tmp_path), kept_only=False, with_images=False)
+    assert [item["image_id"] for item in everything] == ["a", "b", "c", "e"]
+    with pytest.raises(ValueError, match=r"1 images come from shards \(e.g. s3://b/set/a-000"):
+        PseudoLabelDataset(str(tmp_path))
