@@ -24,9 +24,9 @@ from dpt_model.processing import upsample_depth
 from dpt_model.quantize import depth_at_size
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
-from pipeline.keys import SHARD_MEMBER_PATTERN
+from pipeline.keys import shard_uris
 from pipeline.predictions import iter_predictions
-from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.schema import schema_for
 from pipeline.storage import read_bytes
 
 # The job's own limits (jobs/config.py DecodeConfig): every image it annotated fits.
@@ -87,13 +87,9 @@ class PseudoLabelDataset(Dataset):
         # Arrow columns, not a list of dicts: a few hundred bytes a row, and
         # DataLoader workers share them after fork (Python objects would be
         # copied page by page as their reference counts change).
-        self.rows = pa.Table.from_batches(
-            chosen, schema=pa.schema([PREDICTION_SCHEMA.field(name) for name in _COLUMNS])
-        )
+        self.rows = pa.Table.from_batches(chosen, schema=schema_for(_COLUMNS))
         if with_images:
-            in_shards = self.rows.filter(
-                pc.match_substring_regex(self.rows["source_uri"], SHARD_MEMBER_PATTERN)
-            )
+            in_shards = self.rows.filter(pc.is_valid(shard_uris(self.rows["source_uri"])))
             if in_shards.num_rows:
                 # A webdataset sample or Parquet row is not an object of its own.
                 raise ValueError(

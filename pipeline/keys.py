@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import re
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # An image inside a shard is "<shard URI>#<sample id>". The first "#" right after
@@ -41,6 +44,19 @@ def split_shard_member(source_uri: str) -> tuple[str, str] | None:
     """(shard URI, sample id) of an image inside a shard; None for an image file."""
     match = _SHARD_MEMBER.match(source_uri)
     return (match[1], match[2]) if match else None
+
+
+def shard_uris(source_uris: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """:func:`split_shard_member` for a column: each image's shard URI, null for a file."""
+    if not pc.any(pc.match_substring(source_uris, "#")).as_py():
+        # Image files only, the usual output: the substring test costs a fifth of the
+        # regexes (62 against ~290 ms for 500,000 URIs here).
+        return pa.nulls(len(source_uris), pa.string())
+    return pc.if_else(
+        pc.match_substring_regex(source_uris, SHARD_MEMBER_PATTERN),
+        pc.replace_substring_regex(source_uris, pattern=SHARD_MEMBER_PATTERN, replacement=r"\1"),
+        pa.scalar(None, pa.string()),
+    )
 
 
 def _encode_segment(segment: str) -> str:

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
-from pipeline.keys import split_shard_member
-from pipeline.schema import PREDICTION_SCHEMA, strip_url_secrets
+from pipeline.keys import shard_uris
+from pipeline.schema import PREDICTION_SCHEMA, schema_for, strip_url_secrets
 from pipeline.storage import arrow_filesystem, filesystem_for, join
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,7 @@ def read_committed(
         only = pc.field("image_id").isin(pa.array(list(image_ids), pa.string()))
         if columns is not None and "image_id" not in columns:
             read_columns = [*columns, "image_id"]  # the filter needs it in the schema
-    schema = (
-        PREDICTION_SCHEMA
-        if read_columns is None
-        else pa.schema([PREDICTION_SCHEMA.field(name) for name in read_columns])
-    )
+    schema = PREDICTION_SCHEMA if read_columns is None else schema_for(read_columns)
     if not fs.exists(folder) or not fs.ls(folder):
         table = schema.empty_table()
     else:
@@ -116,8 +112,7 @@ def iter_predictions(
     parts = _committed_parts(fs, root)
     choice_columns = list(_ROW_CHOICE_COLUMNS)
     choice = pa.Table.from_batches(
-        list(_scan_parts(fs, parts, choice_columns)),
-        schema=pa.schema([PREDICTION_SCHEMA.field(name) for name in choice_columns]),
+        list(_scan_parts(fs, parts, choice_columns)), schema=schema_for(choice_columns)
     )
     keep, total = latest_rows(choice), choice.num_rows
     del choice
@@ -243,17 +238,16 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
             )
         )
         # Only shard members name a shard; plain images cost no Python objects here.
-        in_shards = pc.match_substring(batch["source_uri"], "#")
+        shards = shard_uris(batch["source_uri"])
+        in_shards = pc.is_valid(shards)
         if pc.any(in_shards).as_py():
-            members = zip(
-                pc.filter(batch["source_uri"], in_shards).to_pylist(),
-                pc.filter(versions, in_shards).to_pylist(),
-                strict=True,
+            per_shard.update(
+                zip(
+                    pc.filter(shards, in_shards).to_pylist(),
+                    pc.filter(versions, in_shards).to_pylist(),
+                    strict=True,
+                )
             )
-            for uri, version in members:
-                shard = split_shard_member(uri)
-                if shard:
-                    per_shard[shard[0], version] += 1
     all_keys = np.unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
     return DoneImages(keys=all_keys, per_shard=per_shard)
 

@@ -45,6 +45,11 @@ _URL_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]+@")
 _MAX_REASON_CHARS = 300
 
 
+def schema_for(columns: list[str]) -> pa.Schema:
+    """The part of :data:`PREDICTION_SCHEMA` that ``columns`` name, in their order."""
+    return pa.schema([PREDICTION_SCHEMA.field(name) for name in columns])
+
+
 def strip_url_secrets(text: str) -> str:
     """Remove URL query strings (presigned signatures) and userinfo (user:password@)."""
     return _URL_USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.keys import SHARD_MEMBER_PATTERN
+from pipeline.keys import shard_uris
 from pipeline.schema import reason_group
 
 # The columns the statistics and the sample choice need, for every image. Map
@@ -180,15 +180,13 @@ class SampleChooser:
         self._best: pa.Table | None = None  # (shard, image_id) of the picks so far
 
     def add(self, rows: pa.Table | pa.RecordBatch) -> None:
-        ok_rows = rows.filter(pc.equal(rows["status"], "ok"))
-        if self._count <= 0 or ok_rows.num_rows == 0:
+        if self._count <= 0:
             return
-        source_uri = ok_rows["source_uri"]
-        shard = pc.if_else(
-            pc.match_substring_regex(source_uri, SHARD_MEMBER_PATTERN),
-            pc.replace_substring_regex(source_uri, pattern=SHARD_MEMBER_PATTERN, replacement=r"\1"),
-            "",  # image files: no shard, all in one group
-        )
+        ok_rows = rows.filter(pc.equal(rows["status"], "ok"))
+        if ok_rows.num_rows == 0:
+            return
+        # Image files have no shard: all in one group, before every shard.
+        shard = pc.fill_null(shard_uris(ok_rows["source_uri"]), "")
         keys = pa.table({"shard": shard, "image_id": ok_rows["image_id"]})
         if self._best is not None:
             keys = pa.concat_tables([self._best, keys])

@@ -1,5 +1,6 @@
 import posixpath
 
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -8,6 +9,7 @@ from pipeline.keys import (
     map_file_key,
     output_key_for,
     shard_member_uri,
+    shard_uris,
     split_shard_member,
 )
 
@@ -62,3 +64,17 @@ def test_a_shard_member_splits_after_the_shard_suffix_not_at_any_hash():
     # An image file whose name holds "#" is not in a shard.
     assert split_shard_member("s3://b/photos/best#1.jpg") is None
     assert split_shard_member("/data/tar#ball.png") is None
+
+
+def test_shard_uris_is_split_shard_member_for_a_column():
+    uris = [
+        "s3://b/set#1/a-000.tar#x/002",
+        "s3://b/d/train.PARQUET#u#1",
+        "s3://b/photos/best#1.jpg",
+        "/data/tar#ball.png",
+        "s3://b/a.tgz#\nk",
+        "s3://b/plain.jpg",
+    ]
+    expected = [(split_shard_member(uri) or (None,))[0] for uri in uris]
+    assert shard_uris(pa.array(uris)).to_pylist() == expected
+    assert expected[:2] == ["s3://b/set#1/a-000.tar", "s3://b/d/train.PARQUET"]
