@@ -116,9 +116,12 @@ def join(root: str, key: str) -> str:
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
     """Ray Data's Parquet writer takes a pyarrow filesystem; wrap the same fsspec one.
 
-    Files written through it become visible only once complete: object stores
-    publish an object when its upload finishes, and local files are written
-    under a hidden name (which Parquet readers skip) and renamed on close.
+    Files written through it become visible only once whole: a local file is
+    written under a hidden name (which Parquet readers skip) and renamed on
+    close; an object is uploaded on close in one request. A file whose write
+    failed, or a Parquet file closed before its footer was written, is thrown
+    away instead: Arrow closes its output stream on errors too, and publishing
+    that would leave a part no reader can open (and the resume check with it).
     """
     return pyarrow.fs.PyFileSystem(_CompleteFilesHandler(fs))
 
@@ -129,9 +132,7 @@ class _CompleteFilesHandler(pyarrow.fs.FSSpecHandler):
         return super().open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: Any) -> pyarrow.PythonFile:
-        if not is_local(self.fs):
-            return super().open_output_stream(path, metadata)
-        return pyarrow.PythonFile(_RenamedOnClose(path), mode="w")
+        return pyarrow.PythonFile(_PublishedWhenWhole(self.fs, path), mode="w")
 
 
 def _wait_for_arrow_at_exit() -> None:
@@ -151,32 +152,76 @@ def _wait_for_arrow_at_exit() -> None:
             _exit_grace_registered = True
 
 
-class _RenamedOnClose(io.RawIOBase):
-    """A local file written under ``.<name>.<random>.tmp`` and renamed when closed."""
+class _PublishedWhenWhole(io.RawIOBase):
+    """Bytes for ``path`` that appear there on close only if they make a whole file.
 
-    def __init__(self, path: str) -> None:
+    Local files stream to ``.<name>.<random>.tmp`` beside ``path`` and are
+    renamed; other filesystems get the bytes in one upload on close (Parquet
+    parts are small: ``output.rows_per_part`` rows).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         super().__init__()
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        self._path = path
-        self._temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        self._file = open(self._temporary, "wb")  # noqa: SIM115 (closed in close())
+        self._fs, self._path = fs, path
+        self._failed = False
+        self._tail = b""  # the last bytes written, for the Parquet footer check
+        self._size = 0
+        self._temporary: str | None = None
+        if is_local(fs):
+            folder, name = os.path.split(path)
+            os.makedirs(folder, exist_ok=True)
+            self._temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+            self._file: Any = open(self._temporary, "wb")  # noqa: SIM115 (closed in close())
+        else:
+            self._file = io.BytesIO()
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
-        return self._file.write(data)
+        try:
+            written = self._file.write(data)
+        except BaseException:
+            self._failed = True
+            raise
+        self._tail = (self._tail + bytes(data))[-4:]
+        self._size += written
+        return written
 
     def tell(self) -> int:
-        return self._file.tell()
+        return self._size
 
     def flush(self) -> None:
         if not self._file.closed:
             self._file.flush()
 
     def close(self) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:
+            if self._is_whole():
+                self._publish()
+            else:
+                self._discard()
+        finally:
+            super().close()
+
+    def _is_whole(self) -> bool:
+        # A Parquet file ends with its footer and the magic bytes "PAR1".
+        return not self._failed and (not self._path.endswith(".parquet") or self._tail == b"PAR1")
+
+    def _publish(self) -> None:
+        if self._temporary is None:
+            self._fs.pipe_file(self._path, self._file.getvalue())
+            return
+        try:
             self._file.close()
             os.replace(self._temporary, self._path)
-        super().close()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        self._file.close()
+        if self._temporary is not None and os.path.exists(self._temporary):
+            os.remove(self._temporary)

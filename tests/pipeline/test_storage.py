@@ -1,11 +1,15 @@
+import errno
 import os
 import subprocess
 import sys
 
 import fsspec
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 
+from pipeline import storage
 from pipeline.storage import arrow_filesystem
 
 
@@ -54,3 +58,61 @@ def test_a_process_whose_last_work_is_a_parquet_read_exits_cleanly(tmp_path):
         for _ in range(8)
     ]
     assert [done.returncode for done in outcomes] == [0] * 8, [o.stderr[-300:] for o in outcomes]
+
+
+class _DiskFullOnSecondWrite:
+    """A local file whose second write fails as a full disk would."""
+
+    def __init__(self, path, mode):
+        self._file = open(path, mode)  # noqa: SIM115 (closed in close())
+        self._writes = 0
+        self.closed = False
+
+    def write(self, data):
+        self._writes += 1
+        if self._writes == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._file.write(data)
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+        self.closed = True
+
+
+def test_a_part_whose_write_failed_is_not_published(tmp_path, monkeypatch):
+    # Arrow closes its output stream when a write fails; renaming the
+    # temporary file then published a truncated part that no reader (and so
+    # no resume check) could open.
+    monkeypatch.setattr(storage, "open", _DiskFullOnSecondWrite, raising=False)
+    table = pa.table({"n": list(range(10_000))})
+    with pytest.raises(OSError, match="No space left"):
+        ds.write_dataset(
+            table,
+            str(tmp_path / "predictions"),
+            format="parquet",
+            filesystem=arrow_filesystem(fsspec.filesystem("file")),
+            basename_template="part-{i}.parquet",
+        )
+    assert os.listdir(tmp_path / "predictions") == []
+
+
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_a_parquet_file_closed_before_its_footer_is_not_published(tmp_path, protocol):
+    fs = fsspec.filesystem(protocol)
+    folder = f"{tmp_path}/predictions"
+    filesystem = arrow_filesystem(fs)
+    pq.write_table(pa.table({"n": [1]}), f"{folder}/done.parquet", filesystem=filesystem)
+
+    stream = filesystem.open_output_stream(f"{folder}/half.parquet")
+    writer = pq.ParquetWriter(stream, pa.schema([("n", pa.int64())]))
+    writer.write_table(pa.table({"n": [2]}))
+    stream.close()  # before the writer wrote its footer
+
+    assert [os.path.basename(path) for path in fs.ls(folder, detail=False)] == ["done.parquet"]
+    assert pq.read_table(folder, filesystem=filesystem)["n"].to_pylist() == [1]
+    with pytest.raises(pa.ArrowInvalid, match="closed"):
+        writer.close()
+    fs.rm(folder, recursive=True)
