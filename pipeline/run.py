@@ -126,10 +126,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
     cards = _fetch_model_cards(config, cache_dir, storage_options)
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
-    _prepare_output(out_fs, out_root, config, run_id, started_at)
+    _record_start(out_fs, out_root, config, run_id, started_at)
     done = (
         load_done_images(out_fs, out_root, config_hash)
-        if config.mode == "incremental"
+        if config.mode == "incremental" and not config.output.overwrite
         else DoneImages()
     )
     listing = list_input(config.input, storage_options)
@@ -159,6 +159,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
         config.input.uri,
         skipped.images,
     )
+    if config.output.overwrite:
+        # Only now: a mistyped input or a cluster that cannot run the job must
+        # not cost the results already there.
+        _clear_earlier_results(out_fs, out_root, config, run_id)
     timings["list"] = time.perf_counter() - started - timings["prepare"]
     record_skipped(skipped.images)
 
@@ -546,31 +550,43 @@ def _fetch_model_cards(
     }
 
 
-def _prepare_output(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> None:
-    """Clear earlier results if asked, then record that this run started.
+def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> None:
+    """Record that this run started.
 
     The start record doubles as a write check: missing credentials, a wrong
     endpoint or a read-only bucket fail here, before any actor starts. Its pair,
     ``_runs/<run_id>.json``, is written when the run finishes, so a run with a
     start record and no finish record crashed (its committed rows are still valid).
     """
+    record = {"run_id": run_id, "started_at": started_at.isoformat(), "config": config.redacted()}
     try:
-        if config.output.overwrite:
-            for folder in OUTPUT_FOLDERS:
-                path = join(root, folder)
-                if fs.exists(path):
-                    fs.rm(path, recursive=True)
-        record = {
-            "run_id": run_id,
-            "started_at": started_at.isoformat(),
-            "config": config.redacted(),
-        }
-        started_path = join(root, f"{RUNS_FOLDER}/{run_id}.started.json")
-        fs.pipe_file(started_path, json.dumps(record, indent=2).encode())
+        fs.pipe_file(_start_record_path(root, run_id), json.dumps(record, indent=2).encode())
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise OutputNotWritableError(
             storage_problem("output.uri", config.output.uri, error)
         ) from None
+
+
+def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> None:
+    """``output.overwrite``: remove every earlier result, all but this run's start record."""
+    keep = _start_record_path(root, run_id)
+    try:
+        for folder in OUTPUT_FOLDERS:
+            path = join(root, folder)
+            if folder == RUNS_FOLDER:
+                earlier = [p for p in fs.find(path) if p.rstrip("/") != keep.rstrip("/")]
+                if earlier:
+                    fs.rm(earlier)
+            elif fs.exists(path):
+                fs.rm(path, recursive=True)
+    except Exception as error:
+        raise OutputNotWritableError(
+            storage_problem("output.uri", config.output.uri, error)
+        ) from None
+
+
+def _start_record_path(root: str, run_id: str) -> str:
+    return join(root, f"{RUNS_FOLDER}/{run_id}.started.json")
 
 
 def _check_cluster_fits(config: JobConfig) -> None:

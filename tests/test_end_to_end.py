@@ -169,6 +169,36 @@ def test_a_second_run_skips_done_images_and_a_forced_one_supersedes_them(
     assert {p.name for p in (output / "_runs").iterdir()} >= {"second.json", "third.json"}
 
 
+def test_overwrite_replaces_results_only_once_the_new_input_is_listed(
+    ray_cluster, mixed_corpus, checkpoints, tmp_path
+):
+    from pipeline.listing import InputNotFoundError
+
+    depth_only = ["models.segmentation=null"]
+    first = run_job(ray_cluster, mixed_corpus / "more", tmp_path, checkpoints, *depth_only)
+    with pytest.raises(InputNotFoundError, match="typo"):
+        run_job(
+            ray_cluster, mixed_corpus / "typo", tmp_path, checkpoints, *depth_only,
+            "output.overwrite=true", "run_id=mistyped",
+        )  # fmt: skip
+    assert pq.read_table(tmp_path / "predictions").num_rows == first.images_listed
+
+    replaced = run_job(
+        ray_cluster, mixed_corpus / "photos", tmp_path, checkpoints, *depth_only,
+        "output.overwrite=true", "run_id=replaced",
+    )  # fmt: skip
+    rows = pq.read_table(tmp_path / "predictions").to_pylist()
+    assert len(rows) == replaced.images_ok == len(PARITY_SIZES)
+    assert {row["run_id"] for row in rows} == {"replaced"}
+    assert sorted(p.name for p in (tmp_path / "_runs").iterdir()) == [
+        "replaced.json",
+        "replaced.started.json",
+    ]
+    assert sorted(p.name for p in (tmp_path / "depth").rglob("*.png")) == sorted(
+        f"{Path(row['source_uri']).name}.png" for row in rows
+    )
+
+
 def test_full_size_depth_maps_and_auto_batch_size(ray_cluster, mixed_corpus, checkpoints, tmp_path):
     summary = run_job(
         ray_cluster,
