@@ -12,7 +12,6 @@ from dpt_model.predictor import (
     ModelCard,
     SegmentationPrediction,
     SegmentationPredictor,
-    make_predictor,
 )
 from dpt_model.processing import PreprocessSpec, model_input_size, resize_for_model
 from dpt_model.quantize import depth_at_size, dequantize_depth, quantize_depth
@@ -29,7 +28,6 @@ __all__ = [
     "SegmentationPredictor",
     "depth_at_size",
     "dequantize_depth",
-    "make_predictor",
     "model_input_size",
     "quantize_depth",
     "resize_for_model",

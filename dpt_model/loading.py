@@ -153,15 +153,21 @@ def checkpoint_version(checkpoint_dir: Path) -> str:
     """A short fingerprint that changes whenever the checkpoint's files do.
 
     For a cached copy: the remote files' names, sizes and ETags, recorded at
-    download. For a local folder: its files' names, sizes and modification times.
-    Cheap to compute without weights, so the driver can tell whether earlier
-    results came from the same model.
+    download. For a hub snapshot: its repository and commit (the folder names
+    of the hub's cache), which stay the same when the weights join the JSON
+    files the driver fetched. For a local folder: its files' names, sizes and
+    modification times. Cheap to compute without weights, so the driver can
+    tell whether earlier results came from the same model.
     """
     marker = checkpoint_dir / _COMPLETE_MARKER
     if marker.is_file():
         recorded = json.loads(marker.read_text()).get("version")
         if recorded:
             return recorded[:16]
+    snapshots = checkpoint_dir.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        revision = f"{snapshots.parent.name}@{checkpoint_dir.name}"
+        return hashlib.sha256(revision.encode()).hexdigest()[:16]
     fingerprint = hashlib.sha256()
     for path in sorted(checkpoint_dir.iterdir()):
         if path.name.endswith(CHECKPOINT_FILE_SUFFIXES):
@@ -196,8 +202,11 @@ def _fetch_hub_checkpoint(model_id: str, suffixes: tuple[str, ...]) -> Path:
 def read_model_config(checkpoint_dir: Path) -> dict[str, Any]:
     path = checkpoint_dir / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{checkpoint_dir} has no config.json")
-    return json.loads(path.read_text())
+        raise FileNotFoundError("no config.json")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError("config.json does not hold a JSON object")
+    return config
 
 
 def check_supported(config: dict[str, Any], task: Task, model_uri: str) -> None:
@@ -206,6 +215,13 @@ def check_supported(config: dict[str, Any], task: Task, model_uri: str) -> None:
     if model_type not in supported:
         raise ModelLoadError(
             f"model {model_uri} has model_type {model_type!r}; {task} supports {sorted(supported)}"
+        )
+    # The other task's head (a segmentation checkpoint named as models.depth)
+    # would load with its weights left out and fail only in the actors.
+    other_heads = "ForSemanticSegmentation" if task == "depth" else "ForDepthEstimation"
+    if any(other_heads in name for name in config.get("architectures") or []):
+        raise ModelLoadError(
+            f"model {model_uri} is a {config['architectures'][0]} checkpoint, not a {task} one"
         )
     if task == "segmentation":
         num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 0)

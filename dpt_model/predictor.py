@@ -110,9 +110,14 @@ class ModelCard:
         checkpoint_dir = resolve_checkpoint_dir(
             model_uri, cache_dir, storage_options, with_weights=with_weights
         )
-        config = read_model_config(checkpoint_dir)
+        try:
+            config = read_model_config(checkpoint_dir)
+            spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # missing, not JSON, wrong
+            raise ModelLoadError(
+                f"model {model_uri} is not a usable DPT checkpoint: {type(error).__name__}: {error}"
+            ) from None
         check_supported(config, task, model_uri)
-        spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)
         check_input_geometry(config, spec, model_uri)
         return cls(
             task, model_uri, checkpoint_dir, spec, config, checkpoint_version(checkpoint_dir)
@@ -218,20 +223,25 @@ class _Predictor:
                 output = self._forward(np.stack([model_inputs[i] for i in indices]))
                 for row, index in enumerate(indices):
                     results[index] = self._postprocess(output, row, original_sizes[index])
+            return
         except torch.OutOfMemoryError:
-            output = None  # free this attempt's activations before the smaller ones
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(indices) == 1:
-                height, width = original_sizes[indices[0]]
-                results[indices[0]] = self._failed(
-                    f"out of device memory even alone ({width}×{height}); "
-                    "lower decode.max_image_pixels or use a larger GPU"
-                )
-                return
-            half = len(indices) // 2
-            self._predict_group(indices[:half], model_inputs, original_sizes, results)
-            self._predict_group(indices[half:], model_inputs, original_sizes, results)
+            pass
+        # Retried only out here: inside the except block the exception's
+        # traceback keeps the failed attempt's frames, and with them its
+        # activations, alive through every smaller attempt.
+        output = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(indices) == 1:
+            height, width = original_sizes[indices[0]]
+            results[indices[0]] = self._failed(
+                f"out of device memory even alone ({width}×{height}); "
+                "lower decode.max_image_pixels or use a larger GPU"
+            )
+            return
+        half = len(indices) // 2
+        self._predict_group(indices[:half], model_inputs, original_sizes, results)
+        self._predict_group(indices[half:], model_inputs, original_sizes, results)
 
     def _forward(self, stacked: np.ndarray) -> torch.Tensor:
         """(B, h, w, 3) uint8 → the output tensor: (B, h', w') depth or (B, C, h', w') logits."""
@@ -404,10 +414,3 @@ def _resized(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(
         tensor, size=tuple(size), mode="bilinear", align_corners=False
     )
-
-
-def make_predictor(
-    task: Task, model_uri: str, **kwargs: Any
-) -> DepthPredictor | SegmentationPredictor:
-    predictor_class = DepthPredictor if task == "depth" else SegmentationPredictor
-    return predictor_class(model_uri, **kwargs)

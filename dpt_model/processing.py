@@ -93,9 +93,12 @@ class PreprocessSpec:
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing: a DPT checkpoint needs its processor config"
+                "no preprocessor_config.json: a DPT checkpoint needs its processor config"
             )
-        return cls.from_processor_config(json.loads(path.read_text()))
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("preprocessor_config.json does not hold a JSON object")
+        return cls.from_processor_config(config)
 
 
 def _three_floats(value: float | Sequence[float]) -> tuple[float, float, float]:

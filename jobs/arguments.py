@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipeline.predictions import PREDICTIONS_FOLDER
+from pipeline.schema import storage_problem, strip_url_secrets
+from pipeline.storage import StorageUnreachableError, check_reachable, filesystem_for, join
+
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_uri", help="a job's output.uri")
@@ -19,3 +23,25 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     """fsspec options from the arguments; credentials come from the AWS chain, as for jobs."""
     return {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
+
+
+EXIT_UNREACHABLE = 1
+EXIT_BAD_ARGUMENTS = 2
+
+
+def output_problem(output_uri: str, options: dict[str, Any]) -> tuple[int, str] | None:
+    """(exit code, message) when ``output_uri`` cannot be read or holds no predictions.
+
+    Checked first, so a wrong endpoint or a typo costs seconds and one line,
+    not retries and a traceback.
+    """
+    try:
+        check_reachable("output", output_uri, options)
+        fs, root = filesystem_for(output_uri, options)
+        if fs.exists(join(root, PREDICTIONS_FOLDER)):
+            return None
+    except StorageUnreachableError as error:
+        return EXIT_UNREACHABLE, str(error)
+    except OSError as error:
+        return EXIT_UNREACHABLE, storage_problem("output", output_uri, error)
+    return EXIT_BAD_ARGUMENTS, f"no predictions under {strip_url_secrets(output_uri)}"

@@ -139,8 +139,8 @@ class InferenceConfig(_Section):
     @field_validator("segmentation_scales")
     @classmethod
     def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        if any(scale <= 0 for scale in scales):
-            raise ValueError("scales must be positive")
+        if not all(0 < scale < float("inf") for scale in scales):  # NaN fails too
+            raise ValueError("scales must be positive numbers")
         return scales
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -254,7 +254,12 @@ class JobConfig(_Section):
     pseudo_labels: PseudoLabelsConfig = PseudoLabelsConfig()
     report: ReportConfig = ReportConfig()
     storage: StorageConfig = StorageConfig()
-    run_id: str | None = Field(default=None, description="Defaults to a timestamped id.")
+    run_id: str | None = Field(
+        default=None,
+        # It names files under _runs/: nothing that could leave that folder.
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Letters, digits, '.', '_' and '-'. Defaults to a timestamped id.",
+    )
     stall_timeout_s: float | None = Field(
         default=1800,
         gt=0,
@@ -328,8 +333,12 @@ def _redact(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact(item) for item in value]
     if isinstance(value, str):
-        # userinfo in a URI (https://user:pass@host) is a credential too.
-        return re.sub(r"(//)[^/@\s]+:[^/@\s]+@", r"\1<redacted>@", value)
+        # A URI's userinfo (https://user:pass@host) and query (a presigned
+        # URL's signature) are credentials too. Imported here: pipeline imports
+        # this module.
+        from pipeline.schema import strip_url_secrets
+
+        return strip_url_secrets(value)
     return value
 
 

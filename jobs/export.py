@@ -15,18 +15,30 @@ import itertools
 import json
 import re
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from dpt_model.labels import coco_annotations
-from jobs.arguments import add_output_arguments, storage_options
+from jobs.arguments import (
+    EXIT_BAD_ARGUMENTS,
+    add_output_arguments,
+    output_problem,
+    storage_options,
+)
 from pipeline.encode import decode_segmentation_png
 from pipeline.predictions import iter_predictions, segmentation_class_names
 from pipeline.schema import strip_url_secrets
-from pipeline.storage import files_in, filesystem_for, join, read_bytes, remove_files
+from pipeline.storage import (
+    files_in,
+    filesystem_for,
+    full_uri,
+    join,
+    read_bytes,
+    remove_files,
+)
 
-EXIT_BAD_ARGUMENTS = 2
 _EXPORT_COLUMNS = [
     "image_id",
     "source_uri",
@@ -90,6 +102,38 @@ def export_coco(
         path for path in files_in(dest_fs, dest_root) if re.search(r"/part-\d+\.json$", path)
     }
     rows = _exported_rows(output_uri, storage_options, include_weak)
+    # Parts are written to a hidden folder first and put in place only once all
+    # are written, so a failed export leaves the earlier one whole.
+    staging = join(dest_root, f".export-{uuid.uuid4().hex}")
+    try:
+        staged = _write_coco_parts(
+            dest_fs, staging, rows, images_per_file, categories, output_uri, storage_options
+        )
+    except BaseException:
+        if dest_fs.exists(staging):
+            dest_fs.rm(staging, recursive=True)
+        raise
+    written = []
+    for path in staged:
+        target = join(dest_root, path.rsplit("/", 1)[1])
+        dest_fs.mv(path, target)
+        written.append(target)
+    if dest_fs.exists(staging):
+        dest_fs.rm(staging, recursive=True)
+    # An export is a snapshot: parts an earlier, larger one left go.
+    remove_files(dest_fs, sorted(earlier_parts - set(written)))
+    return [full_uri(dest_fs, path) for path in written]
+
+
+def _write_coco_parts(
+    dest_fs: Any,
+    folder: str,
+    rows: Iterator[dict[str, Any]],
+    images_per_file: int,
+    categories: list[dict[str, Any]],
+    output_uri: str,
+    storage_options: dict[str, Any],
+) -> list[str]:
     written: list[str] = []
     image_id, annotation_id = 1, 1
     while part_rows := list(itertools.islice(rows, images_per_file)):
@@ -118,12 +162,9 @@ def export_coco(
             "annotations": annotations,
             "categories": categories,
         }
-        path = join(dest_root, f"part-{len(written):05d}.json")
+        path = join(folder, f"part-{len(written):05d}.json")
         dest_fs.pipe_file(path, json.dumps(document).encode())
         written.append(path)
-    # An export is a snapshot: parts an earlier, larger one left go, once the new
-    # parts are all written (a failed export leaves the earlier one whole).
-    remove_files(dest_fs, sorted(earlier_parts - set(written)))
     return written
 
 
@@ -143,6 +184,10 @@ def _exported_rows(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if problem := output_problem(args.output_uri, storage_options(args)):
+        exit_code, message = problem
+        print(f"error: {message}", file=sys.stderr)
+        return exit_code
     try:
         written = export_coco(
             args.output_uri,

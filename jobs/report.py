@@ -15,14 +15,10 @@ import sys
 
 from pydantic import ValidationError
 
-from jobs.arguments import add_output_arguments, storage_options
+from jobs.arguments import add_output_arguments, output_problem, storage_options
 from jobs.config import ReportConfig
-from pipeline.predictions import PREDICTIONS_FOLDER, run_records
+from pipeline.predictions import run_records
 from pipeline.report import ShardInput, class_names_or_ids, write_quality_report
-from pipeline.schema import strip_url_secrets
-from pipeline.storage import filesystem_for, join
-
-EXIT_BAD_ARGUMENTS = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     options = storage_options(args)
-    fs, root = filesystem_for(args.output_uri, options)
-    if not fs.exists(join(root, PREDICTIONS_FOLDER)):
-        print(f"error: no predictions under {strip_url_secrets(args.output_uri)}", file=sys.stderr)
-        return EXIT_BAD_ARGUMENTS
+    if problem := output_problem(args.output_uri, options):
+        exit_code, message = problem
+        print(f"error: {message}", file=sys.stderr)
+        return exit_code
     class_names = class_names_or_ids(args.output_uri, options, args.labels_from)
     latest_run = run_records(args.output_uri, options, newest=1)
     uri = write_quality_report(

@@ -11,6 +11,7 @@ import argparse
 import logging
 import re
 import sys
+import traceback
 from typing import TYPE_CHECKING
 
 from jobs.config import ConfigError, load_config
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.listing import InputNotFoundError
     from pipeline.progress import JobStalledError
     from pipeline.run import ClusterTooSmallError, OutputNotWritableError, run_annotation
+    from pipeline.schema import strip_url_secrets
     from pipeline.storage import StorageUnreachableError
 
     try:
@@ -100,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         JobStalledError,
         StorageUnreachableError,
     ) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {strip_url_secrets(str(error))}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except Exception:
+        # A traceback, for a failure nobody foresaw, without the signatures of
+        # presigned URLs it may quote.
+        print(strip_url_secrets(traceback.format_exc()), file=sys.stderr)
         return EXIT_JOB_FAILED
     print(format_summary(summary))
     return 0

@@ -53,6 +53,10 @@ def decode_image(
     """
     if not data:
         raise DecodeError("empty file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own bomb check is a process-wide limit; a larger
+        # decode.max_image_pixels raises it, and the check below applies ours.
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice it; treat that as an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -60,7 +64,7 @@ def decode_image(
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise DecodeError("not an image: unrecognised format") from None
-        except Image.DecompressionBombError as error:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise DecodeError(f"decompression bomb: {error}") from None
         width, height = image.size
         if width * height > max_image_pixels:

@@ -75,6 +75,18 @@ def output_key_for(source_key: str) -> str:
     return "/".join(_encode_segment(segment) for segment in source_key.split("/"))
 
 
-def map_file_key(kind: str, source_key: str, suffix: str = ".png") -> str:
-    """Key under the output prefix of one map file, e.g. ``depth/a/x.jpg.png``."""
-    return f"{kind}/{output_key_for(source_key)}{suffix}"
+def map_file_key(kind: str, source_key: str, annotation_tag: str, suffix: str = ".png") -> str:
+    """Key under the output prefix of one map file, e.g. ``depth/a/x.jpg.3f9c2a1b.png``."""
+    return f"{kind}/{output_key_for(source_key)}.{annotation_tag}{suffix}"
+
+
+def annotation_tag(image_id: str, source_version: str | None, config_hash: str) -> str:
+    """8 hex digits naming one annotation: this image, this version of it, these settings.
+
+    Part of every map file's name, so a run never writes over a map that a
+    committed row of another image, source version or config points at: a
+    crash between a map and its row (rows are committed a part at a time)
+    would otherwise leave an earlier row describing another run's map.
+    """
+    basis = f"{image_id}\0{source_version or ''}\0{config_hash}"
+    return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:8]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import fsspec
 import fsspec.asyn
@@ -21,8 +21,11 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
 from pipeline.keys import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, image_id_for
-from pipeline.schema import storage_problem, strip_url_secrets
+from pipeline.schema import source_uri_of, storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
+
+if TYPE_CHECKING:
+    from jobs.config import InputConfig
 
 SHARD_FORMATS = frozenset({"webdataset", "parquet"})
 TEXT_MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest")
@@ -106,10 +109,14 @@ def _iter_s3_objects(fs: Any, root: str) -> Iterator[StoredObject]:
         yield from page
 
 
-def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
+def list_input(
+    input_config: InputConfig, storage_options: dict[str, Any], output_uri: str | None = None
+) -> Listing:
     """Decide the input format (``auto`` looks first) and return its streamed rows.
 
-    ``input_config`` is the job config's ``input`` section. Raises
+    ``input_config`` is the job config's ``input`` section. Objects under
+    ``output_uri`` are never listed: an output inside the input would
+    otherwise have its own maps annotated by the next run. Raises
     :class:`InputNotFoundError` when the URI cannot be listed.
     """
     uri = input_config.uri
@@ -120,7 +127,10 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
         # list, and cache, the whole prefix: minutes and a GB for a million keys.
         info = fs.info(root)
     except FileNotFoundError:
-        raise InputNotFoundError(f"input.uri {uri} is not a folder, prefix or file") from None
+        raise InputNotFoundError(
+            f"input.uri {strip_url_secrets(uri)} is not a folder, prefix or file"
+            + _missing_bucket_hint(fs, root)
+        ) from None
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise InputNotFoundError(storage_problem("input.uri", uri, error)) from None
     is_file = info["type"] == "file"
@@ -131,6 +141,8 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
     else:
         objects = iter_objects(fs, root)
         base = root
+        if output_uri is not None:
+            objects = _outside_of(objects, fs, root, output_uri, storage_options)
     fmt, reason = input_config.format, "set by input.format"
     if fmt == "auto":
         peeked = list(itertools.islice(objects, AUTO_PEEK_OBJECTS))
@@ -148,7 +160,7 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
             for stored in objects
             if is_file or _has_suffix(stored.path, PARQUET_SUFFIXES + TEXT_MANIFEST_SUFFIXES)
         )
-        rows = _manifest_rows(fs, manifests, input_config)
+        rows = _manifest_rows(fs, manifests, input_config, relative)
     else:
         suffixes = WEBDATASET_SUFFIXES if fmt == "webdataset" else PARQUET_SUFFIXES
         rows = (
@@ -160,14 +172,43 @@ def list_input(input_config: Any, storage_options: dict[str, Any]) -> Listing:
             for stored in objects
             if is_file or _has_suffix(stored.path, suffixes)
         )
-    # Shard formats know their image count only when read; run() limits those.
-    if input_config.limit is not None and fmt not in SHARD_FORMATS:
-        rows = itertools.islice(rows, input_config.limit)
     return Listing(format=fmt, reason=reason, rows=rows)
 
 
+def _missing_bucket_hint(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    if "s3" not in fs.protocol:
+        return ""
+    bucket = root.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception:  # the hint is a courtesy; the error stands without it
+        return ""
+    return (
+        "" if exists else f" (bucket {bucket} does not exist, or these credentials cannot see it)"
+    )
+
+
+def _outside_of(
+    objects: Iterator[StoredObject],
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    output_uri: str,
+    storage_options: dict[str, Any],
+) -> Iterator[StoredObject]:
+    output_fs, output_root = filesystem_for(output_uri, storage_options)
+    output_prefix = output_root.rstrip("/") + "/"
+    if output_fs.protocol != fs.protocol or not output_prefix.startswith(root.rstrip("/") + "/"):
+        return objects
+    if output_prefix == root.rstrip("/") + "/":
+        raise InputNotFoundError(
+            f"output.uri is input.uri ({strip_url_secrets(output_uri)}): give the output a "
+            "folder of its own (one inside the input is fine)"
+        )
+    return (stored for stored in objects if not stored.path.startswith(output_prefix))
+
+
 def _detect_format(
-    fs: fsspec.AbstractFileSystem, paths: list[str], input_config: Any
+    fs: fsspec.AbstractFileSystem, paths: list[str], input_config: InputConfig
 ) -> tuple[str, str]:
     extensions = frozenset(input_config.extensions)
     images = [p for p in paths if has_image_extension(p, extensions)]
@@ -195,8 +236,9 @@ def _detect_format(
     if len(paths) == 1 and texts:
         return "manifest", f"auto: {paths[0]} is a text manifest"
     raise InputNotFoundError(
-        f"nothing to annotate under input.uri {input_config.uri}: found {seen} with "
-        f"extensions {', '.join(input_config.extensions)}; set input.format or input.extensions"
+        f"nothing to annotate under input.uri {strip_url_secrets(input_config.uri)}: "
+        f"found {seen} with extensions {', '.join(input_config.extensions)}; "
+        "set input.format or input.extensions"
     )
 
 
@@ -226,7 +268,8 @@ def _image_rows(
 def _manifest_rows(
     fs: fsspec.AbstractFileSystem,
     manifests: Iterator[str],
-    input_config: Any,
+    input_config: InputConfig,
+    relative: Any,
 ) -> Iterator[dict[str, str]]:
     """One image row per manifest entry; entries may point anywhere fsspec reaches.
 
@@ -236,13 +279,19 @@ def _manifest_rows(
     """
     for manifest in manifests:
         folder_uri = full_uri(fs, manifest.rsplit("/", 1)[0])
+        # Relative entries keep their manifest's folder under the input in the
+        # key, so train/list.txt and val/list.txt may both list x.jpg.
+        folder_key = relative(manifest).rpartition("/")[0]
         for entry in _manifest_entries(fs, manifest, input_config.uri_column):
-            relative = "://" not in entry and not entry.startswith("/")
-            fetch_uri = f"{folder_uri}/{entry}" if relative else entry
-            source_uri = strip_url_secrets(fetch_uri)
+            is_relative = "://" not in entry and not entry.startswith("/")
+            fetch_uri = f"{folder_uri}/{entry}" if is_relative else entry
+            source_uri = source_uri_of(fetch_uri)
             # Entries from several buckets keep the bucket (or host) in the key,
             # so s3://a/x.jpg and s3://b/x.jpg never share an output path.
-            source_key = entry if relative else split_protocol(source_uri)[1].lstrip("/")
+            if not is_relative:
+                source_key = split_protocol(source_uri)[1].lstrip("/")
+            else:
+                source_key = f"{folder_key}/{entry}" if folder_key else entry
             yield {
                 "image_id": image_id_for(source_uri),
                 "source_uri": source_uri,

@@ -60,6 +60,7 @@ def read_committed(
         if columns is not None and "image_id" not in columns:
             read_columns = [*columns, "image_id"]  # the filter needs it in the schema
     schema = PREDICTION_SCHEMA if read_columns is None else schema_for(read_columns)
+    fs.invalidate_cache(folder)  # see _committed_parts
     if not fs.exists(folder) or not fs.ls(folder):
         table = schema.empty_table()
     else:
@@ -265,6 +266,10 @@ def scan_committed(
 def _committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Paths of the complete parts under ``root``/predictions, in a fixed order."""
     folder = join(root, PREDICTIONS_FOLDER)
+    # s3fs keeps listings (shared by every filesystem object with the same
+    # options in the process): one from before this run's writes lists none
+    # of its parts, or lists them and then fails to find them.
+    fs.invalidate_cache(folder)
     if not fs.exists(folder) or not fs.ls(folder):
         return []
     # Hidden and underscore files (parts being written) are skipped, as in read_committed.
@@ -326,6 +331,7 @@ def run_records(
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
     folder = join(root, RUNS_FOLDER)
+    fs.invalidate_cache(folder)  # a listing cached before this run's record was written
     if not fs.exists(folder):
         return []
     files = [

@@ -43,7 +43,7 @@ class ProgressBeacon:
 
 
 def report_progress(batch: pa.Table, beacon: Any) -> pa.Table:
-    """Pass-through stage: tell the beacon a batch is done (fire and forget)."""
+    """Tell the beacon that ``batch``'s rows are done (fire and forget); returns ``batch``."""
     beacon.add.remote(batch.num_rows)
     return batch
 
@@ -61,6 +61,7 @@ class StallWatchdog:
         self.stall_timeout_s = stall_timeout_s
         self.stalled_after_rows: int | None = None
         self._stop = threading.Event()
+        self._stop_lock = threading.Lock()  # no interrupt once __exit__ has begun
         self._previous_handler: Any = None
         self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
 
@@ -80,7 +81,8 @@ class StallWatchdog:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._stop.set()
+        with self._stop_lock:
+            self._stop.set()
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
@@ -101,7 +103,11 @@ class StallWatchdog:
             except Exception:  # the beacon is busy or gone; judge on the next tick
                 continue
             if idle_s > self.stall_timeout_s:
-                logger.error("no progress for %.0f s after %d rows; stopping", idle_s, rows)
-                self.stalled_after_rows = rows
-                _thread.interrupt_main()
+                with self._stop_lock:
+                    # The run may have ended while the beacon was asked.
+                    if self._stop.is_set():
+                        return
+                    logger.error("no progress for %.0f s after %d rows; stopping", idle_s, rows)
+                    self.stalled_after_rows = rows
+                    _thread.interrupt_main()
                 return

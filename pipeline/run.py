@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from pipeline.predictions import (
     load_done_images,
     scan_committed,
 )
-from pipeline.progress import ProgressBeacon, StallWatchdog, report_progress
+from pipeline.progress import ProgressBeacon, StallWatchdog
 from pipeline.read import read_batch, read_shard
 from pipeline.report import REPORT_FOLDER, ShardInput, class_names_or_ids, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
@@ -132,7 +133,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         if config.mode == "incremental" and not config.output.overwrite
         else DoneImages()
     )
-    listing = list_input(config.input, storage_options)
+    listing = list_input(config.input, storage_options, config.output.uri)
     logger.info("input.format %s (%s)", listing.format, listing.reason)
     timings["prepare"] = time.perf_counter() - started
 
@@ -140,34 +141,39 @@ def run_annotation(config: JobConfig) -> RunSummary:
         ray.init(ignore_reinit_error=True)
     _check_cluster_fits(config)
     _retry_transient_parquet_writes()
+    timings["ray_start"] = time.perf_counter() - started - timings["prepare"]
 
     sharded = listing.format in SHARD_FORMATS
     skipped = _SkipCount()
-    block_refs, listed = put_listing_blocks(
-        _not_done(listing.rows, done, sharded, skipped), sharded, decode_rows(config)
-    )
+    to_annotate = _not_done(listing.rows, done, sharded, skipped)
+    if config.input.limit is not None and not sharded:
+        # Counted after the done images, as for shards (limited once read below),
+        # so a repeated smoke run annotates the next N.
+        to_annotate = itertools.islice(to_annotate, config.input.limit)
+    block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
     if not listed and not skipped.images:
         raise InputNotFoundError(
             f"no {'shards' if sharded else 'images'} to annotate under input.uri "
-            f"{config.input.uri} (input.format {listing.format}, extensions "
+            f"{strip_url_secrets(config.input.uri)} (input.format {listing.format}, extensions "
             f"{', '.join(config.input.extensions)})"
         )
     logger.info(
         "listed %d %s under %s; %d images already done",
         listed + (0 if sharded else skipped.images),
         "shards" if sharded else "images",
-        config.input.uri,
+        strip_url_secrets(config.input.uri),
         skipped.images,
     )
     if config.output.overwrite:
         # Only now: a mistyped input or a cluster that cannot run the job must
         # not cost the results already there.
         _clear_earlier_results(out_fs, out_root, config, run_id)
-    timings["list"] = time.perf_counter() - started - timings["prepare"]
+    timings["list"] = time.perf_counter() - started - sum(timings.values())
     record_skipped(skipped.images)
 
     predictions_path = join(out_root, PREDICTIONS_FOLDER)
     if block_refs:
+        beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
         dataset = _annotation_dataset(
             ray.data.from_arrow_refs(block_refs),
             config,
@@ -177,28 +183,27 @@ def run_annotation(config: JobConfig) -> RunSummary:
             run_id,
             config_hash,
             cache_dir,
-        )
-        beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
-        # Same CPU request as the write stage, so Ray fuses the two into one task.
-        dataset = dataset.map_batches(
-            report_progress,
-            batch_format="pyarrow",
-            fn_kwargs={"beacon": beacon},
-            # A CPU request unlike the encode stage's keeps Ray from fusing the two:
-            # fused, encoding would join the Parquet write's bundling and wait for
-            # output.rows_per_part rows, then run them all in one task.
-            num_cpus=config.resources.cpus_per_decode_task / 4,
+            beacon,
         )
         with StallWatchdog(beacon, config.stall_timeout_s):
             dataset.write_parquet(
                 predictions_path,
                 filesystem=arrow_filesystem(out_fs),
                 min_rows_per_file=config.output.rows_per_part,
+                # No CPU request. Ray Data reserves CPUs for stages upstream
+                # first; with the actor and the encode tasks holding every CPU
+                # (a small machine), a one-CPU write waited for the last image
+                # and nothing was committed until then. A write is a few ms of
+                # Parquet encoding per part. A request unlike the encode
+                # stage's also keeps Ray from fusing the two (fused, encoding
+                # would wait for output.rows_per_part rows, then run them all
+                # in one task).
+                ray_remote_args={"num_cpus": 0},
             )
         stage_times = stage_timings(dataset)
     else:
         stage_times = {}
-    timings["annotate"] = time.perf_counter() - started - timings["prepare"] - timings["list"]
+    timings["annotate"] = time.perf_counter() - started - sum(timings.values())
 
     this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
     elapsed_s = time.perf_counter() - started
@@ -244,8 +249,12 @@ def _annotation_dataset(
     run_id: str,
     config_hash: str,
     cache_dir: str,
+    beacon: Any,
 ) -> ray.data.Dataset:
-    """list rows → read → decode → infer → encode/write maps → rows in the Parquet schema."""
+    """list rows → read → decode → infer → encode/write maps → rows in the Parquet schema.
+
+    The encode stage tells ``beacon`` (a :class:`ProgressBeacon`) of every batch it finished.
+    """
     import ray
 
     storage_options = config.storage_options()
@@ -362,6 +371,7 @@ def _annotation_dataset(
             "config_hash": config_hash,
             "min_coverage": pseudo_labels.min_coverage if pseudo_labels.enabled else None,
             "depth_kind": _depth_kind(config, cards),
+            "beacon": beacon,
         },
         num_cpus=decode_cpus,
     )
@@ -573,6 +583,7 @@ def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> Non
     try:
         for folder in OUTPUT_FOLDERS:
             path = join(root, folder)
+            fs.invalidate_cache(path)
             if folder == RUNS_FOLDER:
                 earlier = [p for p in fs.find(path) if p.rstrip("/") != keep.rstrip("/")]
                 if earlier:

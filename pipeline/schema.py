@@ -41,7 +41,8 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 _URL_QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*")
-_URL_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]+@")
+# Up to the last "@" before the host's "/": a password may hold "@".
+_URL_USERINFO = re.compile(r"(\w+://)[^/\s'\"]*@")
 _MAX_REASON_CHARS = 300
 
 
@@ -53,6 +54,18 @@ def schema_for(columns: list[str]) -> pa.Schema:
 def strip_url_secrets(text: str) -> str:
     """Remove URL query strings (presigned signatures) and userinfo (user:password@)."""
     return _URL_USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
+
+
+def source_uri_of(uri: str) -> str:
+    """The URI to record for an object fetched from ``uri``: without credentials.
+
+    An HTTP(S) URL loses its whole query (a presigned URL's signature, which
+    also changes at every signing), spaces or not; other URIs keep theirs, as
+    ``?`` is an ordinary character of an S3 key.
+    """
+    if uri[:8].lower().startswith(("http://", "https://")):
+        uri = uri.split("?", 1)[0].split("#", 1)[0]
+    return _URL_USERINFO.sub(r"\1", uri)
 
 
 def error_reason(stage: str, error: BaseException | str) -> str:
@@ -82,6 +95,7 @@ _STORAGE_HINTS = (
 
 def storage_problem(key: str, uri: str, error: BaseException) -> str:
     """One message for a storage failure before the job starts: what, where, likely fix."""
-    reason = error_reason(key, error)
+    reason = error_reason(key, error).removeprefix(f"{key}: ")  # the key leads already
     hint = next((fix for marker, fix in _STORAGE_HINTS if marker in reason), None)
-    return f"cannot reach {key} {uri}: {reason}" + (f" ({hint})" if hint else "")
+    where = strip_url_secrets(uri)
+    return f"cannot reach {key} {where}: {reason}" + (f" ({hint})" if hint else "")

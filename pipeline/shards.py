@@ -11,7 +11,7 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,36 +56,51 @@ def iter_webdataset(file: BinaryIO, extensions: Iterable[str]) -> Iterator[Shard
     """
     image_extensions = {extension.lower() for extension in extensions}
     key: str | None = None
-    members: list[tuple[str, str, bytes]] = []
+    members: list[tuple[str, str, bytes | None]] = []
     try:
         # "r|*": a forward-only stream (no seeks), gzip-compressed or not.
         with tarfile.open(fileobj=file, mode="r|*") as archive:
             for member in archive:
-                if not member.isfile():
-                    continue
+                is_link = member.issym() or member.islnk()
+                if not member.isfile() and not is_link:
+                    continue  # folders, devices
                 member_key, extension = split_member_name(member.name)
                 if member_key != key and members:
                     yield _sample(key, members, image_extensions)
                     members = []
                 key = member_key
-                content = archive.extractfile(member)
-                members.append((member.name.removeprefix("./"), extension, content.read()))
+                # A link's image is not read from outside the shard; its sample
+                # becomes an error row, not a silent gap.
+                data = None if is_link else archive.extractfile(member).read()
+                members.append((member.name.removeprefix("./"), extension, data))
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
     if members:
         yield _sample(key, members, image_extensions)
 
 
+def _side_value(extension: str, data: bytes) -> Any:
+    """A side member as a JSON value: a ``.json`` member's own value where it parses
+    (readers then parse the metadata once), else the text."""
+    text = data.decode("utf-8", "replace")
+    if extension.endswith("json"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _sample(
-    key: str | None, members: list[tuple[str, str, bytes]], image_extensions: set[str]
+    key: str | None, members: list[tuple[str, str, bytes | None]], image_extensions: set[str]
 ) -> ShardImage:
     image = next(((n, d) for n, e, d in members if e in image_extensions), None)
-    side = {e: d for _, e, d in members if e.endswith(METADATA_EXTENSIONS)}
-    metadata = (
-        json.dumps({e: d.decode("utf-8", "replace") for e, d in side.items()}, sort_keys=True)
-        if side
-        else None
-    )
+    side = {
+        e: _side_value(e, d)
+        for _, e, d in members
+        if e.endswith(METADATA_EXTENSIONS) and d is not None
+    }
+    metadata = json.dumps(side, sort_keys=True) if side else None
     if image is None:
         found = ", ".join(e or "(none)" for _, e, _ in members)
         return ShardImage(
@@ -94,6 +109,14 @@ def _sample(
             data=None,
             metadata=metadata,
             problem=f"sample has no image member (extensions found: {found})",
+        )
+    if image[1] is None:
+        return ShardImage(
+            sample_id=str(key),
+            name=image[0],
+            data=None,
+            metadata=metadata,
+            problem=f"image member {image[0]} is a link, not a file",
         )
     return ShardImage(sample_id=str(key), name=image[0], data=image[1], metadata=metadata)
 
@@ -119,16 +142,34 @@ def iter_parquet_images(
             )
     columns = [image_column] if id_column is None else [image_column, id_column]
     row = 0
+    seen: dict[str, int] = {}  # id → first row, per file: an id names one image
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             values = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if id_column else range(row, row + len(values))
-            for value, sample_id in zip(values, ids, strict=True):
-                yield _parquet_image(str(sample_id), value, image_column)
+            for offset, (value, sample_id) in enumerate(zip(values, ids, strict=True)):
+                image = _parquet_image(str(sample_id), value, image_column)
+                if id_column is not None:
+                    image = _checked_id(image, sample_id, row + offset, id_column, seen)
+                yield image
             row += len(values)
     except (pa.ArrowException, OSError) as error:
         message = f"Parquet file is truncated or corrupt after {row} rows: {error}"
         raise ShardError(message) from None
+
+
+def _checked_id(
+    image: ShardImage, sample_id: object, row: int, id_column: str, seen: dict[str, int]
+) -> ShardImage:
+    """A row whose id is null or repeats an earlier row's is an error row named by its
+    row number: under its id it would take the other row's place, or "None"'s."""
+    if sample_id is None:
+        problem = f"id column {id_column!r} is null"
+    elif (first := seen.setdefault(str(sample_id), row)) != row:
+        problem = f"id {str(sample_id)!r} (column {id_column!r}) repeats row {first}'s"
+    else:
+        return image
+    return ShardImage(sample_id=f"row-{row}", name=f"row-{row}", data=None, problem=problem)
 
 
 def _parquet_image(sample_id: str, value: object, image_column: str) -> ShardImage:

@@ -32,6 +32,10 @@ def filesystem_for(
     options = storage_options_for(uri, storage_options)
     if protocol in ("file", "local"):
         options["auto_mkdir"] = True
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+        # One spelling per folder ("a//b", "a/./b", "x/../a/b" are "a/b"): image
+        # ids come from these paths, and a resumed run must find its images done.
+        return fs, os.path.normpath(path)
     return fsspec.core.url_to_fs(uri, **options)
 
 
@@ -76,8 +80,11 @@ def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
 def files_in(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
     """Paths of the files directly in ``folder``; none where it does not exist.
 
-    A listing, not a glob: an output path may hold ``[``, ``*`` or ``?``.
+    A listing, not a glob: an output path may hold ``[``, ``*`` or ``?``. Never
+    from a cached listing (s3fs keeps them per process), which would miss files
+    written since.
     """
+    fs.invalidate_cache(folder)
     try:
         listed = fs.ls(folder, detail=True)
     except FileNotFoundError:

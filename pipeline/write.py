@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.encode import encode_depth_npz, encode_depth_png, encode_segmentation_png
-from pipeline.keys import map_file_key
+from pipeline.keys import annotation_tag, map_file_key
 from pipeline.metrics import record_map_bytes, record_outcomes
+from pipeline.progress import report_progress
 from pipeline.retry import retry_transient
 from pipeline.schema import PREDICTION_SCHEMA, error_reason
 from pipeline.storage import filesystem_for, full_uri, join
@@ -26,8 +27,12 @@ def write_maps_batch(
     config_hash: str,
     min_coverage: float | None = None,
     depth_kind: str | None = None,
+    beacon: Any = None,
 ) -> pa.Table:
     """Encode and write each ok row's maps; return the batch as Parquet-schema rows.
+
+    ``beacon`` (a :class:`~pipeline.progress.ProgressBeacon`) hears of the batch
+    once it is written: the stall watchdog's pulse.
 
     ``min_coverage`` (pseudo-label mode): ok rows get ``kept``, false where the
     segmentation labels fewer pixels than that; error rows are never kept.
@@ -39,18 +44,20 @@ def write_maps_batch(
     has_depth = "depth_levels" in batch or "depth_float16" in batch
     depth_uri = np.full(count, None, dtype=object)
     segmentation_uri = np.full(count, None, dtype=object)
+    source_versions = _column_or_nulls(batch, "source_version", count)
     bytes_written = collections.Counter()  # recorded once per batch, not per file
     for index in range(count):
         if status[index] != "ok":
             continue
         source_key = str(batch["source_key"][index])
+        tag = annotation_tag(str(batch["image_id"][index]), source_versions[index], config_hash)
         try:
             if has_depth:
                 if "depth_levels" in batch:
-                    path = join(root, map_file_key("depth", source_key))
+                    path = join(root, map_file_key("depth", source_key, tag))
                     data = encode_depth_png(batch["depth_levels"][index], compress_level)
                 else:
-                    path = join(root, map_file_key("depth", source_key, ".npz"))
+                    path = join(root, map_file_key("depth", source_key, tag, ".npz"))
                     # Ray's hand-over between stages widens float16 arrays to
                     # float32; the values are still float16's, so this is exact.
                     depth = batch["depth_float16"][index].astype(np.float16)
@@ -59,7 +66,7 @@ def write_maps_batch(
                 depth_uri[index] = full_uri(fs, path)
                 bytes_written["depth"] += len(data)
             if "seg_class_ids" in batch:
-                path = join(root, map_file_key("segmentation", source_key))
+                path = join(root, map_file_key("segmentation", source_key, tag))
                 png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
                 retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
                 segmentation_uri[index] = full_uri(fs, path)
@@ -80,7 +87,7 @@ def write_maps_batch(
             bool(is_ok and (coverage is None or coverage[index] >= min_coverage))
             for index, is_ok in enumerate(ok)
         ]
-    return pa.Table.from_pydict(
+    rows = pa.Table.from_pydict(
         {
             "image_id": batch["image_id"].tolist(),
             "source_uri": batch["source_uri"].tolist(),
@@ -104,12 +111,15 @@ def write_maps_batch(
             "source_metadata": [
                 value or None for value in _column_or_nulls(batch, "source_metadata", count)
             ],
-            "source_version": _column_or_nulls(batch, "source_version", count),
+            "source_version": source_versions,
             "config_hash": [config_hash] * count,
             "written_at": [datetime.now(UTC)] * count,
         },
         schema=PREDICTION_SCHEMA,
     )
+    if beacon is not None:
+        report_progress(rows, beacon)
+    return rows
 
 
 def _where(ok: np.ndarray, values: np.ndarray | None, convert=lambda v: v.item()) -> list:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.sample_images import encoded, synthetic_photo
+from pipeline.keys import annotation_tag
 
 
 def png_declaring_size(width: int, height: int) -> bytes:
@@ -83,3 +84,8 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
+
+
+def map_tag(row: dict) -> str:
+    """The annotation tag in the names of a prediction row's map files."""
+    return annotation_tag(row["image_id"], row["source_version"], row["config_hash"])

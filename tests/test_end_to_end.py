@@ -18,7 +18,7 @@ from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.encode import decode_depth_png, decode_segmentation_png
 from tests.conftest import PARITY_SIZES, SEEDED_VIT_DEPTH_HW
-from tests.corpus import hostile_files, odd_files, write_files
+from tests.corpus import hostile_files, map_tag, odd_files, write_files
 from tests.dpt_model.test_parity import reference_depth, reference_segmentation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +122,8 @@ def test_rows_carry_ids_models_and_keys_under_the_output(finished_run, mixed_cor
     output = Path(summary.output_uri)
     same_name = [rows[str(mixed_corpus / folder / "p0.jpg")] for folder in ("photos", "more")]
     assert same_name[0]["depth_uri"] != same_name[1]["depth_uri"]
-    assert rows[str(mixed_corpus / "more" / "café photo.png")]["depth_uri"].endswith(
-        "depth/more/café photo.png.png"
-    )
+    row = rows[str(mixed_corpus / "more" / "café photo.png")]
+    assert row["depth_uri"].endswith(f"depth/more/café photo.png.{map_tag(row)}.png")
     for row in rows.values():
         assert len(row["image_id"]) == 32 and row["run_id"] == "test-run"
         assert row["model_depth"].startswith("depth-vit@sha256:")
@@ -195,7 +194,7 @@ def test_overwrite_replaces_results_only_once_the_new_input_is_listed(
         "replaced.started.json",
     ]
     assert sorted(p.name for p in (tmp_path / "depth").rglob("*.png")) == sorted(
-        f"{Path(row['source_uri']).name}.png" for row in rows
+        f"{Path(row['source_uri']).name}.{map_tag(row)}.png" for row in rows
     )
 
 

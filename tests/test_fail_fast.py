@@ -54,6 +54,7 @@ def test_a_missing_bucket_and_a_missing_model_fail_before_ray(s3_endpoint, check
     )
     assert result.returncode == 1
     assert "input.uri s3://no-such-bucket-here/images" in result.stderr
+    assert "bucket no-such-bucket-here does not exist" in result.stderr
     result = run_cli(
         env,
         f"input.uri={tmp_path}",

@@ -4,6 +4,7 @@ as a training set with PseudoLabelDataset."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jobs.sample_images import encoded, synthetic_photo
 from pipeline import read_predictions
 from pipeline.encode import decode_depth_npz, decode_depth_png, decode_segmentation_png
 from tests.conftest import SEEDED_VIT_DEPTH_HW
-from tests.corpus import write_files
+from tests.corpus import map_tag, write_files
 
 IMAGES = 6
 
@@ -186,7 +187,7 @@ def test_float16_depth_maps_hold_the_model_values_and_read_back(
     )
     dataset = {item["image_id"]: item for item in PseudoLabelDataset(str(output))}
     for row in rows:
-        assert row["depth_uri"].endswith(".jpg.npz")
+        assert row["depth_uri"].endswith(f".jpg.{map_tag(row)}.npz")
         stored = decode_depth_npz(Path(row["depth_uri"]).read_bytes())
         assert stored.dtype == np.float16 and stored.shape == SEEDED_VIT_DEPTH_HW
         # The model's own values: the same pass run here, to one float16 step (the
@@ -201,8 +202,9 @@ def test_float16_depth_maps_hold_the_model_values_and_read_back(
 
 @pytest.mark.slow
 def test_coco_export_holds_every_kept_image_mask_by_mask(
-    ray_cluster, checkpoints, corpus, tmp_path
+    ray_cluster, checkpoints, corpus, tmp_path, monkeypatch
 ):
+    import jobs.export
     from dpt_model.labels import rle_to_mask
     from dpt_model.seeded import SEEDED_LABELS
     from jobs.export import main as export_main
@@ -215,6 +217,22 @@ def test_coco_export_holds_every_kept_image_mask_by_mask(
     parts = sorted((tmp_path / "out" / "export" / "coco").glob("part-*.json"))
     documents = [json.loads(part.read_text()) for part in parts]
     assert len(parts) == 2  # 6 images, 4 per file
+
+    # An export that fails part-way leaves the earlier one as it was.
+    folder = parts[0].parent
+    exported = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    decoded = []
+
+    def unreadable_fourth_map(data: bytes) -> np.ndarray:
+        decoded.append(data)
+        if len(decoded) == 4:
+            raise OSError("connection reset by peer")
+        return decode_segmentation_png(data)
+
+    monkeypatch.setattr(jobs.export, "decode_segmentation_png", unreadable_fourth_map)
+    with pytest.raises(OSError, match="connection reset"):
+        jobs.export.export_coco(str(tmp_path / "out"), images_per_file=1)
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == exported
     assert documents[0]["categories"] == [
         {"id": class_id + 1, "name": name} for class_id, name in enumerate(SEEDED_LABELS)
     ]

@@ -105,3 +105,58 @@ def test_resume_inside_a_shard_redoes_only_images_without_a_row(ray_cluster, che
     view = read_predictions(str(tmp_path / "output")).to_pylist()
     assert len(view) == len({row["image_id"] for row in view}) == 10
     assert pq.read_table(tmp_path / "output" / "predictions").num_rows == 10
+
+
+def test_a_repeated_limited_run_annotates_the_next_images(ray_cluster, checkpoints, tmp_path):
+    from pipeline.run import run_annotation
+
+    write_files(
+        tmp_path / "images",
+        {f"{i}.jpg": encoded(synthetic_photo(64, 48, seed=i), "JPEG") for i in range(5)},
+    )
+    settings = [
+        f"input.uri={tmp_path / 'images'}",
+        f"output.uri={tmp_path / 'output'}",
+        f"models.depth={checkpoints['depth-vit']}",
+        "input.limit=2",
+    ]
+    first = run_annotation(load_config(None, [*settings, "run_id=first"]))
+    second = run_annotation(load_config(None, [*settings, "run_id=second"]))
+    assert (first.images_ok, second.images_skipped_done, second.images_ok) == (2, 2, 2)
+    assert (
+        len({row["image_id"] for row in read_predictions(str(tmp_path / "output")).to_pylist()})
+        == 4
+    )
+
+
+def test_parts_are_committed_while_later_images_are_still_annotated(
+    ray_cluster, checkpoints, tmp_path
+):
+    # On a two-CPU cluster the actor and the encode tasks hold every CPU; a
+    # Parquet write that asked for a CPU of its own waited for the last image,
+    # so a run stopped before its end had committed nothing to resume from.
+    from pipeline.run import run_annotation
+
+    write_files(
+        tmp_path / "images",
+        {f"{i:03d}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(60)},
+    )
+    output = tmp_path / "output"
+    summary = run_annotation(
+        load_config(
+            None,
+            [
+                f"input.uri={tmp_path / 'images'}",
+                f"output.uri={output}",
+                f"models.depth={checkpoints['depth-vit']}",
+                "inference.batch_size=2",
+                "output.rows_per_part=4",
+                "report.enabled=false",
+            ],
+        )
+    )
+    assert summary.images_ok == 60
+    last_map = max(path.stat().st_mtime for path in (output / "depth").rglob("*.png"))
+    committed = sorted(path.stat().st_mtime for path in committed_parts(output))
+    assert len(committed) >= 10
+    assert committed[len(committed) // 2] < last_map  # half the parts before the last map

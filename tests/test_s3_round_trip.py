@@ -21,7 +21,7 @@ from pipeline import read_predictions
 from pipeline.encode import decode_depth_png, decode_segmentation_png
 from pipeline.storage import arrow_filesystem
 from tests.conftest import SEEDED_VIT_DEPTH_HW
-from tests.corpus import hostile_files
+from tests.corpus import hostile_files, map_tag
 from tests.pipeline.test_shards import tar_bytes
 
 
@@ -107,12 +107,32 @@ def test_image_files_models_and_outputs_all_on_s3(ray_cluster, s3_endpoint, s3, 
         if "bad/" in key:
             assert row["status"] == "error"
             continue
-        assert row["depth_uri"] == f"s3://{bucket}/out/depth/{key[len('images/') :]}.png"
+        assert (
+            row["depth_uri"]
+            == f"s3://{bucket}/out/depth/{key[len('images/') :]}.{map_tag(row)}.png"
+        )
         assert_depth_map(s3, row, (64, 96))
         assert decode_segmentation_png(s3.cat_file(row["segmentation_uri"])).shape == (64, 96)
     assert s3.exists(f"{bucket}/out/_runs/s3-run.json")
     assert summary.quality_report_uri == f"s3://{bucket}/out/report/index.html"
     assert len(report_thumbnails(s3, bucket)) == 4 * 3  # input, depth, segmentation
+
+    # The scheduled case: a new image, the same command. Every listing of the
+    # output in this process must see the parts this run commits (s3fs caches
+    # listings: a stale one failed the run at its end, its rows committed).
+    s3.pipe_file(f"{bucket}/images/new/im9.jpg", photo(9))
+    again, rows = run_on_s3(
+        s3,
+        s3_endpoint,
+        checkpoints,
+        bucket,
+        f"input.uri=s3://{bucket}/images",
+        f"models.segmentation=s3://{bucket}/models/seg",
+        "run_id=s3-run-2",
+    )
+    assert (again.images_skipped_done, again.images_ok, again.images_error) == (4, 1, 1)
+    assert rows[f"s3://{bucket}/images/new/im9.jpg"]["status"] == "ok"
+    assert s3.exists(f"{bucket}/out/_runs/s3-run-2.json")
 
 
 def test_webdataset_shards_with_metadata_and_a_truncated_shard(
@@ -140,8 +160,11 @@ def test_webdataset_shards_with_metadata_and_a_truncated_shard(
     assert shard_error["status"] == "error" and "truncated or corrupt" in shard_error["error"]
     assert len(rows) == summary.images_listed == summary.images_ok + summary.images_error
     first_row = rows[f"{prefix}/a-000.tar#000"]
-    assert json.loads(first_row["source_metadata"]) == {"json": '{"caption": "first"}'}
-    assert first_row["depth_uri"] == f"s3://{bucket}/out/depth/a-000.tar/000.jpg.png"
+    assert json.loads(first_row["source_metadata"]) == {"json": {"caption": "first"}}
+    assert (
+        first_row["depth_uri"]
+        == f"s3://{bucket}/out/depth/a-000.tar/000.jpg.{map_tag(first_row)}.png"
+    )
     assert_depth_map(s3, first_row, (64, 96))
     assert rows[f"{prefix}/a-000.tar#001"]["source_metadata"] is None
     # The report finds its sampled images inside their shards (.tar and .tar.gz).
@@ -181,7 +204,7 @@ def test_parquet_image_shards_with_an_id_column(ray_cluster, s3_endpoint, s3, ch
     assert [rows[f"{shard}#u{i}"]["status"] for i in range(4)] == ["ok", "ok", "ok", "error"]
     assert "not an image" in rows[f"{shard}#u3"]["error"]
     assert rows[f"{shard}#u1"]["depth_uri"] == (
-        f"s3://{bucket}/out/depth/train-00000.parquet/u1.png"
+        f"s3://{bucket}/out/depth/train-00000.parquet/u1.{map_tag(rows[f'{shard}#u1'])}.png"
     )
     assert_depth_map(s3, rows[f"{shard}#u1"], (64, 96))
     assert len(report_thumbnails(s3, bucket)) == 3 * 2  # input, depth
@@ -213,9 +236,8 @@ def test_manifest_across_buckets_and_presigned_urls(ray_cluster, s3_endpoint, s3
     assert rows[f"s3://{other}/missing.jpg"]["status"] == "error"
     for uri in (f"s3://{bucket}/lists/pics/a.jpg", f"s3://{other}/b/b.jpg", plain):
         assert_depth_map(s3, rows[uri], (64, 96))
-    assert (
-        rows[f"s3://{other}/b/b.jpg"]["depth_uri"] == f"s3://{bucket}/out/depth/{other}/b/b.jpg.png"
-    )
+    row = rows[f"s3://{other}/b/b.jpg"]
+    assert row["depth_uri"] == f"s3://{bucket}/out/depth/{other}/b/b.jpg.{map_tag(row)}.png"
     written = b"".join(
         s3.cat_file(path)
         for path in s3.find(f"{bucket}/out")

@@ -79,3 +79,21 @@ def test_credentials_and_signed_urls_never_leak(s3_endpoint, checkpoints):
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
         fs.rm(bucket, recursive=True)
+
+
+def test_a_signed_input_or_model_url_is_not_quoted_in_errors(checkpoints, tmp_path):
+    signature = "X-Amz-Credential=AKIAQUITESECRETKEYID7&X-Amz-Signature=5ec7e75ec7e7"
+    unreachable = f"https://127.0.0.1:9/bucket/list.txt?{signature}"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    for settings in (
+        [f"input.uri={unreachable}", f"models.depth={checkpoints['depth-vit']}"],
+        [f"input.uri={tmp_path}", f"models.depth={unreachable.replace('list.txt', 'model')}"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "jobs.run", f"--set=output.uri={tmp_path / 'out'}"]
+            + [f"--set={setting}" for setting in settings],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert "https://127.0.0.1:9/bucket/" in result.stderr  # it names the URI...
+        assert "Signature" not in result.stderr and "AKIA" not in result.stderr  # ...unsigned

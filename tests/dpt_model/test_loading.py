@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,12 @@ from dpt_model import (
     SegmentationPredictor,
     resize_for_model,
 )
-from dpt_model.loading import depth_kind, resolve_checkpoint_dir, weights_sha256
+from dpt_model.loading import (
+    checkpoint_version,
+    depth_kind,
+    resolve_checkpoint_dir,
+    weights_sha256,
+)
 from dpt_model.processing import PreprocessSpec
 
 
@@ -56,6 +62,35 @@ def test_refuses_a_segmentation_checkpoint_for_depth_by_type(checkpoints, tmp_pa
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="model_type 'segformer'"):
         ModelCard.fetch("depth", str(model_dir))
+
+
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (lambda model_dir: (model_dir / "preprocessor_config.json").unlink(), "no preprocessor"),
+        (lambda model_dir: (model_dir / "config.json").unlink(), "no config.json"),
+        (lambda model_dir: (model_dir / "config.json").write_text("{not json"), "JSONDecodeError"),
+        (
+            lambda model_dir: (model_dir / "preprocessor_config.json").write_text("[]"),
+            "JSON object",
+        ),
+    ],
+)
+def test_a_damaged_checkpoint_is_a_model_load_error_naming_the_uri(
+    checkpoints, tmp_path, damage, reason
+):
+    model_dir = copy_checkpoint(checkpoints["depth-vit"], tmp_path / "damaged")
+    damage(model_dir)
+    with pytest.raises(ModelLoadError, match=f"model {model_dir} is not a usable") as raised:
+        ModelCard.fetch("depth", str(model_dir))
+    assert reason in str(raised.value)
+
+
+def test_a_checkpoint_of_the_other_task_is_refused_before_loading(checkpoints):
+    with pytest.raises(ModelLoadError, match="DPTForSemanticSegmentation checkpoint, not a depth"):
+        ModelCard.fetch("depth", str(checkpoints["segmentation-vit"]))
+    with pytest.raises(ModelLoadError, match="not a segmentation one"):
+        ModelCard.fetch("segmentation", str(checkpoints["depth-vit"]))
 
 
 def test_missing_model_names_the_uri(tmp_path):
@@ -166,3 +201,20 @@ def test_depth_kind_comes_from_the_checkpoint_config():
     assert depth_kind({"model_type": "depth_anything"}) == "relative_inverse"
     metric = {"model_type": "depth_anything", "depth_estimation_type": "metric", "max_depth": 20}
     assert depth_kind(metric) == "metric"
+
+
+def test_a_hub_snapshot_keeps_its_version_when_its_weights_arrive(checkpoints, tmp_path):
+    # The driver fetches a hub checkpoint's JSON files only; on one machine an
+    # actor then downloads the weights into the same snapshot folder. The
+    # version (and so every row's config_hash) must not change with that.
+    snapshot = tmp_path / "models--Intel--dpt-large" / "snapshots" / "bc15f29"
+    snapshot.mkdir(parents=True)
+    for path in Path(checkpoints["depth-vit"]).glob("*.json"):
+        shutil.copy(path, snapshot)
+    json_only = checkpoint_version(snapshot)
+    for path in Path(checkpoints["depth-vit"]).glob("*.safetensors"):
+        shutil.copy(path, snapshot)
+    assert checkpoint_version(snapshot) == json_only
+    other_commit = snapshot.parent / "0d1e2f3"
+    shutil.copytree(snapshot, other_commit)
+    assert checkpoint_version(other_commit) != json_only

@@ -1,5 +1,7 @@
 """A batch that runs out of device memory is split, down to one image."""
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +57,25 @@ def test_an_image_too_large_alone_is_an_error_and_the_rest_go_on(checkpoints):
     results = predictor.predict(small + wide, small_sizes + wide_sizes)
     assert [result.error is None for result in results] == [True, True, False]
     assert "out of device memory even alone (300×64)" in results[2].error
+
+
+def test_a_failed_attempts_memory_is_freed_before_the_smaller_attempts(checkpoints):
+    # A GPU that ran out of memory for a batch must get that attempt's memory
+    # back before it tries the halves; here the attempt's "activations" are a
+    # tensor its frame holds when the error is raised.
+    predictor = DepthPredictor(str(checkpoints["depth-vit"]))
+    inputs, sizes = inputs_for(predictor, 4)
+    failed_attempts, alive_at_retry = [], []
+
+    def model(pixel_values):
+        alive_at_retry.append(sum(ref() is not None for ref in failed_attempts))
+        if len(pixel_values) > 1:
+            activations = torch.empty(len(pixel_values), 1024)
+            failed_attempts.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predictor_model(pixel_values=pixel_values)
+
+    predictor_model, predictor.model = predictor.model, model
+    results = predictor.predict(inputs, sizes)
+    assert all(result.error is None for result in results)
+    assert len(failed_attempts) == 3 and alive_at_retry == [0] * 7

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from jobs.config import ConfigError, load_config
@@ -59,6 +61,9 @@ def test_null_override_disables_a_task(tmp_path):
 def test_redacted_config_hides_credentials():
     config = load_config(None, [*MINIMAL, "storage.endpoint_url=http://key:secret@127.0.0.1:9000"])
     assert "secret" not in str(config.redacted())
+    signed = "https://bucket.example.com/list.txt?X-Amz-Credential=AKIAX&X-Amz-Signature=0ab1"
+    config = load_config(None, [f"input.uri={signed}", "output.uri=out", "models.depth=m"])
+    assert config.redacted()["input"]["uri"] == "https://bucket.example.com/list.txt"
 
 
 def test_example_configs_validate():
@@ -101,3 +106,16 @@ def test_extensions_are_normalised_to_lower_case_without_dots():
 def test_pseudo_labels_without_a_segmentation_model_are_refused():
     with pytest.raises(ConfigError, match=r"pseudo_labels\.enabled needs models\.segmentation"):
         load_config(None, [*MINIMAL, "pseudo_labels.enabled=true"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("run_id=../../etc", "run_id"),
+        ("run_id=a/b", "run_id"),
+        ("inference.segmentation_scales=[.nan]", "inference.segmentation_scales"),
+    ],
+)
+def test_values_that_would_escape_or_crash_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [*MINIMAL, override])

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -17,3 +18,32 @@ def test_export_without_a_segmentation_run_says_how_to_name_the_classes(tmp_path
     assert result.returncode == 2
     assert "used a segmentation model; name a checkpoint with --labels-from" in result.stderr
     assert not (tmp_path / "export").exists()
+
+
+def test_export_and_report_of_an_output_without_predictions_say_so_in_one_line(tmp_path):
+    for command in (["jobs.export", "coco"], ["jobs.report"]):
+        result = subprocess.run(
+            [sys.executable, "-m", *command, str(tmp_path / "typo")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: no predictions under {tmp_path / 'typo'}"
+
+
+def test_export_and_report_of_an_unreachable_store_fail_in_one_line(tmp_path):
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for command in (["jobs.export", "coco"], ["jobs.report"]):
+        result = subprocess.run(
+            [sys.executable, "-m", *command, "s3://bucket/out", "--endpoint-url=http://127.0.0.1:9"],
+            capture_output=True, text=True, check=False, env=env, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: cannot reach output s3://bucket/out")

@@ -5,7 +5,7 @@ from PIL import Image
 from dpt_model.processing import PreprocessSpec, resize_for_model
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.decode import DecodeError, decode_batch, decode_image, draft_side_px
-from tests.corpus import hostile_files, odd_files
+from tests.corpus import hostile_files, odd_files, png_declaring_size
 
 LIMITS = {"max_image_pixels": 89_478_485, "max_side_px": 16_384}
 
@@ -36,9 +36,24 @@ def test_exif_orientation_is_applied():
     assert decode_image(data, **LIMITS).rgb.shape[:2] == (80, 40)  # stored as 40×80
 
 
-def test_bomb_is_refused_from_the_header():
+def test_bomb_is_refused_from_the_header(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     with pytest.raises(DecodeError, match="decompression bomb"):
         decode_image(hostile_files()["bomb.png"], **LIMITS)
+    # Between Pillow's limit and twice it, where Pillow only warns.
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(png_declaring_size(10_000, 10_000), **LIMITS)
+
+
+def test_a_raised_pixel_limit_lets_larger_images_past_pillows_own(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    # Declares 100 MP, over Pillow's default limit, and holds no pixels: past
+    # the size checks, decoding finds the data missing.
+    with pytest.raises(DecodeError) as raised:
+        decode_image(
+            png_declaring_size(10_000, 10_000), max_image_pixels=200_000_000, max_side_px=20_000
+        )
+    assert "bomb" not in str(raised.value) and "truncated" in str(raised.value)
 
 
 def object_array(values: list) -> np.ndarray:

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.keys import (
+    annotation_tag,
     image_id_for,
     map_file_key,
     output_key_for,
@@ -16,6 +17,7 @@ from pipeline.keys import (
 source_keys = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=40
 )
+TAG = "0123abcd"
 
 
 @settings(max_examples=500)
@@ -28,7 +30,7 @@ def test_output_keys_are_injective(first, second):
 @settings(max_examples=500)
 @given(source_keys)
 def test_output_key_stays_under_the_prefix(source_key):
-    key = map_file_key("depth", source_key)
+    key = map_file_key("depth", source_key, TAG)
     assert not key.startswith("/") and "\\" not in key and "\x00" not in key
     normalised = posixpath.normpath(posixpath.join("/out", key))
     assert normalised.startswith("/out/depth/")
@@ -36,18 +38,40 @@ def test_output_key_stays_under_the_prefix(source_key):
 
 
 def test_same_name_in_two_folders_does_not_collide():
-    assert map_file_key("depth", "a/x.jpg") != map_file_key("depth", "b/x.jpg")
-    assert map_file_key("depth", "x.jpg") != map_file_key("depth", "x.png")
+    assert map_file_key("depth", "a/x.jpg", TAG) != map_file_key("depth", "b/x.jpg", TAG)
+    assert map_file_key("depth", "x.jpg", TAG) != map_file_key("depth", "x.png", TAG)
+
+
+def test_each_image_version_and_config_gets_its_own_map_file():
+    tag = annotation_tag(image_id_for("s3://b/x.jpg"), '"etag-1"', "config-a")
+    assert len(tag) == 8 and int(tag, 16) >= 0
+    assert tag == annotation_tag(image_id_for("s3://b/x.jpg"), '"etag-1"', "config-a")
+    others = [
+        annotation_tag(image_id_for("s3://b/x.jpg"), '"etag-2"', "config-a"),  # image changed
+        annotation_tag(image_id_for("s3://b/x.jpg"), '"etag-1"', "config-b"),  # other models
+        annotation_tag(
+            image_id_for("s3://c/x.jpg"), '"etag-1"', "config-a"
+        ),  # same key, other image
+    ]
+    assert len({tag, *others}) == 4
+    assert annotation_tag("id", None, "config-a") == annotation_tag("id", "", "config-a")
 
 
 def test_spaces_and_non_ascii_survive_as_written():
-    assert map_file_key("depth", "Straße/café photo.jpg") == "depth/Straße/café photo.jpg.png"
+    assert map_file_key("depth", "Straße/café photo.jpg", TAG) == (
+        f"depth/Straße/café photo.jpg.{TAG}.png"
+    )
 
 
 def test_escaping_keys_are_neutralised():
-    assert map_file_key("depth", "../../etc/passwd") == "depth/%2E%2E/%2E%2E/etc/passwd.png"
-    assert map_file_key("depth", "/abs/x.jpg") == "depth/%/abs/x.jpg.png"
-    assert map_file_key("segmentation", "a\\..\\b\x00.jpg") == "segmentation/a%5C..%5Cb%00.jpg.png"
+    assert (
+        map_file_key("depth", "../../etc/passwd", TAG)
+        == f"depth/%2E%2E/%2E%2E/etc/passwd.{TAG}.png"
+    )
+    assert map_file_key("depth", "/abs/x.jpg", TAG) == f"depth/%/abs/x.jpg.{TAG}.png"
+    assert map_file_key("segmentation", "a\\..\\b\x00.jpg", TAG) == (
+        f"segmentation/a%5C..%5Cb%00.jpg.{TAG}.png"
+    )
 
 
 def test_image_id_is_stable_and_distinct():

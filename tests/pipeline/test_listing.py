@@ -39,11 +39,6 @@ def test_lists_images_of_any_letter_case_with_relative_keys(tmp_path):
     assert len({row["image_id"] for row in rows}) == 5
 
 
-def test_limit_stops_the_listing(tmp_path):
-    _write(tmp_path, [f"{index}.png" for index in range(5)])
-    assert len(_list(tmp_path, limit=2)[1]) == 2
-
-
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputNotFoundError, match="not a folder, prefix or file"):
         _list(tmp_path / "missing")
@@ -108,6 +103,16 @@ def test_text_manifest_resolves_relative_entries_and_drops_signatures(tmp_path):
     assert rows[1]["image_id"] == image_id_for("https://bucket.example.com/k/b.jpg")
 
 
+def test_manifests_in_two_folders_may_list_the_same_relative_name(tmp_path):
+    _write(tmp_path, ("train/x.jpg", "val/x.jpg"))
+    (tmp_path / "train/list.txt").write_text("x.jpg\n")
+    (tmp_path / "val/list.txt").write_text("x.jpg\n")
+    fmt, rows = _list(tmp_path, format="manifest")
+    assert fmt == "manifest"
+    assert sorted(row["source_key"] for row in rows) == ["train/x.jpg", "val/x.jpg"]
+    assert len({row["image_id"] for row in rows}) == 2
+
+
 def test_manifest_without_its_uri_column_names_the_key(tmp_path):
     buffer = io.BytesIO()
     pq.write_table(pa.table({"path": ["x.jpg"]}), buffer)
@@ -131,3 +136,20 @@ def test_s3_listing_streams_in_pages(s3_endpoint, monkeypatch):
     assert [row["source_key"] for row in rows] == [key[2:] for key in keys[:24]]
     assert rows[0]["source_uri"] == "s3://listing-pages/p/000.jpg"
     fs.rm("listing-pages", recursive=True)
+
+
+def test_an_output_inside_the_input_is_not_listed(tmp_path):
+    _write(
+        tmp_path, ("a.jpg", "out/depth/a.jpg.0123abcd.png", "out/report/thumbs/x.jpg", "outer.jpg")
+    )
+    listing = list_input(InputConfig(uri=str(tmp_path)), {}, output_uri=f"{tmp_path}/out/")
+    assert sorted(row["source_key"] for row in listing.rows) == ["a.jpg", "outer.jpg"]
+    with pytest.raises(InputNotFoundError, match=r"output\.uri is input\.uri"):
+        list_input(InputConfig(uri=str(tmp_path)), {}, output_uri=f"file://{tmp_path}//")
+
+
+def test_one_folder_spelt_two_ways_gives_the_same_ids(tmp_path):
+    _write(tmp_path, ("images/a.jpg",))
+    plain = _list(tmp_path / "images")[1]
+    assert _list(f"{tmp_path}/./images//")[1] == plain
+    assert _list(f"{tmp_path}/images/../images")[1] == plain

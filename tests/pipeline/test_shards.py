@@ -52,7 +52,7 @@ def test_webdataset_groups_members_into_samples(compress):
     assert [s.sample_id for s in samples] == ["a/000", "a/001", "a/002", "003"]
     first, second, no_image, last = samples
     assert (first.name, first.data) == ("a/000.jpg", b"jpeg-0")
-    assert json.loads(first.metadata) == {"cls": "3", "json": '{"caption": "a cat"}'}
+    assert json.loads(first.metadata) == {"cls": "3", "json": {"caption": "a cat"}}
     # "seg.png" is not an image extension; the sample's "png" member is its image.
     assert (second.name, second.data, second.metadata) == ("a/001.png", b"png-1", None)
     assert no_image.data is None and "no image member (extensions found: json)" in no_image.problem
@@ -109,6 +109,19 @@ def test_parquet_images_from_hugging_face_struct_column_with_ids():
     ]
 
 
+def test_parquet_rows_with_a_null_or_repeated_id_are_error_rows_by_row_number():
+    table = pa.table({"image": [b"a", b"b", b"c", b"d"], "id": ["x", None, "x", "y"]})
+    images = list(iter_parquet_images(_parquet(table), "image", "id", batch_rows=2))
+    assert [(i.sample_id, i.data is not None) for i in images] == [
+        ("x", True),
+        ("row-1", False),
+        ("row-2", False),
+        ("y", True),
+    ]
+    assert images[1].problem == "id column 'id' is null"
+    assert images[2].problem == "id 'x' (column 'id') repeats row 0's"
+
+
 def test_parquet_without_the_configured_column_names_the_key():
     table = pa.table({"pixels": [b"x"]})
     with pytest.raises(ShardError, match=r"no column 'image' \(input.image_column\).*pixels"):
@@ -125,3 +138,24 @@ def test_parquet_of_text_not_bytes_is_a_per_row_problem():
 def test_corrupt_parquet_fails_clearly():
     with pytest.raises(ShardError, match="Parquet"):
         list(iter_parquet_images(io.BytesIO(b"PAR1 garbage"), "image", None))
+
+
+def test_a_json_member_that_does_not_parse_is_kept_as_text():
+    members = [("k.jpg", b"jpeg"), ("k.json", b"{oops"), ("k.txt", b"a cap")]
+    [sample] = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS))
+    assert json.loads(sample.metadata) == {"json": "{oops", "txt": "a cap"}
+
+
+def test_a_linked_image_member_is_an_error_row_not_a_gap():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in [("a.jpg", b"jpeg-a"), ("b.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    samples = list(iter_webdataset(io.BytesIO(buffer.getvalue()), EXTENSIONS))
+    assert [(s.sample_id, s.data) for s in samples] == [("a", b"jpeg-a"), ("b", None)]
+    assert samples[1].problem == "image member b.jpg is a link, not a file"
