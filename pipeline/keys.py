@@ -26,6 +26,8 @@ SHARD_MEMBER_PATTERN = (
     + "))#(.*)$"
 )
 _SHARD_MEMBER = re.compile(SHARD_MEMBER_PATTERN)
+# Under the output: one empty object per shard version read to its end.
+SHARDS_FOLDER = "_shards"
 _ENCODED_CHARACTERS = frozenset("%\\?#*[]") | {chr(code) for code in range(32)} | {"\x7f"}
 _RESERVED_SEGMENTS = {".": "%2E", "..": "%2E%2E", "": "%"}
 
@@ -90,3 +92,18 @@ def annotation_tag(image_id: str, source_version: str | None, config_hash: str) 
     """
     basis = f"{image_id}\0{source_version or ''}\0{config_hash}"
     return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def shard_marker_key(shard_uri: str, shard_version: str, images: int) -> str:
+    """``_shards/<shard id>.<version tag>.<images>``: an empty object saying that
+    this version of the shard was read to its end and held that many images.
+
+    The facts are in the name, so one listing tells the driver which shards a
+    run can skip: those whose every image is already done.
+    """
+    return f"{shard_marker_stem(shard_uri, shard_version)}.{images}"
+
+
+def shard_marker_stem(shard_uri: str, shard_version: str) -> str:
+    version_tag = hashlib.sha256(shard_version.encode()).hexdigest()[:8]
+    return f"{SHARDS_FOLDER}/{image_id_for(shard_uri)}.{version_tag}"

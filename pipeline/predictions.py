@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
-from pipeline.keys import shard_uris
+from pipeline.keys import SHARDS_FOLDER, shard_uris
 from pipeline.schema import PREDICTION_SCHEMA, schema_for, strip_url_secrets
 from pipeline.storage import arrow_filesystem, filesystem_for, join
 
@@ -228,29 +228,57 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     live only as long as their batch.
     """
     done_rows = (pc.field("status") == "ok") & (pc.field("config_hash") == config_hash)
-    keys, per_shard = [], collections.Counter()
+    keys: list[np.ndarray] = []
+    # Shard members, counted once each per (shard, version) even where a
+    # forced run wrote a second row: whole shards are skipped on that count.
+    shard_numbers: dict[tuple[str, str], int] = {}
+    member_keys: list[np.ndarray] = []
+    member_shards: list[np.ndarray] = []
     for batch in scan_committed(fs, root, ["image_id", "source_uri", "source_version"], done_rows):
         versions = pc.fill_null(batch["source_version"], "")
-        keys.append(
-            np.fromiter(
-                map(done_key, batch["image_id"].to_pylist(), versions.to_pylist()),
-                dtype=np.uint64,
-                count=batch.num_rows,
-            )
+        batch_keys = np.fromiter(
+            map(done_key, batch["image_id"].to_pylist(), versions.to_pylist()),
+            dtype=np.uint64,
+            count=batch.num_rows,
         )
+        keys.append(batch_keys)
         # Only shard members name a shard; plain images cost no Python objects here.
         shards = shard_uris(batch["source_uri"])
         in_shards = pc.is_valid(shards)
         if pc.any(in_shards).as_py():
-            per_shard.update(
-                zip(
-                    pc.filter(shards, in_shards).to_pylist(),
-                    pc.filter(versions, in_shards).to_pylist(),
-                    strict=True,
-                )
+            pairs = zip(
+                pc.filter(shards, in_shards).to_pylist(),
+                pc.filter(versions, in_shards).to_pylist(),
+                strict=True,
             )
+            numbers = [shard_numbers.setdefault(pair, len(shard_numbers)) for pair in pairs]
+            member_shards.append(np.array(numbers, dtype=np.uint64))
+            member_keys.append(batch_keys[in_shards.to_numpy(zero_copy_only=False)])
     all_keys = np.unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
+    per_shard: collections.Counter = collections.Counter()
+    if member_keys:
+        pairs = np.unique(
+            np.stack([np.concatenate(member_shards), np.concatenate(member_keys)]), axis=1
+        )
+        counts = np.bincount(pairs[0].astype(np.int64), minlength=len(shard_numbers))
+        per_shard.update({shard: int(counts[n]) for shard, n in shard_numbers.items()})
     return DoneImages(keys=all_keys, per_shard=per_shard)
+
+
+def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    """:func:`shard_marker_stem` → images, for every shard version read to its end."""
+    folder = join(root, SHARDS_FOLDER)
+    fs.invalidate_cache(folder)
+    try:
+        names = [path.rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return {}
+    markers = {}
+    for name in names:
+        stem, _, images = name.rpartition(".")
+        if images.isdigit():
+            markers[f"{SHARDS_FOLDER}/{stem}"] = int(images)
+    return markers
 
 
 def scan_committed(

@@ -7,18 +7,22 @@ Image objects (``files``, ``manifest``) are fetched a batch at a time; shards
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from pipeline.keys import image_id_for, shard_member_uri
+from pipeline.keys import image_id_for, shard_marker_key, shard_member_uri
 from pipeline.retry import backoff_delays, is_transient, retry_transient
-from pipeline.schema import error_reason
+from pipeline.schema import error_reason, strip_url_secrets
 from pipeline.shards import ShardError, ShardImage, iter_parquet_images, iter_webdataset
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, join
+
+logger = logging.getLogger(__name__)
 
 # Read-ahead per shard stream: large sequential ranges keep S3 requests few.
 SHARD_BLOCK_BYTES = 8 * 2**20
@@ -81,16 +85,21 @@ def read_shard(
     image_column: str,
     id_column: str | None,
     rows_per_batch: int,
+    output_uri: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
     An image is ``<shard_uri>#<sample id>``. A shard that cannot be opened, or
     breaks part-way, adds one error row for the shard itself after the images it
-    did yield, so the loss is visible in the output.
+    did yield, so the loss is visible in the output. A shard read to its end
+    leaves a marker under ``output_uri`` with its image count
+    (:func:`~pipeline.predictions.shard_marker_key`): once all those images
+    are done, later runs skip it without reading it.
     """
     shards = zip(batch["shard_uri"], batch["shard_key"], batch["shard_version"], strict=True)
     for shard_uri, shard_key, shard_version in shards:
         rows: list[dict[str, Any]] = []
+        read = _ShardRead()
         for row in _shard_rows(
             str(shard_uri),
             str(shard_key),
@@ -100,6 +109,7 @@ def read_shard(
             extensions,
             image_column,
             id_column,
+            read,
         ):
             rows.append(row)
             if len(rows) == rows_per_batch:
@@ -107,6 +117,28 @@ def read_shard(
                 rows = []
         if rows:
             yield _as_columns(rows)
+        # Here only once every row of the shard was taken downstream.
+        if output_uri is not None and read.to_the_end:
+            _leave_shard_marker(
+                output_uri, storage_options, str(shard_uri), str(shard_version), read.images
+            )
+
+
+@dataclass
+class _ShardRead:
+    images: int = 0
+    to_the_end: bool = False
+
+
+def _leave_shard_marker(
+    output_uri: str, storage_options: dict[str, Any], shard_uri: str, version: str, images: int
+) -> None:
+    fs, root = filesystem_for(output_uri, storage_options)
+    path = join(root, shard_marker_key(shard_uri, version, images))
+    try:
+        retry_transient(lambda: fs.pipe_file(path, b""))
+    except OSError as error:  # a later run reads the shard again; nothing is lost
+        logger.warning("no marker for shard %s: %s", strip_url_secrets(shard_uri), error)
 
 
 def _shard_rows(
@@ -118,6 +150,7 @@ def _shard_rows(
     extensions: tuple[str, ...],
     image_column: str,
     id_column: str | None,
+    read: _ShardRead,
 ) -> Iterator[dict[str, Any]]:
     images = 0
     try:
@@ -126,6 +159,7 @@ def _shard_rows(
         ):
             images += 1
             yield _image_row(shard_uri, shard_key, shard_version, sample)
+        read.images, read.to_the_end = images, True
     except (ShardError, OSError, ValueError) as problem:
         where = f"after {images} images" if images else "before any image"
         yield {

@@ -27,6 +27,7 @@ from jobs.config import JobConfig
 from pipeline.cluster import GIB, PoolRequest, capacity_problem, read_cluster_capacity
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
+from pipeline.keys import SHARDS_FOLDER, shard_marker_stem
 from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.predictions import (
@@ -35,6 +36,7 @@ from pipeline.predictions import (
     DoneImages,
     drop_done_rows,
     load_done_images,
+    read_shard_markers,
     scan_committed,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog
@@ -64,7 +66,15 @@ SMALL_BLOCKS_ROWS = 1024
 LISTING_BLOCK_ROWS = 256
 # output.depth_format → how the actor hands depth to the encode stage.
 DEPTH_ENCODINGS = {"png16": "levels", "npz_float16": "float16"}
-OUTPUT_FOLDERS = (PREDICTIONS_FOLDER, "depth", "segmentation", RUNS_FOLDER, "export", REPORT_FOLDER)
+OUTPUT_FOLDERS = (
+    PREDICTIONS_FOLDER,
+    "depth",
+    "segmentation",
+    RUNS_FOLDER,
+    SHARDS_FOLDER,
+    "export",
+    REPORT_FOLDER,
+)
 
 
 class OutputNotWritableError(OSError):
@@ -145,7 +155,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
 
     sharded = listing.format in SHARD_FORMATS
     skipped = _SkipCount()
-    to_annotate = _not_done(listing.rows, done, sharded, skipped)
+    shard_markers = read_shard_markers(out_fs, out_root) if sharded and len(done) else None
+    to_annotate = _not_done(listing.rows, done, sharded, skipped, shard_markers)
     if config.input.limit is not None and not sharded:
         # Counted after the done images, as for shards (limited once read below),
         # so a repeated smoke run annotates the next N.
@@ -271,6 +282,7 @@ def _annotation_dataset(
                 "image_column": config.input.image_column,
                 "id_column": config.input.id_column,
                 "rows_per_batch": DECODE_BATCH_ROWS,
+                "output_uri": config.output.uri,
             },
             num_cpus=decode_cpus,
         )
@@ -455,13 +467,26 @@ class _SkipCount:
 
 
 def _not_done(
-    rows: Iterator[dict[str, str]], done: DoneImages, sharded: bool, skipped: _SkipCount
+    rows: Iterator[dict[str, str]],
+    done: DoneImages,
+    sharded: bool,
+    skipped: _SkipCount,
+    shard_markers: dict[str, int] | None = None,
 ) -> Iterator[dict[str, str]]:
-    """Listed rows minus images already done; shards pass (they are filtered once read)."""
+    """Listed rows minus images already done.
+
+    A shard is left out when its marker (``shard_markers``, from
+    :func:`read_shard_markers`) says how many images this version of it holds
+    and all of them are done; other shards pass and are filtered once read.
+    """
     for row in rows:
         if sharded:
-            skipped.images += done.per_shard.get((row["shard_uri"], row["shard_version"]), 0)
-            yield row
+            shard = (row["shard_uri"], row["shard_version"])
+            images_done = done.per_shard.get(shard, 0)
+            skipped.images += images_done
+            images = (shard_markers or {}).get(shard_marker_stem(*shard))
+            if images is None or images_done < images:
+                yield row
         elif len(done) and done.has(row["image_id"], row["source_version"]):
             skipped.images += 1
         else:

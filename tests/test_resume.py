@@ -160,3 +160,39 @@ def test_parts_are_committed_while_later_images_are_still_annotated(
     committed = sorted(path.stat().st_mtime for path in committed_parts(output))
     assert len(committed) >= 10
     assert committed[len(committed) // 2] < last_map  # half the parts before the last map
+
+
+def test_an_incremental_run_skips_shards_whose_images_are_all_done(
+    ray_cluster, checkpoints, tmp_path
+):
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("000", "001"):
+        members = [
+            (f"{i:03d}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(3)
+        ]
+        (shards / f"{name}.tar").write_bytes(tar_bytes(members))
+    settings = [
+        f"input.uri={shards}",
+        f"output.uri={tmp_path / 'output'}",
+        f"models.depth={checkpoints['depth-vit']}",
+        "report.enabled=false",
+    ]
+    first = run_annotation(load_config(None, [*settings, "run_id=first"]))
+    assert first.images_ok == 6
+    # Same size and modification time, so the same version, but unreadable: a
+    # run that opened the shard would write an error row for it.
+    done_shard = shards / "000.tar"
+    stat = done_shard.stat()
+    done_shard.write_bytes(b"not a tar " * (stat.st_size // 10) + b"x" * (stat.st_size % 10))
+    os.utime(done_shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    new_members = [("000.jpg", encoded(synthetic_photo(64, 48, seed=9), "JPEG"))]
+    (shards / "002.tar").write_bytes(tar_bytes(new_members))
+
+    second = run_annotation(load_config(None, [*settings, "run_id=second"]))
+    assert (second.images_skipped_done, second.images_ok, second.images_error) == (6, 1, 0)
+    rows = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert len(rows) == 7 and all(row["status"] == "ok" for row in rows)

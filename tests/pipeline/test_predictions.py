@@ -80,6 +80,8 @@ def test_done_images_are_ok_rows_of_the_same_config_and_source_version(tmp_path)
             {**row("t", "ok", 1), "source_uri": "s3://b/shard.tar#t"},
             {**row("n", "ok", 1), "source_version": None},  # a store without versions
             {**row("h", "ok", 1), "source_uri": "s3://b/photos#1.jpg"},  # '#' in a file name
+            # a forced run's second row for "s": the shard still holds two done images
+            {**row("s", "ok", 2), "source_uri": "s3://b/shard.tar#s"},
         ],
     )
     # A part from before the pseudo-label columns existed, and a crashed
@@ -248,3 +250,15 @@ def test_the_streamed_view_stops_if_a_part_changes_between_its_passes(tmp_path, 
     monkeypatch.setattr(pipeline.predictions, "_scan_parts", scan_growing)
     with pytest.raises(RuntimeError, match="changed while being read"):
         list(iter_predictions(str(tmp_path), ["image_id"]))
+
+
+def test_shard_markers_name_the_shard_version_and_its_image_count(tmp_path):
+    from pipeline.keys import shard_marker_key, shard_marker_stem
+    from pipeline.predictions import read_shard_markers
+
+    fs, _ = filesystem_for(str(tmp_path), {})
+    assert read_shard_markers(fs, str(tmp_path)) == {}
+    fs.pipe_file(f"{tmp_path}/{shard_marker_key('s3://b/a.tar', 'etag:1', 12)}", b"")
+    markers = read_shard_markers(fs, str(tmp_path))
+    assert markers == {shard_marker_stem("s3://b/a.tar", "etag:1"): 12}
+    assert shard_marker_stem("s3://b/a.tar", "etag:2") not in markers
