@@ -92,7 +92,7 @@ def read_predictions(
     # Only the columns asked for, plus those that pick each image's row.
     needed = None if columns is None else list(dict.fromkeys([*columns, *_ROW_CHOICE_COLUMNS]))
     table = read_committed(fs, root, needed, image_ids)
-    keep = latest_rows(table)
+    keep = _without_healed_shard_errors(table, latest_rows(table), fs, root)
     # Usually every row is its image's only one: then the view is the table, and
     # no copy of it (the largest allocation here) is made.
     view = table if len(keep) == table.num_rows else table.take(pa.array(keep, type=pa.int64()))
@@ -115,7 +115,8 @@ def iter_predictions(
     choice = pa.Table.from_batches(
         list(_scan_parts(fs, parts, choice_columns)), schema=schema_for(choice_columns)
     )
-    keep, total = latest_rows(choice), choice.num_rows
+    keep = _without_healed_shard_errors(choice, latest_rows(choice), fs, root)
+    total = choice.num_rows
     del choice
     picked = None
     if len(keep) < total:
@@ -175,6 +176,51 @@ def latest_rows(table: pa.Table) -> np.ndarray:
     safe = np.maximum(before, 0)
     ok_stands = (before >= first) & ~is_ok[last] & is_ok[safe] & (key[safe] == key[last])
     return np.sort(order[np.where(ok_stands, before, last)])
+
+
+def _without_healed_shard_errors(
+    table: pa.Table, keep: np.ndarray, fs: fsspec.AbstractFileSystem, root: str
+) -> np.ndarray:
+    """``keep`` less the error rows of whole shards that a later run read to their end.
+
+    A shard that could not be read has one error row under the shard's own
+    id; once it reads, its images get rows and that id none, so the error
+    would stand for ever. A shard's marker (written when it was read whole)
+    newer than the error row retires it.
+    """
+    read_whole = _shards_read_whole(fs, root)
+    if not read_whole or not len(keep):
+        return keep
+    shard_ids = pa.array(list(read_whole), pa.string())
+    candidates = pc.and_(
+        pc.equal(table["status"], "error"), pc.is_in(table["image_id"], value_set=shard_ids)
+    )
+    rows = np.flatnonzero(pc.fill_null(candidates, False).to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return keep
+    found = table.select(["image_id", "written_at"]).take(pa.array(rows, pa.int64())).to_pylist()
+    healed = [
+        row
+        for row, fields in zip(rows, found, strict=True)
+        if fields["written_at"] is None
+        or fields["written_at"].timestamp() < read_whole[fields["image_id"]]
+    ]
+    return keep[~np.isin(keep, healed)]
+
+
+def _shards_read_whole(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, float]:
+    """Shard id → when its newest marker was written (seconds since the epoch)."""
+    folder = join(root, SHARDS_FOLDER)
+    fs.invalidate_cache(folder)
+    try:
+        listed = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    newest: dict[str, float] = {}
+    for info in listed:
+        shard_id = info["name"].rsplit("/", 1)[-1].split(".", 1)[0]
+        newest[shard_id] = max(newest.get(shard_id, 0.0), _modified(info))
+    return newest
 
 
 def _codes(column: pa.ChunkedArray) -> np.ndarray:

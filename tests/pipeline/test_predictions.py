@@ -262,3 +262,34 @@ def test_shard_markers_name_the_shard_version_and_its_image_count(tmp_path):
     markers = read_shard_markers(fs, str(tmp_path))
     assert markers == {shard_marker_stem("s3://b/a.tar", "etag:1"): 12}
     assert shard_marker_stem("s3://b/a.tar", "etag:2") not in markers
+
+
+def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
+    import os
+
+    from pipeline.keys import image_id_for, shard_marker_key
+
+    shard = "s3://b/a.tar"
+    failed = {**row(image_id_for(shard), "error", 0), "source_uri": shard}
+    member = {**row(image_id_for(f"{shard}#0"), "ok", 60), "source_uri": f"{shard}#0"}
+    write_part(tmp_path, "a.parquet", [failed, row("z", "error", 0), member])
+
+    def view_ids():
+        whole = {r["image_id"] for r in read_predictions(str(tmp_path)).to_pylist()}
+        streamed = [
+            r["image_id"]
+            for batch in iter_predictions(str(tmp_path), ["image_id"])
+            for r in batch.to_pylist()
+        ]
+        assert sorted(streamed) == sorted(whole)
+        return whole
+
+    assert image_id_for(shard) in view_ids()  # not read whole since it failed
+    marker = tmp_path / shard_marker_key(shard, "v1", 1)
+    marker.parent.mkdir()
+    marker.write_bytes(b"")
+    before_the_error = (T0 - timedelta(minutes=1)).timestamp()
+    os.utime(marker, (before_the_error, before_the_error))
+    assert image_id_for(shard) in view_ids()  # read whole, but before it failed
+    os.utime(marker, None)  # now: after the error row
+    assert view_ids() == {"z", member["image_id"]}
