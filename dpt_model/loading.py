@@ -74,6 +74,10 @@ def resolve_checkpoint_dir(
     suffixes = CHECKPOINT_FILE_SUFFIXES if with_weights else (".json",)
     if is_fsspec_uri(model_uri):
         return _fetch_fsspec_checkpoint(model_uri, cache_dir, storage_options or {}, suffixes)
+    if model_uri.startswith(("/", "./", "../", "~")) or local.exists():
+        # Written as a path, so not a hub id: say what is wrong with the path.
+        problem = "is a file, not a checkpoint folder" if local.exists() else "does not exist"
+        raise ModelLoadError(f"model {model_uri}: {local} {problem}")
     return _fetch_hub_checkpoint(model_uri, suffixes)
 
 

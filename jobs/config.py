@@ -376,7 +376,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -385,6 +385,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for override in overrides or []:
         apply_override(data, *parse_override(override))
     return validate_config(data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate_config(data: dict[str, Any]) -> JobConfig:
@@ -396,6 +411,9 @@ def validate_config(data: dict[str, Any]) -> JobConfig:
 
 def _describe(error: ValidationError) -> str:
     lines = []
+    # A value that fits no member of a union (int or "auto") fails once per
+    # member, each under the member's name: one line per key, reasons joined.
+    unfit: dict[str, tuple[list[str], Any]] = {}
     for problem in error.errors():
         location = ".".join(str(part) for part in problem["loc"])
         kind = problem["type"]
@@ -404,11 +422,31 @@ def _describe(error: ValidationError) -> str:
         elif kind == "missing":
             lines.append(f"missing key '{location}': it is required")
         else:
-            where = f"key '{location}'" if location else "config"
-            given = problem.get("input")
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            lines.append(f"{where}: {problem['msg']}{shown}")
+            reasons, _ = unfit.setdefault(_key_of(problem["loc"]), ([], problem.get("input")))
+            if problem["msg"] not in reasons:
+                reasons.append(problem["msg"])
+    for key, (reasons, given) in unfit.items():
+        where = f"key '{key}'" if key else "config"
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{where}: {'; or '.join(reasons)}{shown}")
     return "invalid job config:\n  " + "\n  ".join(lines)
+
+
+def _key_of(location: tuple[Any, ...]) -> str:
+    """The config key a validation error is about, without pydantic's union member names."""
+    model: Any = JobConfig
+    parts = []
+    for part in location:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            if isinstance(part, int) and parts:  # an item of a list
+                parts[-1] = f"{parts[-1]}[{part}]"
+                continue
+            break
+        parts.append(str(part))
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) else None
+    return ".".join(parts)
 
 
 def _suggestion(location: tuple[Any, ...]) -> str:

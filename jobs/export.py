@@ -59,12 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("format", choices=["coco"])
     add_output_arguments(parser)
     parser.add_argument("--dest", help="folder for the parts (default: <output>/export/coco)")
-    parser.add_argument("--images-per-file", type=_positive, default=1000)
+    parser.add_argument("--images-per-file", type=positive_integer, default=1000)
     parser.add_argument("--include-weak", action="store_true", help="also images with kept = false")
     return parser.parse_args(argv)
 
 
-def _positive(text: str) -> int:
+def positive_integer(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")

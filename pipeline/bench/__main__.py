@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench")
     names = parser.add_subparsers(dest="name", required=True)
     for name, benchmark in BENCHMARKS.items():
-        subparser = names.add_parser(name, help=(benchmark.__doc__ or "").split("\n")[0])
+        subparser = names.add_parser(
+            name,
+            help=(benchmark.__doc__ or "").split("\n")[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         subparser.add_argument(
             "--out",
             type=Path,

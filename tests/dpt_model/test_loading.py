@@ -96,6 +96,8 @@ def test_a_checkpoint_of_the_other_task_is_refused_before_loading(checkpoints):
 def test_missing_model_names_the_uri(tmp_path):
     with pytest.raises(ModelLoadError, match="nothing-here"):
         ModelCard.fetch("depth", f"file://{tmp_path}/nothing-here")
+    with pytest.raises(ModelLoadError, match="nothing-here does not exist"):
+        ModelCard.fetch("depth", f"{tmp_path}/nothing-here")  # a path, so not a hub id
 
 
 def test_non_square_vit_segmentation_runs_at_the_real_grid(checkpoints, tmp_path):

@@ -119,3 +119,9 @@ def test_pseudo_labels_without_a_segmentation_model_are_refused():
 def test_values_that_would_escape_or_crash_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(None, [*MINIMAL, override])
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    path = write(tmp_path, "inference:\n  batch_size: 8\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match="key 'batch_size' is given twice"):
+        load_config(path, MINIMAL)
