@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
 import uuid
@@ -34,11 +35,13 @@ from pipeline.storage import (
     files_in,
     filesystem_for,
     full_uri,
+    is_local,
     join,
     read_bytes,
     remove_files,
 )
 
+_STAGING_PREFIX = ".export-"
 _EXPORT_COLUMNS = [
     "image_id",
     "source_uri",
@@ -101,28 +104,54 @@ def export_coco(
     earlier_parts = {
         path for path in files_in(dest_fs, dest_root) if re.search(r"/part-\d+\.json$", path)
     }
+    for leftover in _staging_folders(dest_fs, dest_root):  # of an export that crashed
+        _remove_folder(dest_fs, leftover)
     rows = _exported_rows(output_uri, storage_options, include_weak)
     # Parts are written to a hidden folder first and put in place only once all
-    # are written, so a failed export leaves the earlier one whole.
-    staging = join(dest_root, f".export-{uuid.uuid4().hex}")
+    # are written: an export that fails while writing leaves the earlier one
+    # whole. (One that fails while putting them in place leaves a mix; run it
+    # again.)
+    staging = join(dest_root, f"{_STAGING_PREFIX}{uuid.uuid4().hex}")
     try:
         staged = _write_coco_parts(
             dest_fs, staging, rows, images_per_file, categories, output_uri, storage_options
         )
-    except BaseException:
-        if dest_fs.exists(staging):
-            dest_fs.rm(staging, recursive=True)
-        raise
-    written = []
-    for path in staged:
-        target = join(dest_root, path.rsplit("/", 1)[1])
-        dest_fs.mv(path, target)
-        written.append(target)
-    if dest_fs.exists(staging):
-        dest_fs.rm(staging, recursive=True)
+        written = []
+        for path in staged:
+            # Copy and delete file by file: fs.mv and recursive rm read "[", "*"
+            # and "?" in a destination path as a glob.
+            target = join(dest_root, path.rsplit("/", 1)[1])
+            dest_fs.cp_file(path, target)
+            written.append(target)
+    finally:
+        _remove_folder(dest_fs, staging)
     # An export is a snapshot: parts an earlier, larger one left go.
     remove_files(dest_fs, sorted(earlier_parts - set(written)))
     return [full_uri(dest_fs, path) for path in written]
+
+
+def _staging_folders(fs: Any, root: str) -> list[str]:
+    try:
+        listed = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    return [
+        info["name"]
+        for info in listed
+        if info["type"] == "directory"
+        and info["name"].rstrip("/").rsplit("/", 1)[-1].startswith(_STAGING_PREFIX)
+    ]
+
+
+def _remove_folder(fs: Any, folder: str) -> None:
+    """Every file under ``folder`` by name (no glob), then the folder where one exists."""
+    fs.invalidate_cache(folder)
+    try:
+        remove_files(fs, fs.find(folder))
+    except FileNotFoundError:
+        return
+    if is_local(fs) and os.path.isdir(folder):
+        os.rmdir(folder)
 
 
 def _write_coco_parts(

@@ -163,6 +163,18 @@ def read_cluster_capacity() -> ClusterCapacity:
     return ClusterCapacity(tuple(alive), "nodes alive now", may_grow=_autoscaler_runs())
 
 
+def head_takes_tasks(nodes: list[dict[str, Any]]) -> bool:
+    """Whether the head among ``nodes`` (``ray.nodes()``) has CPUs for tasks.
+
+    The clusters in infra/ give it none: it holds the driver, and its memory
+    is sized for that alone.
+    """
+    for node in nodes:
+        if node.get("Alive") and "node:__internal_head__" in node["Resources"]:
+            return node["Resources"].get("CPU", 0) > 0
+    return True
+
+
 def _autoscaler_groups() -> list[NodeShape]:
     """Node groups from the autoscaler's cluster config in the GCS, where one reported it."""
     try:

@@ -7,6 +7,7 @@ row with its reason; the rest of the batch carries on.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Collection, Mapping
 from typing import NamedTuple
@@ -18,6 +19,7 @@ from dpt_model.processing import PreprocessSpec, model_input_size, resize_for_mo
 from pipeline.schema import error_reason
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 # EXIF orientations that turn the stored image by 90° (width and height swap).
@@ -53,10 +55,39 @@ def decode_image(
     """
     if not data:
         raise DecodeError("empty file")
-    if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
-        # Pillow's own bomb check is a process-wide limit; a larger
-        # decode.max_image_pixels raises it, and the check below applies ours.
-        Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        return _decode(data, max_image_pixels, max_side_px, reduce_for, reduce_to_px)
+    except _OverPillowsLimit:
+        # Pillow's own bomb limit is process-wide: raised for this image only,
+        # under a lock, so that other decodes in the process (a user's training
+        # loop, say) keep theirs.
+        with _PILLOW_LIMIT_LOCK:
+            previous = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max_image_pixels
+            try:
+                return _decode(data, max_image_pixels, max_side_px, reduce_for, reduce_to_px)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+
+
+class _OverPillowsLimit(Exception):
+    """Pillow refused an image by its own limit, which ours is above."""
+
+
+def _bomb(error: Exception, max_image_pixels: int) -> Exception:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and max_image_pixels > limit:
+        return _OverPillowsLimit()
+    return DecodeError(f"decompression bomb: {error}")
+
+
+def _decode(
+    data: bytes,
+    max_image_pixels: int,
+    max_side_px: int,
+    reduce_for: Collection[PreprocessSpec],
+    reduce_to_px: int | None,
+) -> DecodedImage:
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice it; treat that as an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,7 +96,7 @@ def decode_image(
         except UnidentifiedImageError:
             raise DecodeError("not an image: unrecognised format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise DecodeError(f"decompression bomb: {error}") from None
+            raise _bomb(error, max_image_pixels) from None
         width, height = image.size
         if width * height > max_image_pixels:
             raise DecodeError(
@@ -86,6 +117,8 @@ def decode_image(
             if side_px is not None and image.format == "JPEG":
                 image.draft(image.mode, (side_px, side_px))
             image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise _bomb(error, max_image_pixels) from None  # a later frame's size
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise DecodeError(f"truncated or corrupt image data: {error}") from None
         return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), original_hw)

@@ -10,6 +10,7 @@ Committed rows stay committed, so the next run picks up what is left.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import signal
 import threading
@@ -83,6 +84,11 @@ class StallWatchdog:
     ) -> None:
         with self._stop_lock:
             self._stop.set()
+        if kind is None and self.stalled_after_rows is not None:
+            # The run ended as the watchdog fired: take its interrupt here, not
+            # in whatever the caller does next.
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(0.05)
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None

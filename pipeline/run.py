@@ -24,7 +24,13 @@ import pyarrow.compute as pc
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR, depth_kind
 from jobs.config import JobConfig
-from pipeline.cluster import GIB, PoolRequest, capacity_problem, read_cluster_capacity
+from pipeline.cluster import (
+    GIB,
+    PoolRequest,
+    capacity_problem,
+    head_takes_tasks,
+    read_cluster_capacity,
+)
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor
 from pipeline.keys import SHARDS_FOLDER, shard_marker_stem
@@ -50,6 +56,7 @@ from pipeline.storage import (
     filesystem_for,
     full_uri,
     join,
+    remove_files,
 )
 from pipeline.write import write_maps_batch
 
@@ -201,15 +208,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
                 predictions_path,
                 filesystem=arrow_filesystem(out_fs),
                 min_rows_per_file=config.output.rows_per_part,
-                # No CPU request. Ray Data reserves CPUs for stages upstream
-                # first; with the actor and the encode tasks holding every CPU
-                # (a small machine), a one-CPU write waited for the last image
-                # and nothing was committed until then. A write is a few ms of
-                # Parquet encoding per part. A request unlike the encode
-                # stage's also keeps Ray from fusing the two (fused, encoding
-                # would wait for output.rows_per_part rows, then run them all
-                # in one task).
-                ray_remote_args={"num_cpus": 0},
+                ray_remote_args={"num_cpus": _write_task_cpus()},
             )
         stage_times = stage_timings(dataset)
     else:
@@ -387,6 +386,24 @@ def _annotation_dataset(
         },
         num_cpus=decode_cpus,
     )
+
+
+def _write_task_cpus() -> float:
+    """The CPU request of a Parquet write task (a few ms of encoding per part).
+
+    None where the head takes tasks (one machine, a small cluster): Ray Data
+    reserves CPUs for the stages upstream first, and with the actor and the
+    encode tasks holding every CPU a write that asked for one ran only after
+    the last image, so nothing was committed, or resumable, until then. Where
+    the head has no CPUs (infra/), a small share keeps the writes, and their
+    worker processes, off it; such clusters have CPUs to spare. Either way the
+    request differs from the encode stage's, so Ray does not fuse the two
+    (fused, encoding would wait for output.rows_per_part rows and run them all
+    in one task).
+    """
+    import ray
+
+    return 0 if head_takes_tasks(ray.nodes()) else 0.1
 
 
 def _depth_kind(config: JobConfig, cards: dict[str, ModelCard]) -> str | None:
@@ -611,8 +628,7 @@ def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> Non
             fs.invalidate_cache(path)
             if folder == RUNS_FOLDER:
                 earlier = [p for p in fs.find(path) if p.rstrip("/") != keep.rstrip("/")]
-                if earlier:
-                    fs.rm(earlier)
+                remove_files(fs, earlier)  # by name: fs.rm would read "[", "*", "?" as a glob
             elif fs.exists(path):
                 fs.rm(path, recursive=True)
     except Exception as error:

@@ -85,16 +85,22 @@ def _side_value(extension: str, data: bytes) -> Any:
     text = data.decode("utf-8", "replace")
     if extension.endswith("json"):
         try:
-            return json.loads(text)
-        except ValueError:
+            return json.loads(text, parse_constant=_not_json)  # NaN is no JSON to others
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's stack
             pass
     return text
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _sample(
     key: str | None, members: list[tuple[str, str, bytes | None]], image_extensions: set[str]
 ) -> ShardImage:
-    image = next(((n, d) for n, e, d in members if e in image_extensions), None)
+    images = [(n, d) for n, e, d in members if e in image_extensions]
+    # A file before a link: a link is an image only where nothing else is.
+    image = next((m for m in images if m[1] is not None), images[0] if images else None)
     side = {
         e: _side_value(e, d)
         for _, e, d in members

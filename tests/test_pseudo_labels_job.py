@@ -233,6 +233,13 @@ def test_coco_export_holds_every_kept_image_mask_by_mask(
     with pytest.raises(OSError, match="connection reset"):
         jobs.export.export_coco(str(tmp_path / "out"), images_per_file=1)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == exported
+
+    # A destination whose path holds glob characters, exported to twice.
+    odd = tmp_path / "exports [v2]" / "coco*"
+    monkeypatch.undo()
+    for _ in range(2):
+        assert export_main(["coco", str(tmp_path / "out"), "--dest", str(odd)]) == 0
+    assert os.listdir(odd) == ["part-00000.json"]
     assert documents[0]["categories"] == [
         {"id": class_id + 1, "name": name} for class_id, name in enumerate(SEEDED_LABELS)
     ]

@@ -15,6 +15,7 @@ from pipeline.cluster import (
     PoolRequest,
     autoscaler_can_launch,
     capacity_problem,
+    head_takes_tasks,
     launcher_shapes,
 )
 from tests.corpus import write_files
@@ -171,3 +172,12 @@ def test_on_a_launcher_head_the_worker_types_count_at_their_limits(
     expected = [NodeShape(cpus=8, gpus=1, count=6), NodeShape(cpus=16, gpus=0, count=2)]
     assert sorted(workers, key=lambda shape: shape.cpus) == expected
     assert capacity.source == "head + cluster launcher's max_workers" and not capacity.may_grow
+
+
+def test_a_head_without_cpus_takes_no_tasks():
+    head = {"Alive": True, "Resources": {"node:__internal_head__": 1.0, "memory": 1e10}}
+    worker = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    assert not head_takes_tasks([head, worker])
+    head["Resources"]["CPU"] = 2.0
+    assert head_takes_tasks([head, worker])
+    assert head_takes_tasks([])  # nothing known: as on one machine

@@ -144,6 +144,11 @@ def test_a_json_member_that_does_not_parse_is_kept_as_text():
     members = [("k.jpg", b"jpeg"), ("k.json", b"{oops"), ("k.txt", b"a cap")]
     [sample] = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS))
     assert json.loads(sample.metadata) == {"json": "{oops", "txt": "a cap"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for odd in (deep, b'{"a": NaN}'):
+        members = [("k.jpg", b"jpeg"), ("k.json", odd)]
+        [sample] = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS))
+        assert json.loads(sample.metadata, parse_constant=pytest.fail) == {"json": odd.decode()}
 
 
 def test_a_linked_image_member_is_an_error_row_not_a_gap():
