@@ -93,7 +93,7 @@ def read_shard(
     breaks part-way, adds one error row for the shard itself after the images it
     did yield, so the loss is visible in the output. A shard read to its end
     leaves a marker under ``output_uri`` with its image count
-    (:func:`~pipeline.predictions.shard_marker_key`): once all those images
+    (:func:`~pipeline.keys.shard_marker_key`): once all those images
     are done, later runs skip it without reading it.
     """
     shards = zip(batch["shard_uri"], batch["shard_key"], batch["shard_version"], strict=True)

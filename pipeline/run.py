@@ -391,7 +391,7 @@ def _annotation_dataset(
 def _write_task_cpus() -> float:
     """The CPU request of a Parquet write task (a few ms of encoding per part).
 
-    None where the head takes tasks (one machine, a small cluster): Ray Data
+    Zero where the head takes tasks (one machine, a small cluster): Ray Data
     reserves CPUs for the stages upstream first, and with the actor and the
     encode tasks holding every CPU a write that asked for one ran only after
     the last image, so nothing was committed, or resumable, until then. Where

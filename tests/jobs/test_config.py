@@ -114,6 +114,8 @@ def test_pseudo_labels_without_a_segmentation_model_are_refused():
         ("run_id=../../etc", "run_id"),
         ("run_id=a/b", "run_id"),
         ("inference.segmentation_scales=[.nan]", "inference.segmentation_scales"),
+        ("inference.batch_size=true", "inference.batch_size"),
+        ("output.rows_per_part=yes", "output.rows_per_part"),
     ],
 )
 def test_values_that_would_escape_or_crash_are_refused_naming_the_key(override, key):
