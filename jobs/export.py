@@ -34,6 +34,7 @@ from pipeline.schema import strip_url_secrets
 from pipeline.storage import (
     files_in,
     filesystem_for,
+    forget_listing,
     full_uri,
     is_local,
     join,
@@ -118,8 +119,8 @@ def export_coco(
         )
         written = []
         for path in staged:
-            # Copy and delete file by file: fs.mv and recursive rm read "[", "*"
-            # and "?" in a destination path as a glob.
+            # File by file (the staging folder goes after): fs.mv and recursive
+            # rm read "[", "*" and "?" in a destination path as a glob.
             target = join(dest_root, path.rsplit("/", 1)[1])
             dest_fs.cp_file(path, target)
             written.append(target)
@@ -145,9 +146,8 @@ def _staging_folders(fs: Any, root: str) -> list[str]:
 
 def _remove_folder(fs: Any, folder: str) -> None:
     """Every file under ``folder`` by name (no glob), then the folder where one exists."""
-    fs.invalidate_cache(folder)
     try:
-        remove_files(fs, fs.find(folder))
+        remove_files(fs, fs.find(forget_listing(fs, folder)))
     except FileNotFoundError:
         return
     if is_local(fs) and os.path.isdir(folder):

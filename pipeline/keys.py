@@ -77,9 +77,12 @@ def output_key_for(source_key: str) -> str:
     return "/".join(_encode_segment(segment) for segment in source_key.split("/"))
 
 
-def map_file_key(kind: str, source_key: str, annotation_tag: str, suffix: str = ".png") -> str:
-    """Key under the output prefix of one map file, e.g. ``depth/a/x.jpg.3f9c2a1b.png``."""
-    return f"{kind}/{output_key_for(source_key)}.{annotation_tag}{suffix}"
+def map_file_key(kind: str, source_key: str, tag: str, suffix: str = ".png") -> str:
+    """Key under the output prefix of one map file, e.g. ``depth/a/x.jpg.3f9c2a1b.png``.
+
+    ``tag`` is the row's :func:`annotation_tag`.
+    """
+    return f"{kind}/{output_key_for(source_key)}.{tag}{suffix}"
 
 
 def annotation_tag(image_id: str, source_version: str | None, config_hash: str) -> str:

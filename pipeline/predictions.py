@@ -17,7 +17,7 @@ import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -30,7 +30,7 @@ from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.keys import SHARDS_FOLDER, shard_uris
 from pipeline.schema import PREDICTION_SCHEMA, schema_for, strip_url_secrets
-from pipeline.storage import arrow_filesystem, filesystem_for, join
+from pipeline.storage import arrow_filesystem, filesystem_for, forget_listing, join
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def read_committed(
         if columns is not None and "image_id" not in columns:
             read_columns = [*columns, "image_id"]  # the filter needs it in the schema
     schema = PREDICTION_SCHEMA if read_columns is None else schema_for(read_columns)
-    fs.invalidate_cache(folder)  # see _committed_parts
-    if not fs.exists(folder) or not fs.ls(folder):
+    if not fs.exists(forget_listing(fs, folder)) or not fs.ls(folder):
         table = schema.empty_table()
     else:
         # Hidden and underscore files (parts being written) are skipped by the reader.
@@ -188,13 +187,16 @@ def _without_healed_shard_errors(
     would stand for ever. A shard's marker (written when it was read whole)
     newer than the error row retires it.
     """
-    read_whole = _shards_read_whole(fs, root)
-    if not read_whole or not len(keep):
+    is_error = pc.equal(table["status"], "error")
+    if not len(keep) or not pc.any(is_error).as_py():
+        return keep  # no error rows: the markers need not be listed
+    read_whole: dict[str, float] = {}
+    for marker in _shard_markers(fs, root):
+        read_whole[marker.shard_id] = max(read_whole.get(marker.shard_id, 0.0), marker.written)
+    if not read_whole:
         return keep
     shard_ids = pa.array(list(read_whole), pa.string())
-    candidates = pc.and_(
-        pc.equal(table["status"], "error"), pc.is_in(table["image_id"], value_set=shard_ids)
-    )
+    candidates = pc.and_(is_error, pc.is_in(table["image_id"], value_set=shard_ids))
     rows = np.flatnonzero(pc.fill_null(candidates, False).to_numpy(zero_copy_only=False))
     if not len(rows):
         return keep
@@ -206,21 +208,6 @@ def _without_healed_shard_errors(
         or fields["written_at"].timestamp() < read_whole[fields["image_id"]]
     ]
     return keep[~np.isin(keep, healed)]
-
-
-def _shards_read_whole(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, float]:
-    """Shard id → when its newest marker was written (seconds since the epoch)."""
-    folder = join(root, SHARDS_FOLDER)
-    fs.invalidate_cache(folder)
-    try:
-        listed = fs.ls(folder, detail=True)
-    except FileNotFoundError:
-        return {}
-    newest: dict[str, float] = {}
-    for info in listed:
-        shard_id = info["name"].rsplit("/", 1)[-1].split(".", 1)[0]
-        newest[shard_id] = max(newest.get(shard_id, 0.0), _modified(info))
-    return newest
 
 
 def _codes(column: pa.ChunkedArray) -> np.ndarray:
@@ -312,18 +299,31 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
 
 
 def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
-    """:func:`shard_marker_stem` → images, for every shard version read to its end."""
-    folder = join(root, SHARDS_FOLDER)
-    fs.invalidate_cache(folder)
+    """:func:`~pipeline.keys.shard_marker_stem` → images, for every shard version read whole."""
+    return {marker.stem: marker.images for marker in _shard_markers(fs, root)}
+
+
+class _ShardMarker(NamedTuple):
+    stem: str  # _shards/<shard id>.<version tag>
+    shard_id: str
+    images: int
+    written: float  # seconds since the epoch
+
+
+def _shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[_ShardMarker]:
+    """The markers under ``root`` (:func:`~pipeline.keys.shard_marker_key`), one listing."""
     try:
-        names = [path.rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]
+        listed = fs.ls(forget_listing(fs, join(root, SHARDS_FOLDER)), detail=True)
     except FileNotFoundError:
-        return {}
-    markers = {}
-    for name in names:
-        stem, _, images = name.rpartition(".")
+        return []
+    markers = []
+    for info in listed:
+        stem, _, images = info["name"].rsplit("/", 1)[-1].rpartition(".")
         if images.isdigit():
-            markers[f"{SHARDS_FOLDER}/{stem}"] = int(images)
+            shard_id = stem.split(".", 1)[0]
+            markers.append(
+                _ShardMarker(f"{SHARDS_FOLDER}/{stem}", shard_id, int(images), _modified(info))
+            )
     return markers
 
 
@@ -339,11 +339,7 @@ def scan_committed(
 
 def _committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Paths of the complete parts under ``root``/predictions, in a fixed order."""
-    folder = join(root, PREDICTIONS_FOLDER)
-    # s3fs keeps listings (shared by every filesystem object with the same
-    # options in the process): one from before this run's writes lists none
-    # of its parts, or lists them and then fails to find them.
-    fs.invalidate_cache(folder)
+    folder = forget_listing(fs, join(root, PREDICTIONS_FOLDER))
     if not fs.exists(folder) or not fs.ls(folder):
         return []
     # Hidden and underscore files (parts being written) are skipped, as in read_committed.
@@ -404,8 +400,7 @@ def run_records(
     an output of years of scheduled runs is not read whole.
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
-    folder = join(root, RUNS_FOLDER)
-    fs.invalidate_cache(folder)  # a listing cached before this run's record was written
+    folder = forget_listing(fs, join(root, RUNS_FOLDER))
     if not fs.exists(folder):
         return []
     files = [

@@ -54,6 +54,7 @@ from pipeline.storage import (
     arrow_filesystem,
     check_reachable,
     filesystem_for,
+    forget_listing,
     full_uri,
     join,
     remove_files,
@@ -624,8 +625,7 @@ def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> Non
     keep = _start_record_path(root, run_id)
     try:
         for folder in OUTPUT_FOLDERS:
-            path = join(root, folder)
-            fs.invalidate_cache(path)
+            path = forget_listing(fs, join(root, folder))
             if folder == RUNS_FOLDER:
                 earlier = [p for p in fs.find(path) if p.rstrip("/") != keep.rstrip("/")]
                 remove_files(fs, earlier)  # by name: fs.rm would read "[", "*", "?" as a glob

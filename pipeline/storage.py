@@ -39,6 +39,18 @@ def filesystem_for(
     return fsspec.core.url_to_fs(uri, **options)
 
 
+def forget_listing(fs: fsspec.AbstractFileSystem, folder: str) -> str:
+    """Drop the cached listing of ``folder`` before listing it; returns ``folder``.
+
+    s3fs shares listings among its filesystem objects with the same options in
+    a process, and one from before a run's writes misses them (an incremental
+    run failed at its end on its own new part). The listing made next is kept:
+    opening each file listed then needs no request of its own.
+    """
+    fs.invalidate_cache(folder)
+    return folder
+
+
 class StorageUnreachableError(OSError):
     """An object store that cannot be reached or authenticated against."""
 
@@ -80,13 +92,10 @@ def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
 def files_in(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
     """Paths of the files directly in ``folder``; none where it does not exist.
 
-    A listing, not a glob: an output path may hold ``[``, ``*`` or ``?``. Never
-    from a cached listing (s3fs keeps them per process), which would miss files
-    written since.
+    A listing, not a glob: an output path may hold ``[``, ``*`` or ``?``.
     """
-    fs.invalidate_cache(folder)
     try:
-        listed = fs.ls(folder, detail=True)
+        listed = fs.ls(forget_listing(fs, folder), detail=True)
     except FileNotFoundError:
         return set()
     return {info["name"] for info in listed if info["type"] == "file"}
@@ -191,7 +200,7 @@ class _PublishedWhenWhole(io.RawIOBase):
         except BaseException:
             self._failed = True
             raise
-        self._tail = (self._tail + bytes(data))[-4:]
+        self._tail = (self._tail + bytes(memoryview(data).cast("B")[-4:]))[-4:]  # no copy of data
         self._size += written
         return written
 

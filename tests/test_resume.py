@@ -23,6 +23,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 80
 
 
+def depth_job(images: Path, output: Path, checkpoints, *settings: str) -> list[str]:
+    """``--set`` values of a depth-only job with the seeded ViT checkpoint."""
+    return [
+        f"input.uri={images}",
+        f"output.uri={output}",
+        f"models.depth={checkpoints['depth-vit']}",
+        *settings,
+    ]
+
+
 def committed_parts(output: Path) -> list[Path]:
     folder = output / "predictions"
     return sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
@@ -34,13 +44,9 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_pat
         corpus,
         {f"{i:03d}.jpg": encoded(synthetic_photo(640, 480, seed=i), "JPEG") for i in range(IMAGES)},
     )
-    settings = [
-        f"input.uri={corpus}",
-        f"output.uri={output}",
-        f"models.depth={checkpoints['depth-vit']}",
-        "inference.batch_size=2",
-        "output.rows_per_part=4",
-    ]
+    settings = depth_job(
+        corpus, output, checkpoints, "inference.batch_size=2", "output.rows_per_part=4"
+    )
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     job = subprocess.Popen(
         [sys.executable, "-m", "jobs.run", *(f"--set={s}" for s in [*settings, "run_id=killed"])],
@@ -91,11 +97,7 @@ def test_resume_inside_a_shard_redoes_only_images_without_a_row(ray_cluster, che
     )
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "000.tar").write_bytes(shard)
-    settings = [
-        f"input.uri={tmp_path / 'shards'}",
-        f"output.uri={tmp_path / 'output'}",
-        f"models.depth={checkpoints['depth-vit']}",
-    ]
+    settings = depth_job(tmp_path / "shards", tmp_path / "output", checkpoints)
     # A first run stopped after 4 images stands in for one that crashed mid-shard.
     first = run_annotation(load_config(None, [*settings, "input.limit=4", "run_id=first"]))
     assert first.images_ok == 4
@@ -114,12 +116,7 @@ def test_a_repeated_limited_run_annotates_the_next_images(ray_cluster, checkpoin
         tmp_path / "images",
         {f"{i}.jpg": encoded(synthetic_photo(64, 48, seed=i), "JPEG") for i in range(5)},
     )
-    settings = [
-        f"input.uri={tmp_path / 'images'}",
-        f"output.uri={tmp_path / 'output'}",
-        f"models.depth={checkpoints['depth-vit']}",
-        "input.limit=2",
-    ]
+    settings = depth_job(tmp_path / "images", tmp_path / "output", checkpoints, "input.limit=2")
     first = run_annotation(load_config(None, [*settings, "run_id=first"]))
     second = run_annotation(load_config(None, [*settings, "run_id=second"]))
     assert (first.images_ok, second.images_skipped_done, second.images_ok) == (2, 2, 2)
@@ -142,19 +139,15 @@ def test_parts_are_committed_while_later_images_are_still_annotated(
         {f"{i:03d}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(60)},
     )
     output = tmp_path / "output"
-    summary = run_annotation(
-        load_config(
-            None,
-            [
-                f"input.uri={tmp_path / 'images'}",
-                f"output.uri={output}",
-                f"models.depth={checkpoints['depth-vit']}",
-                "inference.batch_size=2",
-                "output.rows_per_part=4",
-                "report.enabled=false",
-            ],
-        )
+    settings = depth_job(
+        tmp_path / "images",
+        output,
+        checkpoints,
+        "inference.batch_size=2",
+        "output.rows_per_part=4",
+        "report.enabled=false",
     )
+    summary = run_annotation(load_config(None, settings))
     assert summary.images_ok == 60
     last_map = max(path.stat().st_mtime for path in (output / "depth").rglob("*.png"))
     committed = sorted(path.stat().st_mtime for path in committed_parts(output))
@@ -175,12 +168,7 @@ def test_an_incremental_run_skips_shards_whose_images_are_all_done(
             (f"{i:03d}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(3)
         ]
         (shards / f"{name}.tar").write_bytes(tar_bytes(members))
-    settings = [
-        f"input.uri={shards}",
-        f"output.uri={tmp_path / 'output'}",
-        f"models.depth={checkpoints['depth-vit']}",
-        "report.enabled=false",
-    ]
+    settings = depth_job(shards, tmp_path / "output", checkpoints, "report.enabled=false")
     first = run_annotation(load_config(None, [*settings, "run_id=first"]))
     assert first.images_ok == 6
     # Same size and modification time, so the same version, but unreadable: a

@@ -91,14 +91,8 @@ def test_image_files_models_and_outputs_all_on_s3(ray_cluster, s3_endpoint, s3, 
         s3.pipe_file(f"{bucket}/{key}", data)
     s3.put(f"{checkpoints['segmentation-vit']}/", f"{bucket}/models/seg/", recursive=True)
 
-    summary, rows = run_on_s3(
-        s3,
-        s3_endpoint,
-        checkpoints,
-        bucket,
-        f"input.uri=s3://{bucket}/images",
-        f"models.segmentation=s3://{bucket}/models/seg",
-    )
+    on_s3 = (f"input.uri=s3://{bucket}/images", f"models.segmentation=s3://{bucket}/models/seg")
+    summary, rows = run_on_s3(s3, s3_endpoint, checkpoints, bucket, *on_s3)
     assert (summary.input_format, summary.images_ok, summary.images_error) == ("files", 4, 1)
     assert summary.predictions_uri == f"s3://{bucket}/out/predictions"
     assert sorted(rows) == sorted(f"s3://{bucket}/{key}" for key in images)
@@ -121,15 +115,7 @@ def test_image_files_models_and_outputs_all_on_s3(ray_cluster, s3_endpoint, s3, 
     # output in this process must see the parts this run commits (s3fs caches
     # listings: a stale one failed the run at its end, its rows committed).
     s3.pipe_file(f"{bucket}/images/new/im9.jpg", photo(9))
-    again, rows = run_on_s3(
-        s3,
-        s3_endpoint,
-        checkpoints,
-        bucket,
-        f"input.uri=s3://{bucket}/images",
-        f"models.segmentation=s3://{bucket}/models/seg",
-        "run_id=s3-run-2",
-    )
+    again, rows = run_on_s3(s3, s3_endpoint, checkpoints, bucket, *on_s3, "run_id=s3-run-2")
     assert (again.images_skipped_done, again.images_ok, again.images_error) == (4, 1, 1)
     assert rows[f"s3://{bucket}/images/new/im9.jpg"]["status"] == "ok"
     assert s3.exists(f"{bucket}/out/_runs/s3-run-2.json")
