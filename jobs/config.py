@@ -199,6 +199,13 @@ class DecodeConfig(_Section):
     # after reading only their header.
     max_image_pixels: int = Field(default=89_478_485, ge=1)
     max_side_px: int = Field(default=16_384, ge=1)
+    max_image_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1,
+        description="Larger files (and shard members) are error rows, fetched no further "
+        "than the limit: a stray video or archive named .jpg cannot exhaust a read task's "
+        "memory.",
+    )
     jpeg_draft: bool = Field(
         default=True,
         description="Decode JPEGs much larger than the model input at 1/2-1/8 scale "

@@ -19,7 +19,13 @@ import numpy as np
 from pipeline.keys import image_id_for, shard_marker_key, shard_member_uri
 from pipeline.retry import backoff_delays, is_transient, retry_transient
 from pipeline.schema import error_reason, strip_url_secrets
-from pipeline.shards import ShardError, ShardImage, iter_parquet_images, iter_webdataset
+from pipeline.shards import (
+    ShardError,
+    ShardImage,
+    iter_parquet_images,
+    iter_webdataset,
+    too_large,
+)
 from pipeline.storage import filesystem_for, join
 
 logger = logging.getLogger(__name__)
@@ -29,13 +35,18 @@ SHARD_BLOCK_BYTES = 8 * 2**20
 
 
 def read_batch(
-    batch: dict[str, np.ndarray], storage_options: dict[str, Any]
+    batch: dict[str, np.ndarray],
+    storage_options: dict[str, Any],
+    max_image_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Add ``image_bytes``, ``status`` and ``error`` columns to listed image rows.
 
     One ``fs.cat`` per filesystem per batch: on object stores fsspec issues the
     requests concurrently instead of one at a time. Objects that fail with a
     transient error (throttling, 5xx, reset) are fetched again with backoff.
+    Objects larger than ``max_image_bytes`` become error rows; no more than one
+    byte past the limit is fetched (a ranged read), so a stray video or archive
+    named ``.jpg`` cannot exhaust a read task's memory.
     """
     uris = [str(uri) for uri in batch.get("fetch_uri", batch["source_uri"])]
     count = len(uris)
@@ -49,7 +60,10 @@ def read_batch(
     for indices in by_protocol.values():
         fs, _ = filesystem_for(uris[indices[0]], storage_options)
         paths = {index: fs._strip_protocol(uris[index]) for index in indices}
-        for index, content in _cat_with_retries(fs, paths).items():
+        for index, content in _cat_with_retries(fs, paths, max_image_bytes).items():
+            if isinstance(content, bytes) and max_image_bytes and len(content) > max_image_bytes:
+                # Past the limit only one byte was fetched: the size is not known.
+                content = too_large(None, max_image_bytes)
             if isinstance(content, bytes):
                 image_bytes[index] = content
             else:
@@ -58,17 +72,30 @@ def read_batch(
     return {**result, "image_bytes": image_bytes, "status": status, "error": error}
 
 
+def _is_unsatisfiable_range(content: bytes | BaseException) -> bool:
+    if isinstance(content, bytes):
+        return False
+    # s3fs raises OSError(EINVAL, S3's message); aiohttp an error with .status.
+    return getattr(content, "status", None) == 416 or (
+        "range is not satisfiable" in str(content).lower()
+    )
+
+
 def _cat_with_retries(
-    fs: fsspec.AbstractFileSystem, paths: dict[int, str]
+    fs: fsspec.AbstractFileSystem, paths: dict[int, str], max_bytes: int | None
 ) -> dict[int, bytes | BaseException]:
-    """Bytes or the final error for each path; only transient failures are retried."""
+    """Bytes (at most ``max_bytes`` + 1 of them) or the final error for each path;
+    only transient failures are retried."""
     results: dict[int, bytes | BaseException] = {}
     pending = dict(paths)
     for delay in [*backoff_delays(), None]:
+        count = len(pending)
+        starts, ends = (None, None) if max_bytes is None else ([0] * count, [max_bytes + 1] * count)
         # cat_ranges, not cat: cat would expand glob characters in key names.
-        contents = fs.cat_ranges(list(pending.values()), None, None, on_error="return")
+        contents = fs.cat_ranges(list(pending.values()), starts, ends, on_error="return")
         for index, content in zip(list(pending), contents, strict=True):
-            results[index] = content
+            # A range from byte 0 is unsatisfiable only on an empty object (S3, HTTP: 416).
+            results[index] = b"" if _is_unsatisfiable_range(content) else content
             if isinstance(content, bytes) or not is_transient(content):
                 del pending[index]
         if not pending or delay is None:
@@ -86,6 +113,7 @@ def read_shard(
     id_column: str | None,
     rows_per_batch: int,
     output_uri: str | None = None,
+    max_image_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
@@ -109,6 +137,7 @@ def read_shard(
             extensions,
             image_column,
             id_column,
+            max_image_bytes,
             read,
         ):
             rows.append(row)
@@ -150,12 +179,19 @@ def _shard_rows(
     extensions: tuple[str, ...],
     image_column: str,
     id_column: str | None,
+    max_image_bytes: int | None,
     read: _ShardRead,
 ) -> Iterator[dict[str, Any]]:
     images = 0
     try:
         for sample in iter_shard_images(
-            shard_uri, input_format, storage_options, extensions, image_column, id_column
+            shard_uri,
+            input_format,
+            storage_options,
+            extensions,
+            image_column,
+            id_column,
+            max_image_bytes,
         ):
             images += 1
             yield _image_row(shard_uri, shard_key, shard_version, sample)
@@ -181,14 +217,17 @@ def iter_shard_images(
     extensions: tuple[str, ...],
     image_column: str,
     id_column: str | None,
+    max_image_bytes: int | None = None,
 ) -> Iterator[ShardImage]:
     """Stream a webdataset or Parquet shard's images; the shard closes when the caller stops."""
     fs, path = filesystem_for(shard_uri, storage_options)
     with retry_transient(lambda: fs.open(path, "rb", block_size=SHARD_BLOCK_BYTES)) as file:
         if input_format == "webdataset":
-            yield from iter_webdataset(file, extensions)
+            yield from iter_webdataset(file, extensions, max_image_bytes)
         else:
-            yield from iter_parquet_images(file, image_column, id_column)
+            yield from iter_parquet_images(
+                file, image_column, id_column, max_image_bytes=max_image_bytes
+            )
 
 
 def _image_row(

@@ -283,6 +283,7 @@ def _annotation_dataset(
                 "id_column": config.input.id_column,
                 "rows_per_batch": DECODE_BATCH_ROWS,
                 "output_uri": config.output.uri,
+                "max_image_bytes": config.decode.max_image_bytes,
             },
             num_cpus=decode_cpus,
         )
@@ -302,7 +303,10 @@ def _annotation_dataset(
             read_batch,
             batch_size=decode_rows(config),
             batch_format="numpy",
-            fn_kwargs={"storage_options": storage_options},
+            fn_kwargs={
+                "storage_options": storage_options,
+                "max_image_bytes": config.decode.max_image_bytes,
+            },
             num_cpus=decode_cpus,
         )
     dataset = dataset.map_batches(

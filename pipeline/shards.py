@@ -46,17 +46,29 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def iter_webdataset(file: BinaryIO, extensions: Iterable[str]) -> Iterator[ShardImage]:
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    extension: str
+    data: bytes | None
+    problem: str | None = None  # set when data is None
+
+
+def iter_webdataset(
+    file: BinaryIO, extensions: Iterable[str], max_member_bytes: int | None = None
+) -> Iterator[ShardImage]:
     """Group a tar's members into samples by key; yield each sample's image.
 
     The image is the sample's first member whose extension is one of
     ``extensions``; ``.json``/``.txt``/``.cls`` members become its metadata. A
-    sample with no image member is yielded with ``problem`` set, not skipped.
-    Raises :class:`ShardError` where the tar itself is corrupt or truncated.
+    sample with no image member is yielded with ``problem`` set, not skipped,
+    as is one whose image member is a link or larger than ``max_member_bytes``
+    (its bytes are skipped unread). Raises :class:`ShardError` where the tar
+    itself is corrupt or truncated.
     """
     image_extensions = {extension.lower() for extension in extensions}
     key: str | None = None
-    members: list[tuple[str, str, bytes | None]] = []
+    members: list[_Member] = []
     try:
         # "r|*": a forward-only stream (no seeks), gzip-compressed or not.
         with tarfile.open(fileobj=file, mode="r|*") as archive:
@@ -69,14 +81,30 @@ def iter_webdataset(file: BinaryIO, extensions: Iterable[str]) -> Iterator[Shard
                     yield _sample(key, members, image_extensions)
                     members = []
                 key = member_key
-                # A link's image is not read from outside the shard; its sample
-                # becomes an error row, not a silent gap.
-                data = None if is_link else archive.extractfile(member).read()
-                members.append((member.name.removeprefix("./"), extension, data))
+                members.append(_read_member(archive, member, extension, max_member_bytes))
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
     if members:
         yield _sample(key, members, image_extensions)
+
+
+def _read_member(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, extension: str, max_bytes: int | None
+) -> _Member:
+    name = member.name.removeprefix("./")
+    # A link's image is not read from outside the shard; its sample becomes an
+    # error row, not a silent gap.
+    if member.issym() or member.islnk():
+        return _Member(name, extension, None, f"image member is a link, not a file: {name}")
+    if max_bytes is not None and member.size > max_bytes:
+        return _Member(name, extension, None, too_large(member.size, max_bytes))
+    return _Member(name, extension, archive.extractfile(member).read())
+
+
+def too_large(size: int | None, max_image_bytes: int) -> str:
+    """Why an image over ``decode.max_image_bytes`` has no row of its own; ``size`` if known."""
+    size_text = f"{size} bytes" if size is not None else "more than that"
+    return f"image over decode.max_image_bytes ({max_image_bytes}): {size_text}"
 
 
 def _side_value(extension: str, data: bytes) -> Any:
@@ -95,46 +123,48 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
-def _sample(
-    key: str | None, members: list[tuple[str, str, bytes | None]], image_extensions: set[str]
-) -> ShardImage:
-    images = [(n, d) for n, e, d in members if e in image_extensions]
-    # A file before a link: a link is an image only where nothing else is.
-    image = next((m for m in images if m[1] is not None), images[0] if images else None)
+def _sample(key: str | None, members: list[_Member], image_extensions: set[str]) -> ShardImage:
+    images = [m for m in members if m.extension in image_extensions]
+    # A member read before one that was not (a link, too large): the latter is
+    # the image only where nothing else is.
+    image = next((m for m in images if m.data is not None), images[0] if images else None)
     side = {
-        e: _side_value(e, d)
-        for _, e, d in members
-        if e.endswith(METADATA_EXTENSIONS) and d is not None
+        m.extension: _side_value(m.extension, m.data)
+        for m in members
+        if m.extension.endswith(METADATA_EXTENSIONS) and m.data is not None
     }
     metadata = json.dumps(side, sort_keys=True) if side else None
     if image is None:
-        found = ", ".join(e or "(none)" for _, e, _ in members)
+        found = ", ".join(m.extension or "(none)" for m in members)
         return ShardImage(
             sample_id=str(key),
-            name=members[0][0],
+            name=members[0].name,
             data=None,
             metadata=metadata,
             problem=f"sample has no image member (extensions found: {found})",
         )
-    if image[1] is None:
-        return ShardImage(
-            sample_id=str(key),
-            name=image[0],
-            data=None,
-            metadata=metadata,
-            problem=f"image member {image[0]} is a link, not a file",
-        )
-    return ShardImage(sample_id=str(key), name=image[0], data=image[1], metadata=metadata)
+    return ShardImage(
+        sample_id=str(key),
+        name=image.name,
+        data=image.data,
+        metadata=metadata,
+        problem=image.problem,
+    )
 
 
 def iter_parquet_images(
-    file: BinaryIO, image_column: str, id_column: str | None, batch_rows: int = 16
+    file: BinaryIO,
+    image_column: str,
+    id_column: str | None,
+    batch_rows: int = 16,
+    max_image_bytes: int | None = None,
 ) -> Iterator[ShardImage]:
     """Yield the images of a Parquet file, reading only the image and id columns.
 
     The image column holds encoded bytes, either as binary or as a struct with a
     ``bytes`` field (how Hugging Face datasets store ``Image`` features). Without
-    an id column, the row number is the id.
+    an id column, the row number is the id. Images over ``max_image_bytes`` are
+    yielded with ``problem`` set, as in every other input format.
     """
     try:
         parquet = pq.ParquetFile(file)
@@ -154,7 +184,7 @@ def iter_parquet_images(
             values = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if id_column else range(row, row + len(values))
             for offset, (value, sample_id) in enumerate(zip(values, ids, strict=True)):
-                image = _parquet_image(str(sample_id), value, image_column)
+                image = _parquet_image(str(sample_id), value, image_column, max_image_bytes)
                 if id_column is not None:
                     image = _checked_id(image, sample_id, row + offset, id_column, seen)
                 yield image
@@ -178,9 +208,14 @@ def _checked_id(
     return ShardImage(sample_id=f"row-{row}", name=f"row-{row}", data=None, problem=problem)
 
 
-def _parquet_image(sample_id: str, value: object, image_column: str) -> ShardImage:
+def _parquet_image(
+    sample_id: str, value: object, image_column: str, max_bytes: int | None
+) -> ShardImage:
     if isinstance(value, dict):  # struct<bytes, path>
         value = value.get("bytes")
+    if isinstance(value, bytes) and max_bytes is not None and len(value) > max_bytes:
+        problem = too_large(len(value), max_bytes)
+        return ShardImage(sample_id=sample_id, name=sample_id, data=None, problem=problem)
     if isinstance(value, bytes):
         return ShardImage(sample_id=sample_id, name=sample_id, data=value)
     problem = (

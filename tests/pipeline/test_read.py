@@ -42,6 +42,78 @@ def test_reads_manifest_rows_from_several_filesystems_by_fetch_uri(tmp_path):
     assert "fetch_uri" not in batch
 
 
+def test_files_over_the_byte_limit_are_error_rows_and_empty_files_read_empty(tmp_path):
+    (tmp_path / "big.jpg").write_bytes(bytes(11))
+    (tmp_path / "limit.jpg").write_bytes(bytes(10))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    uris = [str(tmp_path / name) for name in ("big.jpg", "limit.jpg", "empty.jpg")]
+    batch = read_batch(_rows(source_uri=uris), {}, max_image_bytes=10)
+    assert batch["status"].tolist() == ["error", "ok", "ok"]
+    assert batch["error"][0] == "read: image over decode.max_image_bytes (10): more than that"
+    assert batch["image_bytes"].tolist() == [b"", bytes(10), b""]
+
+
+def test_over_the_byte_limit_s3_fetches_only_up_to_it(s3_endpoint):
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("read-limit")
+    # S3 answers 416 to a ranged GET of an empty object: that is an empty file,
+    # for the decode stage to name, not a read error.
+    for name, data in {"empty.jpg": b"", "small.jpg": b"12345", "big.jpg": bytes(10**6)}.items():
+        fs.pipe_file(f"read-limit/{name}", data)
+    uris = [f"s3://read-limit/{name}" for name in ("empty.jpg", "small.jpg", "big.jpg")]
+    batch = read_batch(_rows(source_uri=uris), options, max_image_bytes=10)
+    assert batch["status"].tolist() == ["ok", "ok", "error"]
+    assert batch["image_bytes"].tolist()[:2] == [b"", b"12345"]
+    assert "over decode.max_image_bytes" in batch["error"][2]
+
+
+@pytest.mark.parametrize("honours_ranges", [True, False])
+def test_http_images_over_the_byte_limit_are_error_rows(honours_ranges):
+    """A server that ignores Range sends the whole file; the limit holds all the same."""
+    import http.server
+    import threading
+
+    files = {"/big.jpg": bytes(1000), "/small.jpg": b"jpeg", "/empty.jpg": b""}
+    sent = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = files[self.path]
+            wanted = self.headers.get("Range", "")
+            if honours_ranges and wanted.startswith("bytes=0-"):
+                if not data:
+                    self.send_response(416)
+                    self.end_headers()
+                    return
+                data = data[: int(wanted.removeprefix("bytes=0-")) + 1]
+                self.send_response(206)
+            else:
+                self.send_response(200)
+            sent[self.path] = len(data)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        uris = [f"{base}/big.jpg", f"{base}/small.jpg", f"{base}/empty.jpg"]
+        batch = read_batch(_rows(source_uri=uris), {}, max_image_bytes=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert batch["status"].tolist() == ["error", "ok", "ok"]
+    assert batch["image_bytes"].tolist() == [b"", b"jpeg", b""]
+    assert sent["/big.jpg"] == (11 if honours_ranges else 1000)
+
+
 def _read_shards(uris, keys, input_format, **options):
     batches = read_shard(
         _rows(shard_uri=uris, shard_key=keys, shard_version=[f"v{i}" for i in range(len(uris))]),

@@ -163,4 +163,23 @@ def test_a_linked_image_member_is_an_error_row_not_a_gap():
         archive.addfile(link)
     samples = list(iter_webdataset(io.BytesIO(buffer.getvalue()), EXTENSIONS))
     assert [(s.sample_id, s.data) for s in samples] == [("a", b"jpeg-a"), ("b", None)]
-    assert samples[1].problem == "image member b.jpg is a link, not a file"
+    assert samples[1].problem == "image member is a link, not a file: b.jpg"
+
+
+def test_members_over_the_byte_limit_are_problems_left_unread():
+    members = [("a.jpg", bytes(100)), ("a.json", b"{}"), ("b.jpg", bytes(11)), ("c.jpg", b"jpeg")]
+    samples = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS, 10))
+    assert [(s.sample_id, s.data) for s in samples] == [("a", None), ("b", None), ("c", b"jpeg")]
+    assert samples[0].problem == "image over decode.max_image_bytes (10): 100 bytes"
+    assert json.loads(samples[0].metadata) == {"json": {}}  # side members still travel
+    # A sample's other image member is taken where the first is too large.
+    members = [("k.png", bytes(100)), ("k.jpg", b"small")]
+    [sample] = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS, 10))
+    assert (sample.name, sample.data, sample.problem) == ("k.jpg", b"small", None)
+
+
+def test_parquet_images_over_the_byte_limit_are_per_row_problems():
+    table = pa.table({"image": [bytes(11), b"ok"]})
+    images = list(iter_parquet_images(_parquet(table), "image", None, max_image_bytes=10))
+    assert [image.data for image in images] == [None, b"ok"]
+    assert images[0].problem == "image over decode.max_image_bytes (10): 11 bytes"
