@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dpt_model.predictor import IGNORE_LABEL
-from dpt_model.processing import upsample_depth
 from dpt_model.quantize import depth_at_size
+from dpt_model.tensor_processing import upsample_depth
 from pipeline.decode import decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_uris

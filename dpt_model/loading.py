@@ -14,13 +14,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
-import torch
 from filelock import FileLock
 
 from dpt_model.processing import PreprocessSpec
+
+if TYPE_CHECKING:  # torch loads in the actor only, with the weights
+    import torch
 
 Task = Literal["depth", "segmentation"]
 
@@ -341,3 +343,50 @@ def _enable_non_square_grids(model: torch.nn.Module) -> None:
 
     model.register_forward_pre_hook(remember_grid, with_kwargs=True)
     neck.register_forward_pre_hook(pass_grid_to_neck, with_kwargs=True)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the CPU stages need to know about a checkpoint, without its weights."""
+
+    task: Task
+    uri: str
+    checkpoint_dir: Path
+    spec: PreprocessSpec
+    config: dict[str, Any]
+    version: str  # changes with the checkpoint's files (see loading.checkpoint_version)
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Class id → name from the checkpoint's ``id2label`` (empty for depth models)."""
+        return {int(key): name for key, name in (self.config.get("id2label") or {}).items()}
+
+    @classmethod
+    def fetch(
+        cls,
+        task: Task,
+        model_uri: str,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        storage_options: dict[str, Any] | None = None,
+        with_weights: bool = True,
+    ) -> ModelCard:
+        """Fetch (or find in the cache) and validate a checkpoint.
+
+        ``with_weights=False`` fetches only its JSON files: enough to validate it
+        and to plan preprocessing, without pulling gigabytes to the job's driver.
+        """
+        checkpoint_dir = resolve_checkpoint_dir(
+            model_uri, cache_dir, storage_options, with_weights=with_weights
+        )
+        try:
+            config = read_model_config(checkpoint_dir)
+            spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # missing, not JSON, wrong
+            raise ModelLoadError(
+                f"model {model_uri} is not a usable DPT checkpoint: {type(error).__name__}: {error}"
+            ) from None
+        check_supported(config, task, model_uri)
+        check_input_geometry(config, spec, model_uri)
+        return cls(
+            task, model_uri, checkpoint_dir, spec, config, checkpoint_version(checkpoint_dir)
+        )

@@ -22,25 +22,16 @@ import torch
 from dpt_model.batching import BatchProbe, choose_batch_size
 from dpt_model.loading import (
     DEFAULT_CACHE_DIR,
+    ModelCard,
     ModelIdentity,
     ModelLoadError,
     Task,
-    check_input_geometry,
-    check_supported,
-    checkpoint_version,
     load_network,
     model_name,
-    read_model_config,
-    resolve_checkpoint_dir,
     weights_sha256,
 )
-from dpt_model.processing import (
-    PreprocessSpec,
-    to_model_tensor,
-    upsample_depth,
-    upsample_segmentation,
-)
 from dpt_model.quantize import quantize_depth
+from dpt_model.tensor_processing import to_model_tensor, upsample_depth, upsample_segmentation
 
 # Class id of pixels left unlabelled in pseudo-label mode: training losses'
 # usual ignore_index.
@@ -75,53 +66,6 @@ class SegmentationPrediction:
     # rest being IGNORE_LABEL, and the mean normalised entropy (0 certain, 1 uniform).
     label_coverage: float | None = None
     entropy_mean: float | None = None
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What the CPU stages need to know about a checkpoint, without its weights."""
-
-    task: Task
-    uri: str
-    checkpoint_dir: Path
-    spec: PreprocessSpec
-    config: dict[str, Any]
-    version: str  # changes with the checkpoint's files (see loading.checkpoint_version)
-
-    @property
-    def class_names(self) -> dict[int, str]:
-        """Class id → name from the checkpoint's ``id2label`` (empty for depth models)."""
-        return {int(key): name for key, name in (self.config.get("id2label") or {}).items()}
-
-    @classmethod
-    def fetch(
-        cls,
-        task: Task,
-        model_uri: str,
-        cache_dir: Path = DEFAULT_CACHE_DIR,
-        storage_options: dict[str, Any] | None = None,
-        with_weights: bool = True,
-    ) -> ModelCard:
-        """Fetch (or find in the cache) and validate a checkpoint.
-
-        ``with_weights=False`` fetches only its JSON files: enough to validate it
-        and to plan preprocessing, without pulling gigabytes to the job's driver.
-        """
-        checkpoint_dir = resolve_checkpoint_dir(
-            model_uri, cache_dir, storage_options, with_weights=with_weights
-        )
-        try:
-            config = read_model_config(checkpoint_dir)
-            spec = PreprocessSpec.from_pretrained_dir(checkpoint_dir)
-        except (OSError, ValueError, KeyError, TypeError) as error:  # missing, not JSON, wrong
-            raise ModelLoadError(
-                f"model {model_uri} is not a usable DPT checkpoint: {type(error).__name__}: {error}"
-            ) from None
-        check_supported(config, task, model_uri)
-        check_input_geometry(config, spec, model_uri)
-        return cls(
-            task, model_uri, checkpoint_dir, spec, config, checkpoint_version(checkpoint_dir)
-        )
 
 
 class _Predictor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpt_model.processing import upsample_depth
+from dpt_model.tensor_processing import upsample_depth
 
 DEPTH_LEVELS = 65535
 

@@ -45,8 +45,9 @@ def measure_stages(
     import torch
 
     from dpt_model import DepthPredictor
-    from dpt_model.processing import resize_for_model, to_model_tensor, upsample_depth
+    from dpt_model.processing import resize_for_model
     from dpt_model.quantize import quantize_depth
+    from dpt_model.tensor_processing import to_model_tensor, upsample_depth
     from jobs.config import InputConfig
     from pipeline.decode import decode_image
     from pipeline.encode import encode_depth_png
@@ -148,7 +149,7 @@ def _segmentation_costs(
     import torch
 
     from dpt_model import SegmentationPredictor
-    from dpt_model.processing import to_model_tensor, upsample_segmentation
+    from dpt_model.tensor_processing import to_model_tensor, upsample_segmentation
     from pipeline.encode import encode_segmentation_png
 
     predictor = SegmentationPredictor(model, device=device, dtype=dtype)

@@ -263,7 +263,7 @@ def measure_model_only(
     import torch
 
     from dpt_model import DepthPredictor
-    from dpt_model.processing import to_model_tensor
+    from dpt_model.tensor_processing import to_model_tensor
 
     torch.set_num_threads(cpu_threads)
     predictor = DepthPredictor(model, device=device, dtype=dtype)

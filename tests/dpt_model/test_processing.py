@@ -6,13 +6,8 @@ import torch
 from transformers import DPTImageProcessorPil
 from transformers.models.dpt.image_processing_pil_dpt import get_resize_output_image_size
 
-from dpt_model.processing import (
-    PreprocessSpec,
-    model_input_size,
-    resize_for_model,
-    to_model_tensor,
-    upsample_segmentation,
-)
+from dpt_model.processing import PreprocessSpec, model_input_size, resize_for_model
+from dpt_model.tensor_processing import to_model_tensor, upsample_segmentation
 
 KEEP_ASPECT_518 = {
     "size": {"height": 518, "width": 518},
