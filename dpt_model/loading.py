@@ -136,7 +136,7 @@ def _fetch_fsspec_checkpoint(
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
         try:
             for name, entry in remote_files.items():
-                fs.get(entry["name"], str(staging / name))
+                fs.get_file(entry["name"], str(staging / name))  # get would glob "[" in names
             (staging / _COMPLETE_MARKER).write_text(
                 json.dumps({"uri": uri, "version": version, "files": expected_sizes})
             )

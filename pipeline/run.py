@@ -8,7 +8,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -56,6 +58,7 @@ from pipeline.storage import (
     filesystem_for,
     forget_listing,
     full_uri,
+    is_local,
     join,
     remove_files,
 )
@@ -630,11 +633,13 @@ def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> Non
     try:
         for folder in OUTPUT_FOLDERS:
             path = forget_listing(fs, join(root, folder))
-            if folder == RUNS_FOLDER:
-                earlier = [p for p in fs.find(path) if p.rstrip("/") != keep.rstrip("/")]
-                remove_files(fs, earlier)  # by name: fs.rm would read "[", "*", "?" as a glob
-            elif fs.exists(path):
-                fs.rm(path, recursive=True)
+            # By name: fs.rm reads "[", "*" and "?" in the output's own path as a
+            # glob, and would delete s3://b/run1 for s3://b/run[1].
+            if is_local(fs) and folder != RUNS_FOLDER:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+            else:
+                remove_files(fs, [p for p in fs.find(path) if p.rstrip("/") != keep.rstrip("/")])
     except Exception as error:
         raise OutputNotWritableError(
             storage_problem("output.uri", config.output.uri, error)

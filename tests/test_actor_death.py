@@ -19,7 +19,11 @@ IMAGES = 150
 
 
 def inference_actor_pids() -> list[int]:
-    """Ray titles each actor's process after its class; find ours in /proc."""
+    """Ray titles each actor's process after its class; find ours in /proc.
+
+    Only descendants of this process count: the test's Ray instance (started by
+    ``ray.init`` here) is, and another job on the same machine is not.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -28,9 +32,21 @@ def inference_actor_pids() -> list[int]:
             command = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue  # the process ended meanwhile
-        if "InferenceActor" in command:
+        if "InferenceActor" in command and _descends_from(int(entry.name), os.getpid()):
             found.append(int(entry.name))
     return found
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            # The parent is the field after the parenthesised command name.
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
 
 
 def test_a_killed_inference_actor_is_replaced_and_no_image_is_lost(
@@ -67,6 +83,7 @@ def test_a_killed_inference_actor_is_replaced_and_no_image_is_lost(
             killed.append(pids[0])
         time.sleep(0.1)
     job.join(timeout=300)
+    assert not job.is_alive(), "the job did not finish within 300 s"
     assert killed, "the job finished before an actor could be killed; give it more images"
     assert "summary" in result, "the job did not finish after its actor was killed"
     summary = result["summary"]

@@ -34,14 +34,15 @@ def copy_checkpoint(source, target, **processor_changes):
 
 
 def test_loads_from_an_fsspec_uri_through_the_cache(checkpoints, tmp_path):
-    uri = f"file://{checkpoints['depth-vit']}"
+    # "[1]" in the path: fetched by name, not read as a glob.
+    uri = f"file://{copy_checkpoint(checkpoints['depth-vit'], tmp_path / 'dpt[1]')}"
     cache_dir = tmp_path / "cache"
     local = resolve_checkpoint_dir(uri, cache_dir)
     assert local.parent == cache_dir and (local / "config.json").is_file()
     assert weights_sha256(local) == weights_sha256(checkpoints["depth-vit"])
     predictor = DepthPredictor(uri, cache_dir=cache_dir)
     assert predictor.identity.weights_sha256 == weights_sha256(checkpoints["depth-vit"])
-    assert str(predictor.identity).startswith("depth-vit@sha256:")
+    assert str(predictor.identity).startswith("dpt[1]@sha256:")
 
 
 def test_refuses_checkpoints_without_safetensors(checkpoints, tmp_path):

@@ -1,7 +1,16 @@
 """Pure parts of the job's composition, without Ray."""
 
+import pytest
+
 from jobs.config import load_config
-from pipeline.run import DECODE_BATCH_ROWS, config_hash_for, decode_rows
+from pipeline.run import (
+    DECODE_BATCH_ROWS,
+    _clear_earlier_results,
+    _start_record_path,
+    config_hash_for,
+    decode_rows,
+)
+from pipeline.storage import filesystem_for
 
 REQUIRED = ["input.uri=in", "output.uri=out", "models.depth=m"]
 
@@ -41,3 +50,31 @@ def test_decode_batches_never_exceed_one_inference_batch():
 
     expected = [1, 8, DECODE_BATCH_ROWS, DECODE_BATCH_ROWS]
     assert [rows_for(size) for size in (1, 8, 32, "auto")] == expected
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_overwrite_clears_its_own_output_only_when_its_path_holds_glob_characters(
+    where, tmp_path, request
+):
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        options = ["storage.endpoint_url=" + endpoint]
+        base = "s3://overwrite-glob"
+    else:
+        options, base = [], str(tmp_path)
+    output, sibling = f"{base}/run[1]", f"{base}/run1"
+    config = load_config(None, ["input.uri=in", f"output.uri={output}", "models.depth=m", *options])
+    fs, root = filesystem_for(output, config.storage_options())
+    _, sibling_root = filesystem_for(sibling, config.storage_options())
+    if where == "s3":
+        fs.mkdir("overwrite-glob")
+    kept = _start_record_path(root, "now")
+    for path in (f"{root}/predictions/a.parquet", f"{root}/depth/x[1].jpg.png", kept):
+        fs.pipe_file(path, b"ours")
+    fs.pipe_file(f"{sibling_root}/predictions/b.parquet", b"another output")
+
+    _clear_earlier_results(fs, root, config, "now")
+
+    fs.invalidate_cache()
+    assert sorted(fs.find(root)) == [kept]
+    assert fs.cat_file(f"{sibling_root}/predictions/b.parquet") == b"another output"
