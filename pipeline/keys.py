@@ -32,6 +32,16 @@ _ENCODED_CHARACTERS = frozenset("%\\?#*[]") | {chr(code) for code in range(32)} 
 _RESERVED_SEGMENTS = {".": "%2E", "..": "%2E%2E", "": "%"}
 
 
+def printable_name(name: str) -> str:
+    """``name`` as valid UTF-8: bytes a file system or tar gave undecoded (surrogate
+    escapes) become ``\\xff`` text, which Arrow and every reader can store."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
 def image_id_for(source_uri: str) -> str:
     """A stable 32-hex-digit id: the same source URI gives the same id in every run."""
     return hashlib.sha256(source_uri.encode("utf-8", "surrogatepass")).hexdigest()[:32]

@@ -20,7 +20,7 @@ import fsspec.asyn
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from pipeline.keys import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, image_id_for
+from pipeline.keys import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, image_id_for, printable_name
 from pipeline.schema import source_uri_of, storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
 
@@ -165,9 +165,10 @@ def list_input(
         suffixes = WEBDATASET_SUFFIXES if fmt == "webdataset" else PARQUET_SUFFIXES
         rows = (
             {
-                "shard_uri": full_uri(fs, stored.path),
-                "shard_key": relative(stored.path),
+                "shard_uri": printable_name(full_uri(fs, stored.path)),
+                "shard_key": printable_name(relative(stored.path)),
                 "shard_version": stored.version,
+                "listing_error": _name_problem(stored.path),
             }
             for stored in objects
             if is_file or _has_suffix(stored.path, suffixes)
@@ -256,13 +257,26 @@ def _image_rows(
     extensions = frozenset(extensions)  # built once: this runs for every listed key
     for stored in objects:
         if has_image_extension(stored.path, extensions):
-            source_uri = full_uri(fs, stored.path)
+            source_uri = printable_name(full_uri(fs, stored.path))
             yield {
                 "image_id": image_id_for(source_uri),
                 "source_uri": source_uri,
-                "source_key": relative(stored.path),
+                "source_key": printable_name(relative(stored.path)),
                 "source_version": stored.version,
+                "listing_error": _name_problem(stored.path),
             }
+
+
+def _name_problem(path: str) -> str:
+    """Why an object cannot be read by the name it was listed under; "" if it can.
+
+    A local file's name that is not UTF-8 reaches Python as surrogate escapes,
+    which no Arrow column holds: its row carries the name as ``\\x`` text and
+    becomes an error row, where it would otherwise stop the whole job.
+    """
+    if printable_name(path) == path:
+        return ""
+    return "list: name is not valid UTF-8 (shown with \\x escapes); rename it to annotate it"
 
 
 def _manifest_rows(
@@ -283,6 +297,8 @@ def _manifest_rows(
         # key, so train/list.txt and val/list.txt may both list x.jpg.
         folder_key = relative(manifest).rpartition("/")[0]
         for entry in _manifest_entries(fs, manifest, input_config.uri_column):
+            listing_error = _name_problem(entry)
+            entry = printable_name(entry)
             is_relative = "://" not in entry and not entry.startswith("/")
             fetch_uri = f"{folder_uri}/{entry}" if is_relative else entry
             source_uri = source_uri_of(fetch_uri)
@@ -300,6 +316,7 @@ def _manifest_rows(
                 # would cost a request per image before any work starts.
                 "source_version": "",
                 "fetch_uri": fetch_uri,
+                "listing_error": listing_error,
             }
 
 
@@ -316,6 +333,6 @@ def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str)
                 yield from (str(value) for value in batch.column(0).to_pylist() if value)
             return
         for line in file:
-            entry = line.decode("utf-8").strip()
+            entry = line.decode("utf-8", "surrogateescape").strip()
             if entry and not entry.startswith("#"):
                 yield entry

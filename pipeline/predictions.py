@@ -299,8 +299,14 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
 
 
 def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
-    """:func:`~pipeline.keys.shard_marker_stem` → images, for every shard version read whole."""
-    return {marker.stem: marker.images for marker in _shard_markers(fs, root)}
+    """:func:`~pipeline.keys.shard_marker_stem` → images, for every shard version read whole.
+
+    Where one version has markers with different counts (read under other
+    ``input.extensions``, or by an older release that counted samples without
+    an image), the latest read's count stands.
+    """
+    markers = sorted(_shard_markers(fs, root), key=lambda marker: marker.written)
+    return {marker.stem: marker.images for marker in markers}
 
 
 class _ShardMarker(NamedTuple):

@@ -54,8 +54,12 @@ def read_batch(
     status = np.full(count, "ok", dtype=object)
     # "" means no error: Ray turns an all-None column into floats.
     error = np.full(count, "", dtype=object)
+    listing_errors = batch.get("listing_error", error)
     by_protocol: dict[str, list[int]] = collections.defaultdict(list)
     for index, uri in enumerate(uris):
+        if listing_errors[index]:
+            status[index], error[index] = "error", str(listing_errors[index])
+            continue
         by_protocol[fsspec.core.split_protocol(uri)[0] or "file"].append(index)
     for indices in by_protocol.values():
         fs, _ = filesystem_for(uris[indices[0]], storage_options)
@@ -68,7 +72,7 @@ def read_batch(
                 image_bytes[index] = content
             else:
                 status[index], error[index] = "error", error_reason("read", content)
-    result = {key: value for key, value in batch.items() if key != "fetch_uri"}
+    result = {k: v for k, v in batch.items() if k not in ("fetch_uri", "listing_error")}
     return {**result, "image_bytes": image_bytes, "status": status, "error": error}
 
 
@@ -124,8 +128,17 @@ def read_shard(
     (:func:`~pipeline.keys.shard_marker_key`): once all those images
     are done, later runs skip it without reading it.
     """
-    shards = zip(batch["shard_uri"], batch["shard_key"], batch["shard_version"], strict=True)
-    for shard_uri, shard_key, shard_version in shards:
+    listing_errors = batch.get("listing_error", np.full(len(batch["shard_uri"]), ""))
+    shards = zip(
+        batch["shard_uri"], batch["shard_key"], batch["shard_version"], listing_errors, strict=True
+    )
+    for shard_uri, shard_key, shard_version, listing_error in shards:
+        if listing_error:
+            row = _shard_error_row(
+                str(shard_uri), str(shard_key), str(shard_version), str(listing_error)
+            )
+            yield _as_columns([row])
+            continue
         rows: list[dict[str, Any]] = []
         read = _ShardRead()
         for row in _shard_rows(
@@ -182,7 +195,7 @@ def _shard_rows(
     max_image_bytes: int | None,
     read: _ShardRead,
 ) -> Iterator[dict[str, Any]]:
-    images = 0
+    images = with_image = 0
     try:
         for sample in iter_shard_images(
             shard_uri,
@@ -194,20 +207,29 @@ def _shard_rows(
             max_image_bytes,
         ):
             images += 1
+            with_image += sample.has_image
             yield _image_row(shard_uri, shard_key, shard_version, sample)
-        read.images, read.to_the_end = images, True
+        # The marker counts images only: a sample without one can never be done,
+        # and counting it would have every later run read the shard again.
+        read.images, read.to_the_end = with_image, True
     except (ShardError, OSError, ValueError) as problem:
         where = f"after {images} images" if images else "before any image"
-        yield {
-            "image_id": image_id_for(shard_uri),
-            "source_uri": shard_uri,
-            "source_key": shard_key,
-            "source_version": shard_version,
-            "image_bytes": b"",
-            "status": "error",
-            "error": error_reason("read", f"shard failed {where}: {problem}"),
-            "source_metadata": "",
-        }
+        reason = error_reason("read", f"shard failed {where}: {problem}")
+        yield _shard_error_row(shard_uri, shard_key, shard_version, reason)
+
+
+def _shard_error_row(shard_uri: str, shard_key: str, shard_version: str, reason: str) -> dict:
+    """The row of a shard itself, for what kept its images (or some of them) from rows."""
+    return {
+        "image_id": image_id_for(shard_uri),
+        "source_uri": shard_uri,
+        "source_key": shard_key,
+        "source_version": shard_version,
+        "image_bytes": b"",
+        "status": "error",
+        "error": reason,
+        "source_metadata": "",
+    }
 
 
 def iter_shard_images(

@@ -16,6 +16,8 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.keys import printable_name
+
 # webdataset side members carried into the output as passthrough metadata.
 METADATA_EXTENSIONS = ("json", "txt", "cls")
 
@@ -33,6 +35,10 @@ class ShardImage:
     data: bytes | None
     metadata: str | None = None  # JSON object of side members
     problem: str | None = None  # set when data is None
+    # False where the sample holds no image to annotate (none, a link, a null, a
+    # repeated id): it gets an error row but never counts among the shard's
+    # images, so the shard can be skipped once its real images are done.
+    has_image: bool = True
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -52,6 +58,7 @@ class _Member:
     extension: str
     data: bytes | None
     problem: str | None = None  # set when data is None
+    is_file: bool = True  # False for a link
 
 
 def iter_webdataset(
@@ -67,8 +74,7 @@ def iter_webdataset(
     itself is corrupt or truncated.
     """
     image_extensions = {extension.lower() for extension in extensions}
-    key: str | None = None
-    members: list[_Member] = []
+    samples = _SampleGrouper(image_extensions)
     try:
         # "r|*": a forward-only stream (no seeks), gzip-compressed or not.
         with tarfile.open(fileobj=file, mode="r|*") as archive:
@@ -76,26 +82,63 @@ def iter_webdataset(
                 is_link = member.issym() or member.islnk()
                 if not member.isfile() and not is_link:
                     continue  # folders, devices
-                member_key, extension = split_member_name(member.name)
-                if member_key != key and members:
-                    yield _sample(key, members, image_extensions)
-                    members = []
-                key = member_key
-                members.append(_read_member(archive, member, extension, max_member_bytes))
+                member_key, extension = split_member_name(printable_name(member.name))
+                if member_key != samples.key and (sample := samples.finish()):
+                    yield sample
+                samples.add(member_key, _read_member(archive, member, extension, max_member_bytes))
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
-    if members:
-        yield _sample(key, members, image_extensions)
+    if sample := samples.finish():
+        yield sample
+
+
+class _SampleGrouper:
+    """The members of the sample being read, and the keys of those already yielded."""
+
+    def __init__(self, image_extensions: set[str]) -> None:
+        self.image_extensions = image_extensions
+        self.key: str | None = None
+        self.members: list[_Member] = []
+        self.first_member = 0  # the sample's first member's position in the tar
+        self.member_count = 0
+        self.seen_keys: set[str] = set()
+
+    def add(self, key: str, member: _Member) -> None:
+        if not self.members:
+            self.key, self.first_member = key, self.member_count
+        self.members.append(member)
+        self.member_count += 1
+
+    def finish(self) -> ShardImage | None:
+        """The sample of the members added since the last call; None if there are none."""
+        key, members = str(self.key), self.members
+        self.members = []
+        if not members:
+            return None
+        if key in self.seen_keys:
+            # Two samples under one id would be one image in the output; the
+            # first keeps it, this one is an error row of its own.
+            return ShardImage(
+                sample_id=f"{key}@member-{self.first_member}",
+                name=members[0].name,
+                data=None,
+                problem=f"key {key!r} repeats an earlier sample's (a webdataset sample's "
+                "members must be contiguous in the tar)",
+                has_image=False,
+            )
+        self.seen_keys.add(key)
+        return _sample(key, members, self.image_extensions)
 
 
 def _read_member(
     archive: tarfile.TarFile, member: tarfile.TarInfo, extension: str, max_bytes: int | None
 ) -> _Member:
-    name = member.name.removeprefix("./")
+    name = printable_name(member.name.removeprefix("./"))
     # A link's image is not read from outside the shard; its sample becomes an
     # error row, not a silent gap.
     if member.issym() or member.islnk():
-        return _Member(name, extension, None, f"image member is a link, not a file: {name}")
+        problem = f"image member is a link, not a file: {name}"
+        return _Member(name, extension, None, problem, is_file=False)
     if max_bytes is not None and member.size > max_bytes:
         return _Member(name, extension, None, too_large(member.size, max_bytes))
     return _Member(name, extension, archive.extractfile(member).read())
@@ -142,6 +185,7 @@ def _sample(key: str | None, members: list[_Member], image_extensions: set[str])
             data=None,
             metadata=metadata,
             problem=f"sample has no image member (extensions found: {found})",
+            has_image=False,
         )
     return ShardImage(
         sample_id=str(key),
@@ -149,6 +193,7 @@ def _sample(key: str | None, members: list[_Member], image_extensions: set[str])
         data=image.data,
         metadata=metadata,
         problem=image.problem,
+        has_image=image.is_file,
     )
 
 
@@ -205,7 +250,9 @@ def _checked_id(
         problem = f"id {str(sample_id)!r} (column {id_column!r}) repeats row {first}'s"
     else:
         return image
-    return ShardImage(sample_id=f"row-{row}", name=f"row-{row}", data=None, problem=problem)
+    return ShardImage(
+        sample_id=f"row-{row}", name=f"row-{row}", data=None, problem=problem, has_image=False
+    )
 
 
 def _parquet_image(
@@ -223,4 +270,6 @@ def _parquet_image(
         if value is None
         else f"column {image_column!r} holds {type(value).__name__}, not image bytes"
     )
-    return ShardImage(sample_id=sample_id, name=sample_id, data=None, problem=problem)
+    return ShardImage(
+        sample_id=sample_id, name=sample_id, data=None, problem=problem, has_image=False
+    )

@@ -167,10 +167,12 @@ def test_an_incremental_run_skips_shards_whose_images_are_all_done(
         members = [
             (f"{i:03d}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(3)
         ]
+        if name == "000":  # a sample with no image can never be done: it must not count
+            members.append(("003.txt", b"a caption without its image"))
         (shards / f"{name}.tar").write_bytes(tar_bytes(members))
     settings = depth_job(shards, tmp_path / "output", checkpoints, "report.enabled=false")
     first = run_annotation(load_config(None, [*settings, "run_id=first"]))
-    assert first.images_ok == 6
+    assert (first.images_ok, first.images_error) == (6, 1)
     # Same size and modification time, so the same version, but unreadable: a
     # run that opened the shard would write an error row for it.
     done_shard = shards / "000.tar"
@@ -183,4 +185,5 @@ def test_an_incremental_run_skips_shards_whose_images_are_all_done(
     second = run_annotation(load_config(None, [*settings, "run_id=second"]))
     assert (second.images_skipped_done, second.images_ok, second.images_error) == (6, 1, 0)
     rows = read_predictions(str(tmp_path / "output")).to_pylist()
-    assert len(rows) == 7 and all(row["status"] == "ok" for row in rows)
+    assert sorted(row["status"] for row in rows) == ["error"] + ["ok"] * 7
+    assert [row["source_uri"] for row in rows if row["status"] == "error"] == [f"{done_shard}#003"]

@@ -153,3 +153,47 @@ def test_one_folder_spelt_two_ways_gives_the_same_ids(tmp_path):
     plain = _list(tmp_path / "images")[1]
     assert _list(f"{tmp_path}/./images//")[1] == plain
     assert _list(f"{tmp_path}/images/../images")[1] == plain
+
+
+def test_names_that_are_not_utf8_become_error_rows_not_a_stopped_job(tmp_path):
+    import os
+
+    from pipeline.read import read_batch, read_shard
+
+    _write(tmp_path / "files", ("good.jpg",))
+    (tmp_path / "shards").mkdir()
+    for folder, name in (("files", b"\xff\xfebad.jpg"), ("shards", b"\xffs.tar")):
+        with open(os.path.join(os.fsencode(tmp_path / folder), name), "wb") as file:
+            file.write(b"x")
+    (tmp_path / "list.txt").write_bytes(b"files/good.jpg\nfiles/\xe9.jpg\n")
+
+    _, rows = _list(tmp_path / "files")
+    _, shard_rows = _list(tmp_path / "shards", format="webdataset")
+    _, manifest_rows = _list(tmp_path / "list.txt")
+    for listed in (rows, shard_rows, manifest_rows):
+        block = pa.Table.from_pylist(listed)  # where the job used to stop
+        assert "\\x" in json.dumps(block.to_pylist())
+    by_key = {row["source_key"]: row for row in rows}
+    assert by_key["\\xff\\xfebad.jpg"]["listing_error"].startswith("list: name is not valid UTF-8")
+    assert by_key["good.jpg"]["listing_error"] == ""
+
+    def columns(listed):
+        return {key: [row[key] for row in listed] for key in listed[0]}
+
+    read = read_batch(columns(rows), {})
+    assert sorted(read["status"].tolist()) == ["error", "ok"]
+    assert "listing_error" not in read
+    read = read_batch(columns(manifest_rows), {})
+    assert read["status"].tolist() == ["ok", "error"]
+    assert read["error"][1].startswith("list: name is not valid UTF-8")
+    [shard] = read_shard(
+        columns(shard_rows),
+        input_format="webdataset",
+        storage_options={},
+        extensions=("jpg",),
+        image_column="image",
+        id_column=None,
+        rows_per_batch=4,
+    )
+    assert shard["status"].tolist() == ["error"]
+    assert shard["source_uri"][0].endswith("/\\xffs.tar")

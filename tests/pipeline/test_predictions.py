@@ -1,3 +1,5 @@
+import os
+import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -262,6 +264,11 @@ def test_shard_markers_name_the_shard_version_and_its_image_count(tmp_path):
     markers = read_shard_markers(fs, str(tmp_path))
     assert markers == {shard_marker_stem("s3://b/a.tar", "etag:1"): 12}
     assert shard_marker_stem("s3://b/a.tar", "etag:2") not in markers
+    # A later read of the same version counted otherwise: its count stands.
+    later = f"{tmp_path}/{shard_marker_key('s3://b/a.tar', 'etag:1', 9)}"
+    fs.pipe_file(later, b"")
+    os.utime(later, (time.time() + 10, time.time() + 10))
+    assert read_shard_markers(fs, str(tmp_path)) == {shard_marker_stem("s3://b/a.tar", "etag:1"): 9}
 
 
 def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):

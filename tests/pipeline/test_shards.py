@@ -183,3 +183,28 @@ def test_parquet_images_over_the_byte_limit_are_per_row_problems():
     images = list(iter_parquet_images(_parquet(table), "image", None, max_image_bytes=10))
     assert [image.data for image in images] == [None, b"ok"]
     assert images[0].problem == "image over decode.max_image_bytes (10): 11 bytes"
+
+
+def test_member_names_that_are_not_utf8_keep_their_images_under_escaped_names():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        for name, data in (("b\xe9d.jpg", b"jpeg"), ("b\xe9d.json", b'{"a": 1}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    [sample] = list(iter_webdataset(io.BytesIO(buffer.getvalue()), EXTENSIONS))
+    assert (sample.sample_id, sample.name, sample.data) == ("b\\xe9d", "b\\xe9d.jpg", b"jpeg")
+    assert json.loads(sample.metadata) == {"json": {"a": 1}}
+    sample.sample_id.encode("utf-8")  # storable: Arrow refuses surrogates
+
+
+def test_a_key_that_comes_back_later_in_the_tar_is_its_own_error_sample():
+    members = [("a.jpg", b"jpeg-a"), ("b.jpg", b"jpeg-b"), ("a.json", b"{}"), ("c.jpg", b"c")]
+    samples = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS))
+    assert [(s.sample_id, s.data, s.has_image) for s in samples] == [
+        ("a", b"jpeg-a", True),
+        ("b", b"jpeg-b", True),
+        ("a@member-2", None, False),
+        ("c", b"c", True),
+    ]
+    assert "repeats an earlier sample's" in samples[2].problem
