@@ -1,10 +1,14 @@
-"""JSON schemas for KubeRay's ray.io/v1 RayCluster and RayJob, for offline validation.
+"""JSON schemas for KubeRay's ray.io/v1 RayCluster and RayJob, and the Prometheus
+Operator's PodMonitor, for offline validation.
 
 No package registry ships KubeRay's CRDs, so the Ray-specific fields are
 written out here from KubeRay v1.5.1's API types (ray-operator/apis/ray/v1), with
 unknown keys rejected, while pod templates and object metadata point at the
 Kubernetes definitions that kubernetes-validate bundles, so everything inside a
-pod is checked against Kubernetes' own schema.
+pod is checked against Kubernetes' own schema. The PodMonitor schema is the part
+of prometheus-operator's monitoring.coreos.com/v1 PodMonitorSpec and
+PodMetricsEndpoint (pkg/apis/monitoring/v1/podmonitor_types.go) the manifests
+may use, closed the same way.
 """
 
 from __future__ import annotations
@@ -123,13 +127,56 @@ RAY_JOB_SPEC = _closed(
 )
 
 
+# prometheus-operator's Duration: "30s", "1m", "1h30m".
+DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}
+POD_MONITOR_SPEC = _closed(
+    {
+        "jobLabel": {"type": "string"},
+        "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+        "podMetricsEndpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": _closed(
+                {
+                    "port": {"type": "string", "minLength": 1},
+                    "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535},
+                    "path": {"type": "string"},
+                    "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                    "interval": DURATION,
+                    "scrapeTimeout": DURATION,
+                    "honorLabels": {"type": "boolean"},
+                    "honorTimestamps": {"type": "boolean"},
+                    "relabelings": {"type": "array", "items": {"type": "object"}},
+                    "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+                }
+            ),
+        },
+        "selector": _kubernetes("io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"),
+        "namespaceSelector": _closed(
+            {
+                "any": {"type": "boolean"},
+                "matchNames": {"type": "array", "items": {"type": "string"}},
+            }
+        ),
+        "sampleLimit": COUNT,
+        "targetLimit": COUNT,
+    },
+    required=("selector",),
+)
+API_VERSIONS = {
+    "RayCluster": "ray.io/v1",
+    "RayJob": "ray.io/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+}
+
+
 def _resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         # Relative $refs resolve against kubernetes-validate's definitions by this base.
-        "$id": f"https://kubernetes.io/api/{kind.lower()}-ray-v1.json",
+        "$id": f"https://kubernetes.io/api/{kind.lower()}-crd.json",
         **_closed(
             {
-                "apiVersion": {"const": "ray.io/v1"},
+                "apiVersion": {"const": API_VERSIONS[kind]},
                 "kind": {"const": kind},
                 "metadata": OBJECT_META,
                 "spec": spec,
@@ -141,9 +188,12 @@ def _resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def validator(kind: str) -> Draft202012Validator:
-    """A validator for ``RayCluster`` or ``RayJob`` (strict Kubernetes definitions inside)."""
+    """A validator for ``RayCluster``, ``RayJob`` or ``PodMonitor`` (strict Kubernetes
+    definitions inside)."""
     folder = files("kubernetes_validate") / "kubernetes-json-schema"
     definitions = folder / f"v{KUBERNETES_VERSION}.0-local-strict" / "_definitions.json"
     registry = Resource.from_contents(json.loads(definitions.read_text())) @ Registry()
-    spec = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC}[kind]
+    spec = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC, "PodMonitor": POD_MONITOR_SPEC}[
+        kind
+    ]
     return Draft202012Validator(_resource(kind, spec), registry=registry)

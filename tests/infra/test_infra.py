@@ -52,6 +52,13 @@ def pinned_ray_version() -> str:
     return pin.split("==")[1]
 
 
+def envsubst_line(path: Path) -> str | None:
+    """The file's header command `envsubst '...' < path`, if it uses variables at all."""
+    found = re.findall(r"envsubst '[^']*' < \S+", path.read_text())
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
 def substituted(path: Path) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda match: VARIABLES[match.group(1)], path.read_text())
 
@@ -85,15 +92,21 @@ def test_manifests_use_only_the_documented_variables_and_say_so(path):
     used = set(re.findall(r"\$\{(\w+)\}", path.read_text()))
     assert used <= set(VARIABLES), used - set(VARIABLES)
     # The envsubst line in the file's header lists exactly what the file uses,
-    # so a forgotten variable cannot reach the cluster as a literal ${...}.
-    (listed,) = re.findall(r"envsubst '([^']*)'", path.read_text())
+    # so a forgotten variable cannot reach the cluster as a literal ${...}; a
+    # file without variables is applied as it is.
+    line = envsubst_line(path)
+    if not used:
+        assert line is None
+        assert f"kubectl apply -f infra/kuberay/{path.name}" in path.read_text()
+        return
+    (listed,) = re.findall(r"envsubst '([^']*)'", line)
     assert set(re.findall(r"\$(\w+)", listed)) == used
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_kubernetes_objects_validate_against_the_kubernetes_schema(path):
     for doc in documents(path):
-        if doc["apiVersion"] == "ray.io/v1":
+        if doc["apiVersion"] in ("ray.io/v1", "monitoring.coreos.com/v1"):
             errors = [
                 f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
                 for error in validator(doc["kind"]).iter_errors(doc)
@@ -113,13 +126,51 @@ def test_the_kuberay_schema_rejects_what_kuberay_would():
     assert len(errors) == 3, [error.message for error in errors]
 
 
+def test_the_podmonitor_schema_rejects_what_the_prometheus_operator_would():
+    (monitor,) = by_kind("PodMonitor")
+    broken = copy.deepcopy(monitor)
+    broken["spec"]["podMetricsEndpoint"] = broken["spec"].pop("podMetricsEndpoints")  # typo
+    broken["spec"]["selector"]["matchLabel"] = {}  # typo, inside Kubernetes' LabelSelector
+    errors = list(validator("PodMonitor").iter_errors(broken))
+    assert len(errors) == 2, [error.message for error in errors]
+    interval = copy.deepcopy(monitor)
+    interval["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"
+    assert list(validator("PodMonitor").iter_errors(interval))
+
+
+def cron_container() -> dict[str, Any]:
+    (cron,) = by_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
 def test_scheduled_runs_never_overlap():
     (cron,) = by_kind("CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    # Without --no-wait `ray job submit` lasts as long as the run, so Forbid covers the run.
-    assert container["command"][:3] == ["ray", "job", "submit"]
-    assert "--no-wait" not in container["command"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    # A submitter that cannot reach its end (a hung stream) is stopped; the run is not.
+    assert 0 < job["activeDeadlineSeconds"] < 7 * 24 * 3600
+    # The submitter checks the cluster for a scheduled run still going before it
+    # submits (tests/infra/test_scheduled_submit.py), because a Ray job outlives
+    # the pod that submitted it and Forbid only covers the pod.
+    command = cron_container()["command"]
+    script = command[1]
+    assert command[0] == "python" and script.startswith(IMAGE_WORKDIR + "/")
+    assert (REPO_ROOT / script.removeprefix(IMAGE_WORKDIR + "/")).is_file()
+    assert "--prefix=dpt-annotate-scheduled-" in command
+
+
+def test_the_image_carries_the_cronjob_submitter():
+    script = cron_container()["command"][1].removeprefix(IMAGE_WORKDIR + "/")
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^COPY .*\b{re.escape(script)} {re.escape(script)}$", dockerfile, re.M)
+    ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert f"!{script}" in ignore
+
+
+def test_the_submitter_pod_has_room_for_python_and_rays_client():
+    limits = cron_container()["resources"]["limits"]
+    assert limits["memory"].endswith("Gi") and float(limits["memory"][:-2]) >= 1
 
 
 def test_clusters_autoscale_with_a_cpu_only_head_and_gpu_workers_on_gpu_nodes():
@@ -132,11 +183,50 @@ def test_clusters_autoscale_with_a_cpu_only_head_and_gpu_workers_on_gpu_nodes():
             if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
         ]
         assert gpu_groups and all(group["template"]["spec"]["tolerations"] for group in gpu_groups)
+        # The GPU request is what places the pods; a label that GPU feature
+        # discovery adds after boot would keep node autoscalers from starting a
+        # GPU node for a pending pod.
+        for group in gpu_groups:
+            selector = group["template"]["spec"].get("nodeSelector", {})
+            assert not [key for key in selector if key.startswith("nvidia.com/")], selector
         for group in spec["workerGroupSpecs"]:
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     (job,) = by_kind("RayJob")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_kuberay_makes_the_object_store_shared_memory():
+    # KubeRay mounts a memory-backed emptyDir at /dev/shm, sized to the memory
+    # limit, into every Ray container that has none (pod.go, BuildPod): one of
+    # our own would only replace it with a smaller one.
+    for spec in cluster_specs():
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            pod = group["template"]["spec"]
+            mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])]
+            assert "/dev/shm" not in [m["mountPath"] for m in mounts]
+            assert "plasma-directory" not in group["rayStartParams"]
+
+
+def test_the_podmonitor_scrapes_every_ray_pod_on_its_metrics_port():
+    (monitor,) = by_kind("PodMonitor")
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    # KubeRay adds ray.io/is-ray-node: "yes" to every pod it makes.
+    kuberay_labels = {"ray.io/is-ray-node": "yes"}
+    for spec in cluster_specs():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            labels = {**group["template"]["metadata"]["labels"], **kuberay_labels}
+            assert wanted.items() <= labels.items(), (wanted, labels)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    # KubeRay names the port "metrics" where it adds it (8080); where the
+    # manifests declare it themselves, they must use the same name and port.
+    assert endpoint["port"] == "metrics"
+    for spec in cluster_specs():
+        for container in containers(spec):
+            for port in container.get("ports", []):
+                if port["containerPort"] == 8080:
+                    assert port["name"] == "metrics"
 
 
 def test_the_rayjob_cluster_is_the_long_running_cluster():
@@ -205,7 +295,8 @@ def test_versions_in_infra_match_pyproject():
     # The image users build is tagged with the project's version in every example.
     project_version = pyproject()["project"]["version"]
     for path in MANIFESTS:
-        assert re.findall(r"dpt-annotate:(\S+)", path.read_text()) == [project_version]
+        if "${IMAGE}" in path.read_text():
+            assert re.findall(r"dpt-annotate:(\S+)", path.read_text()) == [project_version]
 
 
 def test_containers_run_the_image_built_from_the_dockerfile():
@@ -251,6 +342,53 @@ def test_the_aws_launcher_config_validates_against_rays_schema():
 
     # prepare_config merges Ray's AWS defaults from disk; nothing talks to AWS.
     validate_config(prepare_config(copy.deepcopy(launcher_config())))
+
+
+DLAMI_PARAMETER = (
+    "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+)
+
+
+def test_aws_nodes_boot_the_current_gpu_ami_which_ec2_looks_up_at_launch():
+    from ray.autoscaler._private.aws.config import _check_ami
+
+    config = copy.deepcopy(launcher_config())
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["ImageId"] == "resolve:ssm:" + DLAMI_PARAMETER
+    # Ray swaps only "" and latest_dlami (its Ubuntu 18.04, CUDA 11.2 DLAMI) for
+    # an AMI id of its own; anything else reaches RunInstances as written.
+    _check_ami(config)  # reads the config only; nothing talks to AWS
+    assert config == launcher_config()
+
+
+def test_the_head_runs_as_the_role_the_readme_makes_not_rays_default():
+    from ray.autoscaler._private.aws.config import _configure_iam_role
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(copy.deepcopy(launcher_config()))
+    # With a profile on the head's node_config Ray neither makes nor uses
+    # ray-autoscaler-v1 (and so makes no AWS call here).
+    assert _configure_iam_role(copy.deepcopy(config)) == config
+    profiles = {
+        node_type["node_config"]["IamInstanceProfile"]["Name"]
+        for node_type in launcher_config()["available_node_types"].values()
+    }
+    head = launcher_config()["available_node_types"]["head"]["node_config"]
+    assert head["IamInstanceProfile"]["Name"] == "dpt-annotate-head"
+    readme = (REPO_ROOT / "README.md").read_text()
+    aws = readme[readme.index("## Running on AWS") : readme.index("## Metrics")]
+    # One loop makes a role and a same-named instance profile for each.
+    (names,) = re.findall(r"^for NAME in ([\w -]+); do$", aws, re.M)
+    assert set(names.split()) == profiles
+    assert "aws iam create-instance-profile --instance-profile-name $NAME" in aws
+    assert (
+        "aws iam add-role-to-instance-profile --instance-profile-name $NAME --role-name $NAME"
+        in aws
+    )
+    # The head hands the workers their role, and runs before Ray makes any role.
+    assert '"iam:PassRole"' in aws and "role/dpt-annotate-worker" in aws
+    assert "--role-name ray-autoscaler-v1" not in aws
+    assert aws.index("create-instance-profile") < aws.index("ray up")
 
 
 def test_the_aws_launcher_config_is_rejected_when_broken():
@@ -307,7 +445,7 @@ def test_the_readme_commands_name_files_that_exist_and_the_variables_they_need()
     for path in set(mentioned):
         assert (REPO_ROOT / path).exists(), path
     for manifest in MANIFESTS:
-        header = re.search(r"envsubst '[^']*' < \S+", manifest.read_text()).group(0)
+        header = envsubst_line(manifest) or f"kubectl apply -f infra/kuberay/{manifest.name}"
         assert header in readme, header
     for name in VARIABLES:
         assert f"export {name}=" in readme or f" {name}=" in readme, name
@@ -316,6 +454,8 @@ def test_the_readme_commands_name_files_that_exist_and_the_variables_they_need()
 @pytest.mark.skipif(shutil.which("envsubst") is None, reason="envsubst (gettext-base) not found")
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_the_readme_envsubst_command_fills_every_variable(path):
+    if envsubst_line(path) is None:
+        pytest.skip("no variables: applied as it is")
     (listed,) = re.findall(r"envsubst '([^']*)'", path.read_text())
     filled = subprocess.run(
         ["envsubst", listed],
