@@ -7,6 +7,7 @@ starts; every problem is reported once, naming the key and the fix.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import re
 from pathlib import Path
@@ -371,7 +372,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         value = raw_value
+    # run_id=20240101 or output.uri=2024-01-01 mean text where the key takes
+    # text; YAML would make them a number or a date (and 0123 octal 83).
+    is_scalar = isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool)
+    if is_scalar and _takes_text(parts):
+        value = raw_value.strip()
     return parts, value
+
+
+def _takes_text(parts: list[str]) -> bool:
+    """Whether the config key at ``parts`` is a string (or optional string) field."""
+    model: type[BaseModel] = JobConfig
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        if depth == len(parts) - 1:
+            return field.annotation in (str, str | None)
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    return False
 
 
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:

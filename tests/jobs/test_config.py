@@ -127,3 +127,23 @@ def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
     path = write(tmp_path, "inference:\n  batch_size: 8\n  batch_size: 16\n")
     with pytest.raises(ConfigError, match="key 'batch_size' is given twice"):
         load_config(path, MINIMAL)
+
+
+def test_set_keeps_numbers_and_dates_as_text_where_the_key_takes_text():
+    config = load_config(
+        None,
+        [
+            "input.uri=0123",  # YAML 1.1 would read octal 83
+            "output.uri=2024-01-01",  # and this a date
+            "models.depth=m",
+            "run_id=20240101",
+            "inference.batch_size=8",
+        ],
+    )
+    assert (config.input.uri, config.output.uri, config.run_id) == (
+        "0123",
+        "2024-01-01",
+        "20240101",
+    )
+    assert config.inference.batch_size == 8  # a number where the key takes one
+    assert load_config(None, [*MINIMAL, "models.segmentation=null"]).models.segmentation is None
