@@ -171,7 +171,7 @@ def checkpoint_version(checkpoint_dir: Path) -> str:
         if recorded:
             return recorded[:16]
     snapshots = checkpoint_dir.parent
-    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+    if hub_snapshot_of(checkpoint_dir):
         revision = f"{snapshots.parent.name}@{checkpoint_dir.name}"
         return hashlib.sha256(revision.encode()).hexdigest()[:16]
     fingerprint = hashlib.sha256()
@@ -192,11 +192,32 @@ def _cache_is_complete(target: Path, expected_sizes: dict[str, int | None]) -> b
     return True
 
 
+def split_hub_revision(model_id: str) -> tuple[str, str | None]:
+    """``org/name@revision`` → (``org/name``, revision); no ``@``: (id, None).
+
+    A hub id never holds ``@``, so the last one starts the revision: a commit,
+    branch or tag.
+    """
+    repo_id, at, revision = model_id.rpartition("@")
+    return (repo_id, revision) if at and repo_id and revision else (model_id, None)
+
+
+def hub_snapshot_of(checkpoint_dir: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder in the hub's cache: models--org--name/snapshots/<commit>."""
+    snapshots = checkpoint_dir.parent
+    if snapshots.name != "snapshots" or not snapshots.parent.name.startswith("models--"):
+        return None
+    return snapshots.parent.name.removeprefix("models--").replace("--", "/"), checkpoint_dir.name
+
+
 def _fetch_hub_checkpoint(model_id: str, suffixes: tuple[str, ...]) -> Path:
     from huggingface_hub import snapshot_download
 
+    repo_id, revision = split_hub_revision(model_id)
     try:
-        path = snapshot_download(model_id, allow_patterns=[f"*{suffix}" for suffix in suffixes])
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=[f"*{suffix}" for suffix in suffixes]
+        )
     except Exception as error:  # the hub client raises many unrelated types
         raise ModelLoadError(
             f"model {model_id!r} is neither a local directory nor reachable on the model hub: "
@@ -269,9 +290,11 @@ def weights_sha256(checkpoint_dir: Path) -> str:
 
 
 def model_name(model_uri: str) -> str:
+    """The name outputs record for a model: a folder's name, or the hub id without
+    its revision (the weights' hash beside it says which weights)."""
     if is_fsspec_uri(model_uri) or Path(model_uri).expanduser().is_dir():
         return Path(model_uri.rstrip("/")).name
-    return model_uri
+    return split_hub_revision(model_uri)[0]
 
 
 def load_network(
@@ -355,6 +378,25 @@ class ModelCard:
     spec: PreprocessSpec
     config: dict[str, Any]
     version: str  # changes with the checkpoint's files (see loading.checkpoint_version)
+
+    @property
+    def pinned_uri(self) -> str:
+        """The URI that loads exactly these files on every node.
+
+        A hub id resolves to the repository's latest commit wherever it is
+        fetched; an actor starting after a new commit would run other weights
+        than the driver planned for. Pinned to the commit the driver saw, all
+        actors load the same ones.
+        """
+        snapshot = self.hub_snapshot
+        return self.uri if snapshot is None else f"{snapshot[0]}@{snapshot[1]}"
+
+    @property
+    def hub_snapshot(self) -> tuple[str, str] | None:
+        """(repo id, commit) where the model came from the hub; None for folders and URIs."""
+        if is_fsspec_uri(self.uri) or Path(self.uri).expanduser().is_dir():
+            return None
+        return hub_snapshot_of(self.checkpoint_dir)
 
     @property
     def class_names(self) -> dict[int, str]:

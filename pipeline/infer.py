@@ -116,6 +116,11 @@ class InferenceActor:
             out["model_depth"] = np.full(count, str(self.depth.identity), dtype=object)
 
         if self.segmentation is not None:
+            # An image whose depth failed (out of memory alone, say) is an error row
+            # already: running it through a second model would cost as much again
+            # and give the row the second failure's stage.
+            ready = [index for index in ready if status[index] == "ok"]
+            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ready]
             class_ids = _filled(count, EMPTY_CLASSES)
             labels = _filled(count, np.zeros(0, dtype=np.int32))
             confidence_mean = np.full(count, np.nan)

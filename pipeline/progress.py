@@ -67,13 +67,17 @@ class StallWatchdog:
         self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
 
     def __enter__(self) -> StallWatchdog:
-        if self.stall_timeout_s is not None:
-            # interrupt_main does nothing unless SIGINT has Python's own handler,
-            # and a library may have replaced it (some ignore it or merely log):
-            # within the watch, a stall must raise KeyboardInterrupt.
-            if threading.current_thread() is threading.main_thread():
-                self._previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._thread.start()
+        if self.stall_timeout_s is None:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            # interrupt_main would stop the main thread, not the job's.
+            logger.warning("stall_timeout_s is not watched: the job runs outside the main thread")
+            return self
+        # interrupt_main does nothing unless SIGINT has Python's own handler, and a
+        # library may have replaced it (some ignore it or merely log): within the
+        # watch, a stall must raise KeyboardInterrupt.
+        self._previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._thread.start()
         return self
 
     def __exit__(
@@ -103,11 +107,23 @@ class StallWatchdog:
         import ray
 
         interval = min(30.0, max(0.5, self.stall_timeout_s / 10))
+        unanswered_since: float | None = None
         while not self._stop.wait(interval):
             try:
                 rows, idle_s = ray.get(self.beacon.state.remote(), timeout=interval)
-            except Exception:  # the beacon is busy or gone; judge on the next tick
+            except Exception as error:  # the beacon is busy or gone; judge on the next tick
+                now = time.monotonic()
+                unanswered_since = unanswered_since or now
+                if now - unanswered_since > self.stall_timeout_s:
+                    logger.warning(
+                        "the stall watchdog has had no answer for %.0f s (%s); "
+                        "stalls are not detected",
+                        now - unanswered_since,
+                        type(error).__name__,
+                    )
+                    unanswered_since = now  # once per stall_timeout_s, not per tick
                 continue
+            unanswered_since = None
             if idle_s > self.stall_timeout_s:
                 with self._stop_lock:
                     # The run may have ended while the beacon was asked.

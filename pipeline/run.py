@@ -195,7 +195,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
 
     predictions_path = join(out_root, PREDICTIONS_FOLDER)
     if block_refs:
-        beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
+        beacon = _start_beacon()
         dataset = _annotation_dataset(
             ray.data.from_arrow_refs(block_refs),
             config,
@@ -252,6 +252,22 @@ def run_annotation(config: JobConfig) -> RunSummary:
         summary.timings_s["report"] = round(time.perf_counter() - report_started, 3)
     _write_run_report(out_fs, report_path, config, summary, started_at)
     return summary
+
+
+def _start_beacon() -> Any:
+    """The :class:`ProgressBeacon` actor, on the driver's node.
+
+    There it lives as long as the job can, and it never takes a GPU worker's
+    memory; no CPU is reserved for it (a head with ``num-cpus: 0`` would
+    otherwise refuse it).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    driver_node = NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
+    return ray.remote(num_cpus=0, scheduling_strategy=driver_node)(ProgressBeacon).remote()
 
 
 def _annotation_dataset(
@@ -340,8 +356,11 @@ def _annotation_dataset(
         ),
         batch_format="numpy",
         fn_constructor_kwargs={
-            "depth_model": config.models.depth,
-            "segmentation_model": config.models.segmentation,
+            # As the driver resolved them: a hub id pinned to the commit it saw.
+            "depth_model": cards["depth"].pinned_uri if "depth" in cards else None,
+            "segmentation_model": (
+                cards["segmentation"].pinned_uri if "segmentation" in cards else None
+            ),
             "device": config.device,
             "dtype": config.inference.dtype,
             "cache_dir": cache_dir,
@@ -452,7 +471,13 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     """
     shaping = {
         "models": {
-            task: {"uri": card.uri, "version": card.version, "spec": asdict(card.spec)}
+            # The version names the hub commit: pinning the one a run used
+            # (org/name@commit) keeps the hash.
+            task: {
+                "uri": card.hub_snapshot[0] if card.hub_snapshot else card.uri,
+                "version": card.version,
+                "spec": asdict(card.spec),
+            }
             for task, card in sorted(cards.items())
         },
         "dtype": config.inference.dtype,

@@ -221,3 +221,43 @@ def test_a_hub_snapshot_keeps_its_version_when_its_weights_arrive(checkpoints, t
     other_commit = snapshot.parent / "0d1e2f3"
     shutil.copytree(snapshot, other_commit)
     assert checkpoint_version(other_commit) != json_only
+
+
+def _hub_cache(tmp_path, checkpoint, commits, main):
+    """The hub client's cache layout, as a download leaves it (no network needed)."""
+    repo = tmp_path / "hub" / "models--Intel--dpt-large"
+    for commit in commits:
+        shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(main)
+    return tmp_path / "hub"
+
+
+def test_a_hub_model_is_pinned_to_the_commit_the_driver_saw(checkpoints, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from dpt_model.loading import ModelCard, model_name
+    from jobs.config import load_config
+    from pipeline.run import config_hash_for
+
+    old, new = "a" * 40, "b" * 40
+    cache = _hub_cache(tmp_path, checkpoints["depth-vit"], [old, new], main=new)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    latest = ModelCard.fetch("depth", "Intel/dpt-large", with_weights=False)
+    assert latest.checkpoint_dir.name == new
+    # Actors load the commit the driver planned for, whatever main says by then.
+    assert latest.pinned_uri == f"Intel/dpt-large@{new}"
+    pinned_old = ModelCard.fetch("depth", f"Intel/dpt-large@{old}", with_weights=False)
+    assert pinned_old.checkpoint_dir.name == old and pinned_old.version != latest.version
+    assert model_name(f"Intel/dpt-large@{old}") == "Intel/dpt-large"
+    # Pinning the commit a run used keeps every row's config_hash.
+    config = load_config(None, ["input.uri=in", "output.uri=out", "models.depth=Intel/dpt-large"])
+    pinned_new = ModelCard.fetch("depth", f"Intel/dpt-large@{new}", with_weights=False)
+    assert config_hash_for({"depth": latest}, config) == config_hash_for(
+        {"depth": pinned_new}, config
+    )
+    # A folder is loaded as it is: nothing to pin.
+    folder = ModelCard.fetch("depth", str(checkpoints["depth-vit"]), with_weights=False)
+    assert folder.pinned_uri == str(checkpoints["depth-vit"])
