@@ -161,9 +161,11 @@ def checkpoint_version(checkpoint_dir: Path) -> str:
     For a cached copy: the remote files' names, sizes and ETags, recorded at
     download. For a hub snapshot: its repository and commit (the folder names
     of the hub's cache), which stay the same when the weights join the JSON
-    files the driver fetched. For a local folder: its files' names, sizes and
-    modification times. Cheap to compute without weights, so the driver can
-    tell whether earlier results came from the same model.
+    files the driver fetched. For a local folder: its files' names and bytes,
+    so a copy (``cp -r``, an image rebuilt with the model in it) keeps the
+    version where modification times would not (about a second per GB, once
+    per run on the driver). So the driver tells, without loading weights,
+    whether earlier results came from the same model.
     """
     marker = checkpoint_dir / _COMPLETE_MARKER
     if marker.is_file():
@@ -177,8 +179,10 @@ def checkpoint_version(checkpoint_dir: Path) -> str:
     fingerprint = hashlib.sha256()
     for path in sorted(checkpoint_dir.iterdir()):
         if path.name.endswith(CHECKPOINT_FILE_SUFFIXES):
-            stat = path.stat()
-            fingerprint.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            fingerprint.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    fingerprint.update(chunk)
     return fingerprint.hexdigest()[:16]
 
 

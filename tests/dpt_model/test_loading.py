@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -261,3 +262,14 @@ def test_a_hub_model_is_pinned_to_the_commit_the_driver_saw(checkpoints, tmp_pat
     # A folder is loaded as it is: nothing to pin.
     folder = ModelCard.fetch("depth", str(checkpoints["depth-vit"]), with_weights=False)
     assert folder.pinned_uri == str(checkpoints["depth-vit"])
+
+
+def test_a_local_checkpoints_version_follows_its_bytes_not_its_copy_times(checkpoints, tmp_path):
+    original = Path(checkpoints["depth-vit"])
+    copy = copy_checkpoint(original, tmp_path / "copied")  # new modification times
+    for path in copy.iterdir():
+        os.utime(path, (1, 1))
+    assert checkpoint_version(copy) == checkpoint_version(original)
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": "changed"}', 1))
+    assert checkpoint_version(copy) != checkpoint_version(original)
