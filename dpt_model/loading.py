@@ -398,9 +398,13 @@ class ModelCard:
     @property
     def hub_snapshot(self) -> tuple[str, str] | None:
         """(repo id, commit) where the model came from the hub; None for folders and URIs."""
-        if is_fsspec_uri(self.uri) or Path(self.uri).expanduser().is_dir():
+        if is_fsspec_uri(self.uri) or self.is_local_folder:
             return None
         return hub_snapshot_of(self.checkpoint_dir)
+
+    @property
+    def is_local_folder(self) -> bool:
+        return not is_fsspec_uri(self.uri) and Path(self.uri).expanduser().is_dir()
 
     @property
     def class_names(self) -> dict[int, str]:

@@ -471,13 +471,7 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     """
     shaping = {
         "models": {
-            # The version names the hub commit: pinning the one a run used
-            # (org/name@commit) keeps the hash.
-            task: {
-                "uri": card.hub_snapshot[0] if card.hub_snapshot else card.uri,
-                "version": card.version,
-                "spec": asdict(card.spec),
-            }
+            task: {"uri": _model_key(card), "version": card.version, "spec": asdict(card.spec)}
             for task, card in sorted(cards.items())
         },
         "dtype": config.inference.dtype,
@@ -509,6 +503,19 @@ def config_hash_for(cards: dict[str, ModelCard], config: JobConfig) -> str:
     shaping.update({key: value for key, value in later_settings.items() if value is not None})
     encoded = json.dumps(shaping, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _model_key(card: ModelCard) -> str | None:
+    """What of a model's URI the hash takes, beside its version.
+
+    A hub repo without the revision (the version names the commit: pinning the
+    one a run used keeps the hash); nothing for a local folder, whose version is
+    its bytes (``m``, ``./m/`` and ``/abs/m`` are one model); an object-store URI
+    as written.
+    """
+    if card.hub_snapshot:
+        return card.hub_snapshot[0]
+    return None if card.is_local_folder else card.uri
 
 
 @dataclass

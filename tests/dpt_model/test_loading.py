@@ -273,3 +273,18 @@ def test_a_local_checkpoints_version_follows_its_bytes_not_its_copy_times(checkp
     config = copy / "config.json"
     config.write_text(config.read_text().replace("}", ', "note": "changed"}', 1))
     assert checkpoint_version(copy) != checkpoint_version(original)
+
+
+def test_one_local_folder_spelt_three_ways_is_one_model_in_the_config_hash(checkpoints, tmp_path):
+    from dpt_model.loading import ModelCard
+    from jobs.config import load_config
+    from pipeline.run import config_hash_for
+
+    model = copy_checkpoint(Path(checkpoints["depth-vit"]), tmp_path / "m")
+    config = load_config(None, ["input.uri=in", "output.uri=out", f"models.depth={model}"])
+    spellings = (str(model), f"{model}/", f"{tmp_path}/./m")
+    hashes = {
+        config_hash_for({"depth": ModelCard.fetch("depth", uri, with_weights=False)}, config)
+        for uri in spellings
+    }
+    assert len(hashes) == 1
