@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,9 +33,8 @@ SUPPORTED_MODEL_TYPES: dict[Task, frozenset[str]] = {
 # The only files a checkpoint directory needs; anything else (pickled .bin
 # weights, remote code) is never fetched.
 CHECKPOINT_FILE_SUFFIXES = (".json", ".safetensors")
-DEFAULT_CACHE_DIR = Path(
-    os.environ.get("DPT_ANNOTATE_CACHE", Path.home() / ".cache" / "dpt-annotate" / "models")
-)
+# Expanded where it is used: on each node, under that node's home.
+DEFAULT_CACHE_DIR = Path("~/.cache/dpt-annotate/models")
 
 
 class ModelLoadError(RuntimeError):
@@ -73,6 +71,7 @@ def resolve_checkpoint_dir(
     local = Path(model_uri).expanduser()
     if not is_fsspec_uri(model_uri) and local.is_dir():
         return local
+    cache_dir = Path(cache_dir).expanduser()
     suffixes = CHECKPOINT_FILE_SUFFIXES if with_weights else (".json",)
     if is_fsspec_uri(model_uri):
         return _fetch_fsspec_checkpoint(model_uri, cache_dir, storage_options or {}, suffixes)
@@ -133,7 +132,11 @@ def _fetch_fsspec_checkpoint(
     with FileLock(str(target) + ".lock"):
         if _cache_is_complete(target, expected_sizes):
             return target
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
+        # Under the lock, a staging folder for this target is a killed download's
+        # (a preempted node): gigabytes nothing else would ever remove.
+        for stale in cache_dir.glob(f".partial-{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".partial-{target.name}-"))
         try:
             for name, entry in remote_files.items():
                 fs.get_file(entry["name"], str(staging / name))  # get would glob "[" in names

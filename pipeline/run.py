@@ -139,7 +139,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
     timings: dict[str, float] = {}
     run_id = config.run_id or new_run_id()
     storage_options = config.storage_options()
-    cache_dir = config.models.cache_dir or str(DEFAULT_CACHE_DIR)
+    # None: each node's own default (its home), where the driver's would be wrong.
+    cache_dir = config.models.cache_dir
 
     # Everything that can fail for a reason the user must fix fails here, before
     # Ray starts: unreachable stores, unreadable models, a missing input or output.
@@ -278,7 +279,7 @@ def _annotation_dataset(
     done: DoneImages,
     run_id: str,
     config_hash: str,
-    cache_dir: str,
+    cache_dir: str | None,
     beacon: Any,
 ) -> ray.data.Dataset:
     """list rows → read → decode → infer → encode/write maps → rows in the Parquet schema.
@@ -632,11 +633,13 @@ def _storage_uris(config: JobConfig) -> list[tuple[str, str]]:
 
 
 def _fetch_model_cards(
-    config: JobConfig, cache_dir: str, storage_options: dict[str, Any]
+    config: JobConfig, cache_dir: str | None, storage_options: dict[str, Any]
 ) -> dict[str, ModelCard]:
     uris = {"depth": config.models.depth, "segmentation": config.models.segmentation}
     return {
-        task: ModelCard.fetch(task, uri, Path(cache_dir), storage_options, with_weights=False)
+        task: ModelCard.fetch(
+            task, uri, Path(cache_dir or DEFAULT_CACHE_DIR), storage_options, with_weights=False
+        )
         for task, uri in uris.items()
         if uri is not None
     }

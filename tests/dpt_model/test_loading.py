@@ -155,9 +155,16 @@ def test_truncated_cache_is_fetched_again(checkpoints, tmp_path):
     first = resolve_checkpoint_dir(uri, cache_dir)
     [weights] = first.glob("*.safetensors")
     weights.write_bytes(weights.read_bytes()[:100])
+    # A download killed part-way left its staging folder (another model's stays).
+    killed = cache_dir / f".partial-{first.name}-x1"
+    other = cache_dir / ".partial-0123abcd-x2"
+    for staging in (killed, other):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half")
     second = resolve_checkpoint_dir(uri, cache_dir)
     assert second == first
     assert weights_sha256(second) == weights_sha256(checkpoints["depth-vit"])
+    assert not killed.exists() and other.exists()
 
 
 def test_changed_remote_weights_get_a_new_cache_folder(checkpoints, tmp_path):
