@@ -22,16 +22,13 @@ from torch.utils.data import Dataset
 from dpt_model.predictor import IGNORE_LABEL
 from dpt_model.quantize import depth_at_size
 from dpt_model.tensor_processing import upsample_depth
-from pipeline.decode import decode_image
+from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_uris
 from pipeline.predictions import iter_predictions
 from pipeline.schema import schema_for
 from pipeline.storage import read_bytes
 
-# The job's own limits (jobs/config.py DecodeConfig): every image it annotated fits.
-_MAX_IMAGE_PIXELS = 2**31
-_MAX_SIDE_PX = 1 << 16
 _COLUMNS = [
     "image_id",
     "source_uri",
@@ -111,7 +108,7 @@ class PseudoLabelDataset(Dataset):
         item: dict[str, Any] = {"image_id": row["image_id"]}
         if self.with_images:
             data = self._read(row["source_uri"])
-            rgb = decode_image(data, _MAX_IMAGE_PIXELS, _MAX_SIDE_PX).rgb
+            rgb = decode_image(data, LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX).rgb
             item["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         if row["depth_uri"]:
             stored = decode_depth_map(row["depth_uri"], self._read(row["depth_uri"]))

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX
+
 # Keys whose values are never written to logs or run reports.
 _SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|credential|access_key|session)", re.I)
 DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
@@ -198,8 +200,8 @@ class ResourcesConfig(_Section):
 class DecodeConfig(_Section):
     # Pillow's own decompression-bomb limit; larger images become error rows
     # after reading only their header.
-    max_image_pixels: int = Field(default=89_478_485, ge=1)
-    max_side_px: int = Field(default=16_384, ge=1)
+    max_image_pixels: int = Field(default=89_478_485, ge=1, le=LARGEST_IMAGE_PIXELS)
+    max_side_px: int = Field(default=16_384, ge=1, le=LARGEST_SIDE_PX)
     max_image_bytes: int = Field(
         default=256 * 2**20,
         ge=1,

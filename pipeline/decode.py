@@ -19,6 +19,11 @@ from dpt_model.processing import PreprocessSpec, model_input_size, resize_for_mo
 from pipeline.schema import error_reason
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+# The largest decode.max_image_pixels and decode.max_side_px a job accepts:
+# readers of an output decode its sources under them, so every image a job
+# annotated fits whatever limits it ran with.
+LARGEST_IMAGE_PIXELS = 2**31
+LARGEST_SIDE_PX = 1 << 16
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 

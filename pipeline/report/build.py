@@ -19,7 +19,7 @@ import numpy as np
 
 from dpt_model import ModelLoadError
 from dpt_model.loading import DEFAULT_CACHE_DIR
-from pipeline.decode import decode_image
+from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
 from pipeline.predictions import (
@@ -106,8 +106,8 @@ def write_quality_report(
     class_names: dict[int, str] | None = None,
     samples: int = 24,
     thumbnail_px: int = 192,
-    max_image_pixels: int = 2**31,
-    max_side_px: int = 1 << 16,
+    max_image_pixels: int = LARGEST_IMAGE_PIXELS,
+    max_side_px: int = LARGEST_SIDE_PX,
     shard_input: ShardInput | None = None,
     this_run: dict[str, Any] | None = None,
 ) -> str:
