@@ -49,7 +49,7 @@ def format_summary(summary: RunSummary) -> str:
         f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors, "
         f"{summary.images_skipped_done} already done, of {summary.images_listed} images "
         f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s, "
-        f"{summary.gpus:g} GPUs)",
+        f"up to {summary.gpus_requested:g} GPUs)",
         f"  predictions: {summary.predictions_uri}",
         f"  run report:  {summary.report_uri}",
     ]

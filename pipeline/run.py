@@ -116,7 +116,9 @@ class RunSummary:
     # wall time summed over its tasks (several stages fused in one task share one).
     stage_timings_s: dict[str, dict[str, float]] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)
-    gpus: float = 0.0  # held by the inference actor pool at its largest
+    # resources.actors.max × gpus_per_actor: what the pool asks for at most (an
+    # autoscaler may bring fewer; the run does not see how many it held).
+    gpus_requested: float = 0.0
     # <output>/report/index.html; None when report.enabled is false or it failed.
     quality_report_uri: str | None = None
 
@@ -245,7 +247,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
         stage_timings_s=stage_times,
         error_reasons=dict(reasons.most_common(10)),
-        gpus=config.resources.actors.max * config.resources.gpus_per_actor,
+        gpus_requested=config.resources.actors.max * config.resources.gpus_per_actor,
     )
     if config.report.enabled:
         report_started = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,10 @@ import pytest
 from jobs.sample_images import encoded, synthetic_photo
 from tests.corpus import write_files
 from tests.processes import session_processes, stop_session
+from tests.s3_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # Token auth stays on, as on a real cluster; the test cluster and its client

@@ -22,6 +22,7 @@ from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
+from pipeline.listing import SHARD_FORMATS
 from pipeline.predictions import (
     iter_predictions,
     read_predictions,
@@ -90,7 +91,7 @@ class ShardInput:
         """From a finished run's record (``_runs/<run_id>.json``); None for image files."""
         input_format = (record.get("summary") or {}).get("input_format")
         settings = (record.get("config") or {}).get("input") or {}
-        if input_format not in ("webdataset", "parquet") or "extensions" not in settings:
+        if input_format not in SHARD_FORMATS or "extensions" not in settings:
             return None
         return cls(
             input_format,

@@ -29,12 +29,12 @@ def test_summary_shows_counts_speed_gpus_errors_and_stage_times():
             "Write": {"operator_wall_s": 3.0},
         },
         error_reasons={"decode: truncated or corrupt image data": 20},
-        gpus=8.0,
+        gpus_requested=8.0,
     )
     text = format_summary(summary)
     first = text.splitlines()[0]
     assert "880 ok, 20 errors, 100 already done, of 1000 images" in first
-    assert "7.50 images/s" in first and "8 GPUs" in first
+    assert "7.50 images/s" in first and "up to 8 GPUs" in first
     assert "20 × decode: truncated or corrupt image data" in text
     assert "phases: prepare 1.0 s, list 2.0 s, annotate 117.0 s" in text
     inference = next(line for line in text.splitlines() if "InferenceActor" in line)
