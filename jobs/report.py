@@ -3,8 +3,9 @@
 Every run writes the report; this rebuilds it from what an output already holds
 (after a run whose report failed, or with another sample size) without running
 the models. Class names come from the segmentation checkpoint the latest run
-used, or ``--labels-from``. Exit codes: 0 written, 2 bad arguments or no
-predictions at that URI.
+used, or ``--labels-from``. Exit codes: 0 written; 1 the output cannot be
+reached, or the report could not be built; 2 bad arguments or no predictions
+at that URI.
 """
 
 from __future__ import annotations

@@ -88,3 +88,13 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# Tests that need these start Ray or an S3 server: "slow" (pytest -m "not slow").
+_SLOW_FIXTURES = frozenset({"ray_cluster", "s3_endpoint"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
