@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,11 +12,50 @@ from tests.corpus import hostile_files, odd_files, png_declaring_size
 LIMITS = {"max_image_pixels": 89_478_485, "max_side_px": 16_384}
 
 
+# Each hostile file's reason, from its start: a decoder that gave every bad file
+# the same reason would leave users unable to tell a truncated upload from an
+# HTML error page saved as .jpg.
+HOSTILE_REASONS = {
+    "truncated.jpg": r"truncated or corrupt image data: image file is truncated",
+    "empty.jpg": r"empty file$",
+    "not-an-image.png": r"not an image: unrecognised format$",
+    "error-page.jpg": r"not an image: unrecognised format$",
+    # 900 MP: over twice Pillow's own limit, refused by Pillow from the header.
+    "bomb.png": r"decompression bomb: Image size \(900000000 pixels\) exceeds limit",
+    "corrupt-chunk.png": r"truncated or corrupt image data: broken data stream",
+    "too-wide.png": r"image is 20001×2; a side exceeds decode\.max_side_px=16384$",
+}
+
+
+def test_every_hostile_file_has_an_expected_reason():
+    assert set(HOSTILE_REASONS) == set(hostile_files())
+
+
 @pytest.mark.parametrize("name,data", sorted(hostile_files().items()))
-def test_hostile_file_raises_decode_error_with_reason(name, data):
+def test_hostile_file_raises_decode_error_with_its_own_reason(name, data):
     with pytest.raises(DecodeError) as raised:
         decode_image(data, **LIMITS)
-    assert str(raised.value)
+    assert re.match(HOSTILE_REASONS[name], str(raised.value)), str(raised.value)
+
+
+def test_image_over_max_image_pixels_is_refused_naming_the_setting():
+    # 5000×5000 is under Pillow's own limit: our header check refuses it.
+    with pytest.raises(DecodeError) as raised:
+        decode_image(
+            png_declaring_size(5_000, 5_000), max_image_pixels=10_000_000, max_side_px=16_384
+        )
+    assert str(raised.value) == (
+        "decompression bomb: 5000×5000 = 25000000 pixels exceeds decode.max_image_pixels=10000000"
+    )
+
+
+def test_side_limit_applies_to_the_longer_side_of_a_tall_image():
+    tall = encoded(Image.new("L", (3, 300)), "PNG")
+    with pytest.raises(
+        DecodeError, match=r"^image is 3×300; a side exceeds decode\.max_side_px=299$"
+    ):
+        decode_image(tall, max_image_pixels=10**6, max_side_px=299)
+    assert decode_image(tall, max_image_pixels=10**6, max_side_px=300).rgb.shape == (300, 3, 3)
 
 
 @pytest.mark.parametrize("name", sorted(odd_files()))
@@ -81,7 +122,8 @@ def test_truncated_jpeg_becomes_error_row_and_good_rows_complete():
         assert status == "ok" and reason == "" and model_input.shape == (384, 384, 3)
     for name in hostile_files():
         status, reason, model_input = by_name[name]
-        assert status == "error" and reason.startswith("decode: ") and model_input.size == 0
+        assert status == "error" and model_input.size == 0
+        assert re.match("decode: " + HOSTILE_REASONS[name], reason), (name, reason)
     assert "image_bytes" not in out
     assert list(out["height"][:1]) == [48] and list(out["width"][:1]) == [64]
 

@@ -1,4 +1,4 @@
-"""The inference actor outside Ray: threads, model-resolution depth, error rows."""
+"""The inference actor outside Ray: threads, model-resolution depth, error rows, batch sizes."""
 
 import os
 
@@ -44,3 +44,77 @@ def test_cpu_actor_sets_its_torch_threads_and_keeps_depth_at_model_size(checkpoi
     assert out["depth_levels"][0].shape == SEEDED_VIT_DEPTH_HW
     assert out["depth_levels"][1].size == 0 and list(out["status"]) == ["ok", "error"]
     assert "depth_input" not in out
+
+
+def actor_for(checkpoints, **options) -> InferenceActor:
+    return InferenceActor(
+        str(checkpoints["depth-vit"]),
+        str(checkpoints["segmentation-vit"]),
+        device="cpu",
+        dtype="float32",
+        cache_dir=None,
+        storage_options={},
+        depth_resolution="model",
+        **options,
+    )
+
+
+def ok_batch(ok_rows: int) -> dict[str, np.ndarray]:
+    """``ok_rows`` decoded rows at the seeded models' input size, then one error row."""
+    count = ok_rows + 1
+    depth_inputs, segmentation_inputs = np.empty(count, dtype=object), np.empty(count, dtype=object)
+    generator = np.random.default_rng(0)
+    for index in range(ok_rows):
+        pixels = generator.integers(0, 256, (*SEEDED_VIT_DEPTH_HW, 3), dtype=np.uint8)
+        depth_inputs[index] = segmentation_inputs[index] = pixels
+    depth_inputs[ok_rows] = segmentation_inputs[ok_rows] = np.zeros((0, 0, 3), dtype=np.uint8)
+    return {
+        "status": np.array(["ok"] * ok_rows + ["error"], dtype=object),
+        "error": np.array([""] * ok_rows + ["decode: empty file"], dtype=object),
+        "height": np.array([48] * ok_rows + [0]),
+        "width": np.array([64] * ok_rows + [0]),
+        "depth_input": depth_inputs,
+        "segmentation_input": segmentation_inputs,
+    }
+
+
+def test_auto_batch_size_is_a_power_of_two_within_the_maximum_and_splits_larger_batches(
+    checkpoints,
+):
+    # The tiny models run 4 images far inside a minute; 6 is not a power of two.
+    actor = actor_for(checkpoints, batch_size="auto", max_batch_size=6, batch_time_budget_s=60.0)
+    assert actor.depth.batch_size == actor.segmentation.batch_size == 4
+
+    passes = {"depth": [], "segmentation": []}  # images per forward pass of each network
+
+    def counting(task):
+        return lambda module, args, kwargs: passes[task].append(len(kwargs["pixel_values"]))
+
+    hooks = [
+        predictor.model.register_forward_pre_hook(counting(predictor.task), with_kwargs=True)
+        for predictor in (actor.depth, actor.segmentation)
+    ]
+    try:
+        out = actor(ok_batch(7))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert passes == {"depth": [4, 3], "segmentation": [4, 3]}
+    assert list(out["status"]) == ["ok"] * 7 + ["error"]
+    assert len(out["depth_levels"]) == len(out["seg_class_ids"]) == 8
+    assert all(levels.shape == SEEDED_VIT_DEPTH_HW for levels in out["depth_levels"][:7])
+    assert all(class_ids.shape == (48, 64) for class_ids in out["seg_class_ids"][:7])
+    assert out["depth_levels"][7].size == 0 and out["seg_class_ids"][7].size == 0
+
+
+def test_auto_batch_size_respects_the_cpu_time_budget(checkpoints):
+    # No pass takes a nanosecond: the search keeps the one image that always fits.
+    actor = actor_for(checkpoints, batch_size="auto", max_batch_size=8, batch_time_budget_s=1e-9)
+    assert actor.depth.batch_size == actor.segmentation.batch_size == 1
+
+
+def test_a_fixed_batch_size_is_kept_not_searched(checkpoints):
+    actor = actor_for(checkpoints, batch_size=3, max_batch_size=64, batch_time_budget_s=60.0)
+    assert actor.depth.batch_size == actor.segmentation.batch_size == 3
+    unset = actor_for(checkpoints, batch_size=None)
+    assert unset.depth.batch_size is None and unset.segmentation.batch_size is None
