@@ -118,3 +118,26 @@ def test_a_fixed_batch_size_is_kept_not_searched(checkpoints):
     assert actor.depth.batch_size == actor.segmentation.batch_size == 3
     unset = actor_for(checkpoints, batch_size=None)
     assert unset.depth.batch_size is None and unset.segmentation.batch_size is None
+
+
+def test_an_image_whose_depth_failed_is_not_segmented_and_keeps_its_first_reason(checkpoints):
+    import dataclasses
+
+    actor = actor_for(checkpoints)
+    real_depth, real_segmentation = actor.depth.predict, actor.segmentation.predict
+    segmented = []
+
+    def depth_failing_first(inputs, sizes):
+        predictions = real_depth(inputs, sizes)
+        return [dataclasses.replace(predictions[0], error="out of memory alone"), *predictions[1:]]
+
+    def counting_segmentation(inputs, sizes):
+        segmented.append(len(inputs))
+        return real_segmentation(inputs, sizes)
+
+    actor.depth.predict, actor.segmentation.predict = depth_failing_first, counting_segmentation
+    out = actor(ok_batch(3))
+    assert list(out["status"]) == ["error", "ok", "ok", "error"]
+    assert out["error"][0] == "depth: out of memory alone"
+    assert segmented == [2]  # the two images whose depth succeeded
+    assert out["seg_class_ids"][0].size == 0 and out["seg_class_ids"][1].size > 0

@@ -121,6 +121,40 @@ def test_a_beacon_that_does_not_answer_is_asked_again_on_the_next_tick(local_ray
     assert beacon.checks == 3
 
 
+def test_a_beacon_silent_for_the_whole_timeout_is_reported_not_taken_for_a_stall(
+    local_ray_get, caplog
+):
+    beacon = ScriptedBeacon(ConnectionError("its node is gone"))
+    watchdog = StallWatchdog(beacon, stall_timeout_s=TIMEOUT_S)
+    with caplog.at_level("WARNING", logger="pipeline.progress"), watchdog:
+        wait_for_checks(beacon, 5)  # past the timeout: 0.5 s per check
+    assert watchdog.stalled_after_rows is None
+    warnings = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
+    assert warnings and "stalls are not detected" in warnings[0]
+    assert "ConnectionError" in warnings[0]
+    assert finished(watchdog)
+
+
+def test_off_the_main_thread_the_watchdog_says_it_does_not_watch(local_ray_get, caplog):
+    """interrupt_main would interrupt the main thread, not the thread running the job."""
+    import threading
+
+    beacon = ScriptedBeacon((0, 1e9))
+    watchdogs = []
+
+    def run_job() -> None:
+        with StallWatchdog(beacon, stall_timeout_s=TIMEOUT_S) as watchdog:
+            watchdogs.append(watchdog)
+            time.sleep(2 * TIMEOUT_S)  # stalled all along: the main thread must not be hit
+
+    with caplog.at_level("WARNING", logger="pipeline.progress"):
+        job = threading.Thread(target=run_job)
+        job.start()
+        job.join()
+    assert beacon.checks == 0 and not watchdogs[0]._thread.is_alive()
+    assert any("not watched" in record.getMessage() for record in caplog.records)
+
+
 def test_without_a_timeout_nothing_is_watched(local_ray_get):
     beacon = ScriptedBeacon((0, 1e9))
     handler = signal.getsignal(signal.SIGINT)
