@@ -52,6 +52,12 @@ def is_transient(error: BaseException) -> bool:
     return any(word in str(error) for word in TRANSIENT_ERROR_WORDS)
 
 
+def is_storage_error(error: BaseException) -> bool:
+    """A failure of the store or the network (an ``OSError``, or what the HTTP stack
+    raises for a dropped connection), as opposed to a bug in the caller."""
+    return isinstance(error, OSError) or is_transient(error)
+
+
 def backoff_delays(attempts: int = RETRY_ATTEMPTS) -> Iterator[float]:
     """Seconds to wait before each retry: exponential with full jitter, capped.
 

@@ -13,7 +13,7 @@ from pipeline.encode import encode_depth_npz, encode_depth_png, encode_segmentat
 from pipeline.keys import annotation_tag, map_file_key
 from pipeline.metrics import record_map_bytes, record_outcomes
 from pipeline.progress import report_progress
-from pipeline.retry import retry_transient
+from pipeline.retry import is_storage_error, retry_transient
 from pipeline.schema import PREDICTION_SCHEMA, error_reason
 from pipeline.storage import filesystem_for, full_uri, join
 
@@ -52,26 +52,22 @@ def write_maps_batch(
         source_key = str(batch["source_key"][index])
         tag = annotation_tag(str(batch["image_id"][index]), source_versions[index], config_hash)
         try:
-            if has_depth:
-                if "depth_levels" in batch:
-                    path = join(root, map_file_key("depth", source_key, tag))
-                    data = encode_depth_png(batch["depth_levels"][index], compress_level)
-                else:
-                    path = join(root, map_file_key("depth", source_key, tag, ".npz"))
-                    # Ray's hand-over between stages widens float16 arrays to
-                    # float32; the values are still float16's, so this is exact.
-                    depth = batch["depth_float16"][index].astype(np.float16)
-                    data = encode_depth_npz(depth)
+            maps = _encoded_maps(batch, index, has_depth, compress_level)
+        except ValueError as problem:  # a map of the wrong shape or type
+            status[index], error[index] = "error", error_reason("encode", problem)
+            continue
+        uris = {"depth": depth_uri, "segmentation": segmentation_uri}
+        try:
+            for kind, suffix, data in maps:
+                path = join(root, map_file_key(kind, source_key, tag, suffix))
                 retry_transient(lambda path=path, data=data: fs.pipe_file(path, data))
-                depth_uri[index] = full_uri(fs, path)
-                bytes_written["depth"] += len(data)
-            if "seg_class_ids" in batch:
-                path = join(root, map_file_key("segmentation", source_key, tag))
-                png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
-                retry_transient(lambda path=path, png=png: fs.pipe_file(path, png))
-                segmentation_uri[index] = full_uri(fs, path)
-                bytes_written["segmentation"] += len(png)
-        except (OSError, ValueError) as problem:
+                uris[kind][index] = full_uri(fs, path)
+                bytes_written[kind] += len(data)
+        except Exception as problem:
+            # The store's failure, not ours: an error row, retried by the next
+            # run. Left to raise, one image would fail the batch and the job.
+            if not is_storage_error(problem):
+                raise
             status[index], error[index] = "error", error_reason("write", problem)
             depth_uri[index] = segmentation_uri[index] = None
 
@@ -126,6 +122,26 @@ def _where(ok: np.ndarray, values: np.ndarray | None, convert=lambda v: v.item()
     if values is None:
         return [None] * len(ok)
     return [convert(value) if keep else None for keep, value in zip(ok, values, strict=True)]
+
+
+def _encoded_maps(
+    batch: dict[str, np.ndarray], index: int, has_depth: bool, compress_level: int
+) -> list[tuple[str, str, bytes]]:
+    """(kind, file suffix, bytes) of each map of row ``index``."""
+    maps = []
+    if has_depth and "depth_levels" in batch:
+        maps.append(
+            ("depth", ".png", encode_depth_png(batch["depth_levels"][index], compress_level))
+        )
+    elif has_depth:
+        # Ray's hand-over between stages widens float16 arrays to float32; the
+        # values are still float16's, so this is exact.
+        depth = batch["depth_float16"][index].astype(np.float16)
+        maps.append(("depth", ".npz", encode_depth_npz(depth)))
+    if "seg_class_ids" in batch:
+        png = encode_segmentation_png(batch["seg_class_ids"][index], compress_level)
+        maps.append(("segmentation", ".png", png))
+    return maps
 
 
 def _column_or_nulls(batch: dict[str, np.ndarray], key: str, count: int) -> list:

@@ -31,6 +31,8 @@ class RefusingFileSystem(MemoryFileSystem):
     protocol = ("refusing",)
     refused: tuple[str, ...] = ()
     flaky = False
+    # Raised, instead of writing, for every path: what an HTTP stack raises.
+    failing_with: Exception | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,6 +46,8 @@ class RefusingFileSystem(MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         if "w" in mode or "x" in mode:
+            if self.failing_with is not None:
+                raise self.failing_with
             if any(fragment in path for fragment in self.refused):
                 raise PermissionError(errno.EACCES, "Access Denied", path)
             if self.flaky and path not in self.dropped:
@@ -280,3 +284,32 @@ def test_the_beacon_hears_of_each_written_batch(tmp_path):
         beacon=LocalBeacon(),
     )
     assert told == [2]  # error rows are finished rows too
+
+
+def test_a_store_failure_outside_oserror_is_an_error_row_after_its_retries(refusing, monkeypatch):
+    """aiohttp's dropped payloads are no OSError: they used to fail the whole batch."""
+    import aiohttp
+
+    monkeypatch.setattr("pipeline.retry.backoff_delays", lambda attempts=6: iter([0.0, 0.0]))
+    refusing.failing_with = aiohttp.ClientPayloadError("Response payload is not completed")
+    [row] = write(inferred_batch(["a.jpg"]), "refusing://out")
+    assert row["status"] == "error"
+    assert row["error"].startswith("write: ClientPayloadError: Response payload is not completed")
+
+
+def test_a_bug_in_writing_is_raised_not_hidden_as_an_error_row(refusing):
+    refusing.failing_with = TypeError("a bug, not the store")
+    with pytest.raises(TypeError, match="a bug"):
+        write(inferred_batch(["a.jpg"]), "refusing://out")
+
+
+def test_a_map_that_cannot_be_encoded_is_an_encode_error_row(tmp_path):
+    batch = inferred_batch(["a.jpg", "b.jpg"])
+    batch["depth_levels"][1] = np.zeros((2, 2, 2, 2), dtype=np.uint16)  # no image shape
+    good, bad = write(batch, str(tmp_path))
+    assert good["status"] == "ok"
+    assert bad["status"] == "error" and bad["error"].startswith("encode: ")
+    assert bad["depth_uri"] is None and files_under(tmp_path) == {
+        expected_key(batch, 0, "depth"),
+        expected_key(batch, 0, "segmentation"),
+    }
