@@ -452,10 +452,10 @@ def test_the_readme_commands_name_files_that_exist_and_the_variables_they_need()
 
 
 @pytest.mark.skipif(shutil.which("envsubst") is None, reason="envsubst (gettext-base) not found")
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [m for m in MANIFESTS if envsubst_line(m) is not None], ids=lambda p: p.name
+)
 def test_the_readme_envsubst_command_fills_every_variable(path):
-    if envsubst_line(path) is None:
-        pytest.skip("no variables: applied as it is")
     (listed,) = re.findall(r"envsubst '([^']*)'", path.read_text())
     filled = subprocess.run(
         ["envsubst", listed],
