@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,27 @@ EMPTY_DEPTH = np.zeros((0, 0), dtype=np.uint16)
 EMPTY_CLASSES = np.zeros((0, 0), dtype=np.uint8)
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How an actor loads and runs its models; ``pipeline.run`` builds it from the
+    job config (where each setting is documented), tests directly."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: str | None = None  # None: the default, under this node's home
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    depth_resolution: DepthResolution = "model"
+    depth_encoding: DepthEncoding = "levels"
+    cpu_threads: int | Literal["all"] | None = None
+    batch_size: int | Literal["auto"] | None = None  # None: each call's images in one pass
+    max_batch_size: int = 64
+    batch_time_budget_s: float = 2.0
+    gpus_per_actor: float = 0.0
+    min_confidence: float | None = None  # pseudo-label mode
+    flip_tta: bool = False
+    segmentation_scales: tuple[float, ...] = (1.0,)
+
+
 class InferenceActor:
     """Callable class for ``map_batches``: ``<task>_input`` columns in, map columns out."""
 
@@ -34,58 +56,51 @@ class InferenceActor:
         self,
         depth_model: str | None,
         segmentation_model: str | None,
-        device: str,
-        dtype: str,
-        cache_dir: str | None,
-        storage_options: dict[str, Any],
-        depth_resolution: DepthResolution = "original",
-        cpu_threads: int | Literal["all"] | None = None,
-        batch_size: int | Literal["auto"] | None = None,
-        max_batch_size: int = 64,
-        batch_time_budget_s: float = 2.0,
-        gpus_per_actor: float = 0.0,
-        min_confidence: float | None = None,
-        flip_tta: bool = False,
-        depth_encoding: DepthEncoding = "levels",
-        segmentation_scales: tuple[float, ...] = (1.0,),
+        settings: InferenceSettings,
     ) -> None:
-        if device == "cpu" and cpu_threads:
+        if settings.device == "cpu" and settings.cpu_threads:
             # Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 by default), which
             # would hold a CPU forward pass to one core whatever the node has.
-            torch.set_num_threads((os.cpu_count() or 1) if cpu_threads == "all" else cpu_threads)
+            threads = settings.cpu_threads
+            torch.set_num_threads((os.cpu_count() or 1) if threads == "all" else threads)
         options = {
-            "device": device,
-            "dtype": dtype,
-            "cache_dir": Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
-            "storage_options": storage_options,
-            "flip_tta": flip_tta,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "cache_dir": Path(settings.cache_dir) if settings.cache_dir else DEFAULT_CACHE_DIR,
+            "storage_options": settings.storage_options,
+            "flip_tta": settings.flip_tta,
         }
         self.depth = self.segmentation = None
         if depth_model:
             started = time.perf_counter()
             self.depth = DepthPredictor(
-                depth_model, resolution=depth_resolution, encoding=depth_encoding, **options
+                depth_model,
+                resolution=settings.depth_resolution,
+                encoding=settings.depth_encoding,
+                **options,
             )
             record_model_load("depth", time.perf_counter() - started)
         if segmentation_model:
             started = time.perf_counter()
             self.segmentation = SegmentationPredictor(
                 segmentation_model,
-                min_confidence=min_confidence,
-                scales=segmentation_scales,
+                min_confidence=settings.min_confidence,
+                scales=settings.segmentation_scales,
                 **options,
             )
             record_model_load("segmentation", time.perf_counter() - started)
         for predictor in (self.depth, self.segmentation):
             if predictor is None:
                 continue
-            if batch_size == "auto":
+            if settings.batch_size == "auto":
                 chosen = predictor.choose_batch_size(
-                    max_batch_size, batch_time_budget_s, device_share=min(1.0, gpus_per_actor)
+                    settings.max_batch_size,
+                    settings.batch_time_budget_s,
+                    device_share=min(1.0, settings.gpus_per_actor),
                 )
                 logger.info("%s model: batch size %d (auto)", predictor.task, chosen)
             else:
-                predictor.batch_size = batch_size
+                predictor.batch_size = settings.batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])

@@ -34,7 +34,7 @@ from pipeline.cluster import (
     read_cluster_capacity,
 )
 from pipeline.decode import decode_batch
-from pipeline.infer import InferenceActor
+from pipeline.infer import InferenceActor, InferenceSettings
 from pipeline.keys import SHARDS_FOLDER, shard_marker_stem
 from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
@@ -257,6 +257,27 @@ def run_annotation(config: JobConfig) -> RunSummary:
     return summary
 
 
+def inference_settings(config: JobConfig, cache_dir: str | None) -> InferenceSettings:
+    """What each inference actor is told of the job config."""
+    pseudo_labels = config.pseudo_labels
+    return InferenceSettings(
+        device=config.device,
+        dtype=config.inference.dtype,
+        cache_dir=cache_dir,
+        storage_options=config.storage_options(),
+        depth_resolution=config.output.depth_resolution,
+        depth_encoding=DEPTH_ENCODINGS[config.output.depth_format],
+        cpu_threads=config.inference.cpu_threads or math.ceil(config.resources.cpus_per_actor),
+        batch_size=config.inference.batch_size,
+        max_batch_size=config.inference.max_batch_size,
+        batch_time_budget_s=config.inference.batch_time_budget_s,
+        gpus_per_actor=config.resources.gpus_per_actor,
+        min_confidence=pseudo_labels.min_confidence if pseudo_labels.enabled else None,
+        flip_tta=config.inference.flip_tta,
+        segmentation_scales=config.inference.segmentation_scales,
+    )
+
+
 def _start_beacon() -> Any:
     """The :class:`ProgressBeacon` actor, on the driver's node.
 
@@ -364,21 +385,7 @@ def _annotation_dataset(
             "segmentation_model": (
                 cards["segmentation"].pinned_uri if "segmentation" in cards else None
             ),
-            "device": config.device,
-            "dtype": config.inference.dtype,
-            "cache_dir": cache_dir,
-            "storage_options": storage_options,
-            "depth_resolution": config.output.depth_resolution,
-            "cpu_threads": config.inference.cpu_threads
-            or math.ceil(config.resources.cpus_per_actor),
-            "batch_size": config.inference.batch_size,
-            "max_batch_size": config.inference.max_batch_size,
-            "batch_time_budget_s": config.inference.batch_time_budget_s,
-            "gpus_per_actor": config.resources.gpus_per_actor,
-            "min_confidence": pseudo_labels.min_confidence if pseudo_labels.enabled else None,
-            "flip_tta": config.inference.flip_tta,
-            "depth_encoding": DEPTH_ENCODINGS[config.output.depth_format],
-            "segmentation_scales": config.inference.segmentation_scales,
+            "settings": inference_settings(config, cache_dir),
         },
         # Start at full size: a pool that ramps one actor at a time wastes the
         # first minutes of a job on a cluster that already has the GPUs.

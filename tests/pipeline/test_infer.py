@@ -5,7 +5,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline.infer import InferenceActor
+from pipeline.infer import InferenceActor, InferenceSettings
 from tests.conftest import SEEDED_VIT_DEPTH_HW
 
 
@@ -13,19 +13,10 @@ def test_cpu_actor_sets_its_torch_threads_and_keeps_depth_at_model_size(checkpoi
     threads = torch.get_num_threads()
     try:
         actor = InferenceActor(
-            str(checkpoints["depth-vit"]),
-            None,
-            device="cpu",
-            dtype="float32",
-            cache_dir=None,
-            storage_options={},
-            depth_resolution="model",
-            cpu_threads=1,
+            str(checkpoints["depth-vit"]), None, InferenceSettings(cpu_threads=1)
         )
         assert torch.get_num_threads() == 1
-        InferenceActor(
-            str(checkpoints["depth-vit"]), None, "cpu", "float32", None, {}, cpu_threads="all"
-        )
+        InferenceActor(str(checkpoints["depth-vit"]), None, InferenceSettings(cpu_threads="all"))
         assert torch.get_num_threads() == os.cpu_count()
     finally:
         torch.set_num_threads(threads)
@@ -50,12 +41,7 @@ def actor_for(checkpoints, **options) -> InferenceActor:
     return InferenceActor(
         str(checkpoints["depth-vit"]),
         str(checkpoints["segmentation-vit"]),
-        device="cpu",
-        dtype="float32",
-        cache_dir=None,
-        storage_options={},
-        depth_resolution="model",
-        **options,
+        InferenceSettings(depth_resolution="model", **options),
     )
 
 
@@ -141,3 +127,28 @@ def test_an_image_whose_depth_failed_is_not_segmented_and_keeps_its_first_reason
     assert out["error"][0] == "depth: out of memory alone"
     assert segmented == [2]  # the two images whose depth succeeded
     assert out["seg_class_ids"][0].size == 0 and out["seg_class_ids"][1].size > 0
+
+
+def test_the_actors_settings_follow_the_job_config():
+    from jobs.config import load_config
+    from pipeline.run import inference_settings
+
+    config = load_config(
+        None,
+        [
+            "input.uri=in",
+            "output.uri=out",
+            "models.depth=m",
+            "models.segmentation=s",
+            "pseudo_labels.enabled=true",
+            "pseudo_labels.min_confidence=0.7",
+            "output.depth_format=npz_float16",
+            "resources.cpus_per_actor=2.5",
+            "inference.batch_size=auto",
+        ],
+    )
+    settings = inference_settings(config, cache_dir=None)
+    assert (settings.min_confidence, settings.depth_encoding) == (0.7, "float16")
+    assert settings.cpu_threads == 3  # the actor's CPUs, rounded up, when not set
+    assert settings.batch_size == "auto" and settings.depth_resolution == "model"
+    assert settings.storage_options == config.storage_options()
