@@ -16,6 +16,8 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# Input formats whose files hold many images each.
+SHARD_FORMATS = frozenset({"webdataset", "parquet"})
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # An image inside a shard is "<shard URI>#<sample id>". The first "#" right after

@@ -20,14 +20,18 @@ import fsspec.asyn
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from pipeline.keys import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, image_id_for, printable_name
+from pipeline.keys import (
+    PARQUET_SUFFIXES,
+    WEBDATASET_SUFFIXES,
+    image_id_for,
+    printable_name,
+)
 from pipeline.schema import source_uri_of, storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
 
 if TYPE_CHECKING:
     from jobs.config import InputConfig
 
-SHARD_FORMATS = frozenset({"webdataset", "parquet"})
 TEXT_MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest")
 # Objects looked at before `auto` decides; enough to see past a few stray files.
 AUTO_PEEK_OBJECTS = 1000

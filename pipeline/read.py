@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.keys import image_id_for, shard_marker_key, shard_member_uri
+from pipeline.keys import SHARD_FORMATS, image_id_for, shard_marker_key, shard_member_uri
 from pipeline.retry import backoff_delays, is_transient, retry_transient
 from pipeline.schema import error_reason, strip_url_secrets
 from pipeline.shards import (
@@ -108,16 +108,37 @@ def _cat_with_retries(
     return results
 
 
+@dataclass(frozen=True)
+class ShardInput:
+    """How a job reads the images out of its shards (from its ``input`` config)."""
+
+    format: str  # "webdataset" or "parquet"
+    extensions: tuple[str, ...]  # webdataset: image members' extensions
+    image_column: str  # parquet
+    id_column: str | None  # parquet; None: the row number
+    max_image_bytes: int | None = None  # larger images are error rows
+
+    @classmethod
+    def from_run_record(cls, record: dict[str, Any]) -> ShardInput | None:
+        """As a finished run read them (``_runs/<run_id>.json``); None for image files."""
+        input_format = (record.get("summary") or {}).get("input_format")
+        settings = (record.get("config") or {}).get("input") or {}
+        if input_format not in SHARD_FORMATS or "extensions" not in settings:
+            return None
+        return cls(
+            input_format,
+            tuple(settings["extensions"]),
+            settings.get("image_column", "image"),
+            settings.get("id_column"),
+        )
+
+
 def read_shard(
     batch: dict[str, np.ndarray],
-    input_format: str,
+    shard_input: ShardInput,
     storage_options: dict[str, Any],
-    extensions: tuple[str, ...],
-    image_column: str,
-    id_column: str | None,
     rows_per_batch: int,
     output_uri: str | None = None,
-    max_image_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
@@ -141,18 +162,8 @@ def read_shard(
             continue
         rows: list[dict[str, Any]] = []
         read = _ShardRead()
-        for row in _shard_rows(
-            str(shard_uri),
-            str(shard_key),
-            str(shard_version),
-            input_format,
-            storage_options,
-            extensions,
-            image_column,
-            id_column,
-            max_image_bytes,
-            read,
-        ):
+        shard = (str(shard_uri), str(shard_key), str(shard_version))
+        for row in _shard_rows(*shard, shard_input, storage_options, read):
             rows.append(row)
             if len(rows) == rows_per_batch:
                 yield _as_columns(rows)
@@ -187,25 +198,13 @@ def _shard_rows(
     shard_uri: str,
     shard_key: str,
     shard_version: str,
-    input_format: str,
+    shard_input: ShardInput,
     storage_options: dict[str, Any],
-    extensions: tuple[str, ...],
-    image_column: str,
-    id_column: str | None,
-    max_image_bytes: int | None,
     read: _ShardRead,
 ) -> Iterator[dict[str, Any]]:
     images = with_image = 0
     try:
-        for sample in iter_shard_images(
-            shard_uri,
-            input_format,
-            storage_options,
-            extensions,
-            image_column,
-            id_column,
-            max_image_bytes,
-        ):
+        for sample in iter_shard_images(shard_uri, shard_input, storage_options):
             images += 1
             with_image += sample.has_image
             yield _image_row(shard_uri, shard_key, shard_version, sample)
@@ -233,22 +232,17 @@ def _shard_error_row(shard_uri: str, shard_key: str, shard_version: str, reason:
 
 
 def iter_shard_images(
-    shard_uri: str,
-    input_format: str,
-    storage_options: dict[str, Any],
-    extensions: tuple[str, ...],
-    image_column: str,
-    id_column: str | None,
-    max_image_bytes: int | None = None,
+    shard_uri: str, shard_input: ShardInput, storage_options: dict[str, Any]
 ) -> Iterator[ShardImage]:
     """Stream a webdataset or Parquet shard's images; the shard closes when the caller stops."""
     fs, path = filesystem_for(shard_uri, storage_options)
+    limit = shard_input.max_image_bytes
     with retry_transient(lambda: fs.open(path, "rb", block_size=SHARD_BLOCK_BYTES)) as file:
-        if input_format == "webdataset":
-            yield from iter_webdataset(file, extensions, max_image_bytes)
+        if shard_input.format == "webdataset":
+            yield from iter_webdataset(file, shard_input.extensions, limit)
         else:
             yield from iter_parquet_images(
-                file, image_column, id_column, max_image_bytes=max_image_bytes
+                file, shard_input.image_column, shard_input.id_column, max_image_bytes=limit
             )
 
 

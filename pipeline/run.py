@@ -35,8 +35,8 @@ from pipeline.cluster import (
 )
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor, InferenceSettings
-from pipeline.keys import SHARDS_FOLDER, shard_marker_stem
-from pipeline.listing import SHARD_FORMATS, InputNotFoundError, list_input
+from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, shard_marker_stem
+from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.predictions import (
     PREDICTIONS_FOLDER,
@@ -48,8 +48,8 @@ from pipeline.predictions import (
     scan_committed,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog
-from pipeline.read import read_batch, read_shard
-from pipeline.report import REPORT_FOLDER, ShardInput, class_names_or_ids, write_quality_report
+from pipeline.read import ShardInput, read_batch, read_shard
+from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.schema import error_reason, reason_group, storage_problem, strip_url_secrets
 from pipeline.storage import (
@@ -257,6 +257,16 @@ def run_annotation(config: JobConfig) -> RunSummary:
     return summary
 
 
+def _shard_input(config: JobConfig, input_format: str) -> ShardInput:
+    return ShardInput(
+        input_format,
+        config.input.extensions,
+        config.input.image_column,
+        config.input.id_column,
+        config.decode.max_image_bytes,
+    )
+
+
 def inference_settings(config: JobConfig, cache_dir: str | None) -> InferenceSettings:
     """What each inference actor is told of the job config."""
     pseudo_labels = config.pseudo_labels
@@ -319,14 +329,10 @@ def _annotation_dataset(
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={
-                "input_format": input_format,
+                "shard_input": _shard_input(config, input_format),
                 "storage_options": storage_options,
-                "extensions": config.input.extensions,
-                "image_column": config.input.image_column,
-                "id_column": config.input.id_column,
                 "rows_per_batch": DECODE_BATCH_ROWS,
                 "output_uri": config.output.uri,
-                "max_image_bytes": config.decode.max_image_bytes,
             },
             num_cpus=decode_cpus,
         )
@@ -739,14 +745,7 @@ def _write_quality_report(
             max_image_pixels=config.decode.max_image_pixels,
             max_side_px=config.decode.max_side_px,
             shard_input=(
-                ShardInput(
-                    input_format,
-                    config.input.extensions,
-                    config.input.image_column,
-                    config.input.id_column,
-                )
-                if input_format in SHARD_FORMATS
-                else None
+                _shard_input(config, input_format) if input_format in SHARD_FORMATS else None
             ),
             this_run=asdict(summary),
         )

@@ -5,11 +5,7 @@
 ``write_quality_report`` after every run; ``python -m jobs.report`` rebuilds it.
 """
 
-from pipeline.report.build import (
-    REPORT_FOLDER,
-    ShardInput,
-    class_names_or_ids,
-    write_quality_report,
-)
+from pipeline.read import ShardInput  # how write_quality_report finds images in shards
+from pipeline.report.build import REPORT_FOLDER, class_names_or_ids, write_quality_report
 
 __all__ = ["REPORT_FOLDER", "ShardInput", "class_names_or_ids", "write_quality_report"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,13 @@ from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
-from pipeline.listing import SHARD_FORMATS
 from pipeline.predictions import (
     iter_predictions,
     read_predictions,
     run_records,
     segmentation_class_names,
 )
-from pipeline.read import iter_shard_images
+from pipeline.read import ShardInput, iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
 from pipeline.report.stats import STATS_COLUMNS, SampleChooser, StatsAccumulator
 from pipeline.report.thumbnails import (
@@ -75,30 +73,6 @@ _OVERLAY_ALPHA = 0.55
 # Sampled images inside shards are shown from at most this many shards (each is
 # streamed until its sampled images are found); the rest show their maps only.
 MAX_SHARDS_READ = 3
-
-
-@dataclass(frozen=True)
-class ShardInput:
-    """How the run read its shards, to find sampled images in them again."""
-
-    format: str  # "webdataset" or "parquet"
-    extensions: tuple[str, ...]
-    image_column: str
-    id_column: str | None
-
-    @classmethod
-    def from_run_record(cls, record: dict[str, Any]) -> ShardInput | None:
-        """From a finished run's record (``_runs/<run_id>.json``); None for image files."""
-        input_format = (record.get("summary") or {}).get("input_format")
-        settings = (record.get("config") or {}).get("input") or {}
-        if input_format not in SHARD_FORMATS or "extensions" not in settings:
-            return None
-        return cls(
-            input_format,
-            tuple(settings["extensions"]),
-            settings.get("image_column", "image"),
-            settings.get("id_column"),
-        )
 
 
 def write_quality_report(
@@ -223,14 +197,7 @@ def _images_in_shards(
     def read(shard_uri: str) -> dict[str, bytes | str]:
         found, missing = {}, set(wanted[shard_uri])
         try:
-            for image in iter_shard_images(
-                shard_uri,
-                shard_input.format,
-                storage_options,
-                shard_input.extensions,
-                shard_input.image_column,
-                shard_input.id_column,
-            ):
+            for image in iter_shard_images(shard_uri, shard_input, storage_options):
                 if image.sample_id in missing and image.data is not None:
                     found[shard_member_uri(shard_uri, image.sample_id)] = image.data
                     missing.discard(image.sample_id)

@@ -158,7 +158,7 @@ def test_one_folder_spelt_two_ways_gives_the_same_ids(tmp_path):
 def test_names_that_are_not_utf8_become_error_rows_not_a_stopped_job(tmp_path):
     import os
 
-    from pipeline.read import read_batch, read_shard
+    from pipeline.read import ShardInput, read_batch, read_shard
 
     _write(tmp_path / "files", ("good.jpg",))
     (tmp_path / "shards").mkdir()
@@ -186,14 +186,7 @@ def test_names_that_are_not_utf8_become_error_rows_not_a_stopped_job(tmp_path):
     read = read_batch(columns(manifest_rows), {})
     assert read["status"].tolist() == ["ok", "error"]
     assert read["error"][1].startswith("list: name is not valid UTF-8")
-    [shard] = read_shard(
-        columns(shard_rows),
-        input_format="webdataset",
-        storage_options={},
-        extensions=("jpg",),
-        image_column="image",
-        id_column=None,
-        rows_per_batch=4,
-    )
+    shard_input = ShardInput("webdataset", ("jpg",), "image", None)
+    [shard] = read_shard(columns(shard_rows), shard_input, storage_options={}, rows_per_batch=4)
     assert shard["status"].tolist() == ["error"]
     assert shard["source_uri"][0].endswith("/\\xffs.tar")

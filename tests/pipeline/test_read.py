@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.read import read_batch, read_shard
+from pipeline.read import ShardInput, read_batch, read_shard
 from pipeline.retry import is_transient, retry_transient
 from tests.pipeline.test_shards import SAMPLES, tar_bytes
 
@@ -115,13 +115,13 @@ def test_http_images_over_the_byte_limit_are_error_rows(honours_ranges):
 
 
 def _read_shards(uris, keys, input_format, **options):
+    shard_input = ShardInput(
+        input_format, ("jpg", "png"), options.get("image_column", "image"), options.get("id_column")
+    )
     batches = read_shard(
         _rows(shard_uri=uris, shard_key=keys, shard_version=[f"v{i}" for i in range(len(uris))]),
-        input_format=input_format,
+        shard_input,
         storage_options={},
-        extensions=("jpg", "png"),
-        image_column=options.get("image_column", "image"),
-        id_column=options.get("id_column"),
         rows_per_batch=options.get("rows_per_batch", 16),
     )
     return [{key: column.tolist() for key, column in batch.items()} for batch in batches]
