@@ -6,7 +6,8 @@ The CronJob in cronjob.yaml runs this (the image has it at
     python scheduled_submit.py --address http://<head-svc>:8265 -- python -m jobs.run ...
 
 1. It lists the cluster's jobs (Ray's Jobs REST API, through JobSubmissionClient)
-   and, if one whose submission id starts with --prefix is PENDING or RUNNING,
+   and, if one whose submission id starts with --prefix, or whose entrypoint
+   sets the same output.uri (a run submitted by hand), is PENDING or RUNNING,
    says so and exits 0: that run is still going, so this schedule is skipped.
    (The CronJob's concurrencyPolicy: Forbid only covers this pod; a Ray job
    outlives the pod that submitted it.)
@@ -65,12 +66,23 @@ def status_name(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
-def active_runs(jobs: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
-    """(submission id, status) of the jobs with this prefix that have not ended."""
+def active_runs(
+    jobs: Sequence[Any], prefix: str, entrypoint: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(submission id, status) of the jobs that have not ended and would share this
+    run's output: submitted under ``prefix``, or with the same ``output.uri=…``."""
+    output_setting = next((a for a in entrypoint if a.startswith("output.uri=")), None)
+
+    def same_output(job: Any) -> bool:
+        if output_setting is None:
+            return False
+        return output_setting in shlex.split(getattr(job, "entrypoint", None) or "")
+
     return [
-        (job.submission_id, status_name(job.status))
+        (job.submission_id or "(no id)", status_name(job.status))
         for job in jobs
-        if (job.submission_id or "").startswith(prefix) and status_name(job.status) in ACTIVE
+        if status_name(job.status) in ACTIVE
+        and ((job.submission_id or "").startswith(prefix) or same_output(job))
     ]
 
 
@@ -127,10 +139,10 @@ def main(
         client_factory = JobSubmissionClient
     client = client_factory(args.address)
 
-    running = active_runs(client.list_jobs(), args.prefix)
+    running = active_runs(client.list_jobs(), args.prefix, args.entrypoint)
     if running:
         described = ", ".join(f"{job_id} ({status})" for job_id, status in running)
-        log(f"skipped: the previous scheduled run is still going: {described}")
+        log(f"skipped: a run on this output is still going: {described}")
         return 0
 
     job_id = client.submit_job(

@@ -18,7 +18,15 @@ scheduled_submit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scheduled_submit)
 
 PREFIX = "dpt-annotate-scheduled-"
-ENTRYPOINT = ["python", "-m", "jobs.run", "--set", "input.uri=s3://b/images with space/"]
+ENTRYPOINT = [
+    "python",
+    "-m",
+    "jobs.run",
+    "--set",
+    "input.uri=s3://b/images with space/",
+    "--set",
+    "output.uri=s3://b/out/",
+]
 NOW = datetime(2030, 1, 2, 6, 0, 5, tzinfo=UTC)
 
 
@@ -28,7 +36,10 @@ class FakeJobs:
     def __init__(
         self, jobs=(), statuses=("RUNNING", "SUCCEEDED"), log_lines=("a\n",), log_error=None
     ):
-        self.jobs = [SimpleNamespace(submission_id=i, status=s) for i, s in jobs]
+        self.jobs = [
+            SimpleNamespace(submission_id=job[0], status=job[1], entrypoint=(job[2:] or [""])[0])
+            for job in jobs
+        ]
         self.statuses = list(statuses)
         self.log_lines = log_lines
         self.log_error = log_error
@@ -89,6 +100,20 @@ def test_other_jobs_and_ended_scheduled_runs_do_not_block_a_new_run():
     ((entrypoint, submission_id),) = fake.submitted
     assert submission_id == PREFIX + "20300102-060005"
     assert shlex.split(entrypoint) == ENTRYPOINT
+
+
+def test_a_run_submitted_by_hand_on_the_same_output_skips_this_schedule(capsys):
+    by_hand = "python -m jobs.run --config c.yaml --set output.uri=s3://b/out/"
+    elsewhere = "python -m jobs.run --set output.uri=s3://b/out/other/"
+    fake = FakeJobs(
+        jobs=[("raysubmit_1", "RUNNING", by_hand), ("raysubmit_2", "RUNNING", elsewhere)]
+    )
+    assert run(fake) == 0 and fake.submitted == []
+    out = capsys.readouterr().out
+    assert "raysubmit_1 (RUNNING)" in out and "raysubmit_2" not in out
+    # The other output alone does not hold the schedule back.
+    fake = FakeJobs(jobs=[("raysubmit_2", "RUNNING", elsewhere)])
+    assert run(fake) == 0 and len(fake.submitted) == 1
 
 
 def test_the_run_is_followed_past_a_log_stream_that_closes_early(capsys):
