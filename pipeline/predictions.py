@@ -461,6 +461,25 @@ def _latest_segmentation_model(
     return None
 
 
+def unfinished_runs(
+    fs: fsspec.AbstractFileSystem, root: str, within_s: float, now_s: float
+) -> list[tuple[str, float]]:
+    """(run id, seconds since it started) of runs started within ``within_s`` that
+    have a start record and no finish record: still going, or crashed."""
+    try:
+        listed = fs.ls(forget_listing(fs, join(root, RUNS_FOLDER)), detail=True)
+    except FileNotFoundError:
+        return []
+    names = {info["name"].rsplit("/", 1)[-1]: info for info in listed}
+    unfinished = []
+    for name, info in names.items():
+        run_id = name.removesuffix(".started.json")
+        age_s = now_s - _modified(info)
+        if run_id != name and f"{run_id}.json" not in names and age_s < within_s:
+            unfinished.append((run_id, age_s))
+    return sorted(unfinished, key=lambda run: run[1])
+
+
 def _modified(info: dict[str, Any]) -> float:
     stamp = info.get("mtime", info.get("LastModified", info.get("last_modified")))
     return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0)

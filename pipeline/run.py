@@ -46,6 +46,7 @@ from pipeline.predictions import (
     load_done_images,
     read_shard_markers,
     scan_committed,
+    unfinished_runs,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog
 from pipeline.read import ShardInput, read_batch, read_shard
@@ -151,6 +152,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     cards = _fetch_model_cards(config, cache_dir, storage_options)
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
+    _warn_of_unfinished_runs(out_fs, out_root, run_id)
     _record_start(out_fs, out_root, config, run_id, started_at)
     done = (
         load_done_images(out_fs, out_root, config_hash)
@@ -658,6 +660,31 @@ def _fetch_model_cards(
         for task, uri in uris.items()
         if uri is not None
     }
+
+
+# Unfinished runs older than this are taken for crashed ones and not mentioned.
+_RECENT_RUN_S = 24 * 3600
+
+
+def _warn_of_unfinished_runs(fs, root: str, run_id: str) -> None:
+    """Say so where another run on this output may still be going.
+
+    Two runs at once stay correct (rows only append; the view keeps one per
+    image) but annotate the same images twice. A crashed run looks the same,
+    so this warns and goes on.
+    """
+    try:
+        others = unfinished_runs(fs, root, _RECENT_RUN_S, time.time())
+    except OSError:  # a courtesy: the start record's write is the real check
+        return
+    for other, age_s in others:
+        if other != run_id:
+            logger.warning(
+                "run %s started %.0f min ago on this output and has not finished: if it is "
+                "still going, both runs annotate the same images (if it crashed, ignore this)",
+                other,
+                age_s / 60,
+            )
 
 
 def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> None:

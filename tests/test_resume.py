@@ -38,7 +38,7 @@ def committed_parts(output: Path) -> list[Path]:
     return sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
 
 
-def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_path):
+def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_path, caplog):
     corpus, output = tmp_path / "images", tmp_path / "output"
     write_files(
         corpus,
@@ -73,7 +73,10 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_pat
 
     from pipeline.run import run_annotation
 
-    summary = run_annotation(load_config(None, [*settings, "run_id=resumed"]))
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        summary = run_annotation(load_config(None, [*settings, "run_id=resumed"]))
+    # The killed run never finished: the next one says so (it may be still going).
+    assert any("run killed started" in record.getMessage() for record in caplog.records)
     assert summary.images_skipped_done == before
     assert summary.images_ok == IMAGES - before and summary.images_error == 0
 

@@ -300,3 +300,17 @@ def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
     assert image_id_for(shard) in view_ids()  # read whole, but before it failed
     os.utime(marker, None)  # now: after the error row
     assert view_ids() == {"z", member["image_id"]}
+
+
+def test_unfinished_runs_are_recent_start_records_without_their_finish_record(tmp_path):
+    from pipeline.predictions import unfinished_runs
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    assert unfinished_runs(fs, root, 3600, time.time()) == []
+    for name in ("done.started.json", "done.json", "going.started.json", "old.started.json"):
+        fs.pipe_file(f"{root}/_runs/{name}", b"{}")
+    now = time.time()
+    os.utime(f"{root}/_runs/old.started.json", (now - 7200, now - 7200))
+    found = unfinished_runs(fs, root, 3600, now + 60)
+    assert [run_id for run_id, _ in found] == ["going"]
+    assert 59 <= found[0][1] < 120
