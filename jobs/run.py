@@ -45,11 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def format_summary(summary: RunSummary) -> str:
     """The end-of-run report for a terminal or a job's log: counts, speed, where time went."""
+    hardware = f"up to {summary.gpus_requested:g} GPUs" if summary.gpus_requested else "on CPUs"
     lines = [
         f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors, "
         f"{summary.images_skipped_done} already done, of {summary.images_listed} images "
-        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s, "
-        f"up to {summary.gpus_requested:g} GPUs)",
+        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s, {hardware})",
         f"  predictions: {summary.predictions_uri}",
         f"  run report:  {summary.report_uri}",
     ]

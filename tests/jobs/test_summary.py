@@ -1,5 +1,7 @@
 """The end-of-run summary printed by `python -m jobs.run`."""
 
+import dataclasses
+
 from jobs.run import format_summary
 from pipeline.run import RunSummary
 
@@ -42,3 +44,5 @@ def test_summary_shows_counts_speed_gpus_errors_and_stage_times():
     assert "  read_batch → decode_batch " in text
     write = next(line for line in text.splitlines() if line.strip().startswith("Write"))
     assert write.split()[-1] == "3.0"  # no CPU time recorded: left blank
+    on_cpu = format_summary(dataclasses.replace(summary, gpus_requested=0.0)).splitlines()[0]
+    assert on_cpu.endswith("(7.50 images/s, on CPUs)")
