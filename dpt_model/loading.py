@@ -321,6 +321,16 @@ def load_network(
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load {task} model from {checkpoint_dir}: {error}") from None
+    except RuntimeError as error:  # transformers' answer to weights of other shapes
+        detail = (
+            "transformers logged the tensors whose shapes differ"
+            if "ignore_mismatched_sizes" in str(error)
+            else f"{error}"
+        )
+        raise ModelLoadError(
+            f"cannot load {task} model from {checkpoint_dir}: its weights do not fit its "
+            f"config.json ({detail})"
+        ) from None
     model.eval().to(device)
     _enable_non_square_grids(model)
     return model

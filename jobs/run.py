@@ -92,25 +92,60 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.schema import strip_url_secrets
     from pipeline.storage import StorageUnreachableError
 
-    try:
-        summary = run_annotation(config)
-    except (
+    foreseen = (
         ModelLoadError,
         InputNotFoundError,
         OutputNotWritableError,
         ClusterTooSmallError,
         JobStalledError,
         StorageUnreachableError,
-    ) as error:
-        print(f"error: {strip_url_secrets(str(error))}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    except Exception:
+    )
+    try:
+        summary = run_annotation(config)
+    except Exception as error:
+        if (known := _first_of(error, foreseen)) or (known := _actor_model_error(error)):
+            print(f"error: {strip_url_secrets(str(known))}", file=sys.stderr)
+            return EXIT_JOB_FAILED
         # A traceback, for a failure nobody foresaw, without the signatures of
         # presigned URLs it may quote.
         print(strip_url_secrets(traceback.format_exc()), file=sys.stderr)
         return EXIT_JOB_FAILED
     print(format_summary(summary))
     return 0
+
+
+def _first_of(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``error``, or the error it wraps, that is one of ``kinds``.
+
+    An actor's failure (a model that fails to load there) reaches the driver
+    wrapped by Ray: its cause is kept as ``cause`` or ``__cause__``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return None
+
+
+def _actor_model_error(error: BaseException) -> str | None:
+    """The message of a ModelLoadError raised in an actor's ``__init__``.
+
+    Ray keeps only the text of an actor's creation error (ActorDiedError,
+    ``actor_init_failed``), ending in the traceback's last line.
+    """
+    from ray.exceptions import RayActorError
+
+    current: BaseException | None = error
+    while current is not None and not isinstance(current, RayActorError):
+        current = current.__cause__
+    if current is None or not current.actor_init_failed:
+        return None
+    found = re.findall(r"^\S*ModelLoadError: (.+)$", str(current), re.MULTILINE)
+    return found[-1] if found else None
 
 
 if __name__ == "__main__":

@@ -85,3 +85,32 @@ def test_an_unreachable_endpoint_fails_in_seconds_not_after_retries(checkpoints,
     assert "check storage.endpoint_url" in result.stderr
     # The job's own settings (10 attempts, backoff) would take minutes here.
     assert time.monotonic() - started < 60
+
+
+def test_weights_that_do_not_fit_their_config_end_the_job_with_one_message(checkpoints, tmp_path):
+    """Found only where the weights load, in an actor: Ray hands the driver the
+    actor's death; the job still ends with the model's own message."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints["depth-vit"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not decoded before the model loads")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = run_cli(
+        env,
+        f"input.uri={tmp_path / 'images'}",
+        f"output.uri={tmp_path / 'out'}",
+        f"models.depth={model}",
+        "report.enabled=false",
+    )
+    assert result.returncode == 1
+    [message] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert message == (
+        f"error: cannot load depth model from {model}: its weights do not fit its config.json "
+        "(transformers logged the tensors whose shapes differ)"
+    )
