@@ -338,9 +338,12 @@ def scan_committed(
     root: str,
     columns: list[str],
     rows: pc.Expression | None = None,
+    part_prefix: str = "",
 ) -> Iterator[pa.RecordBatch]:
-    """``columns`` of the committed rows matching ``rows`` (duplicates too), a batch at a time."""
-    return _scan_parts(fs, _committed_parts(fs, root), columns, rows)
+    """``columns`` of the committed rows matching ``rows`` (duplicates too), a batch at a
+    time, from the parts whose file names start with ``part_prefix``."""
+    parts = [p for p in _committed_parts(fs, root) if p.rsplit("/", 1)[-1].startswith(part_prefix)]
+    return _scan_parts(fs, parts, columns, rows)
 
 
 def _committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

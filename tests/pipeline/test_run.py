@@ -78,3 +78,33 @@ def test_overwrite_clears_its_own_output_only_when_its_path_holds_glob_character
     fs.invalidate_cache()
     assert sorted(fs.find(root)) == [kept]
     assert fs.cat_file(f"{sibling_root}/predictions/b.parquet") == b"another output"
+
+
+def test_a_runs_count_opens_only_the_parts_named_after_it(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.run import _rows_of_run
+    from pipeline.schema import schema_for
+
+    started = datetime.now(UTC)
+    columns = ["image_id", "source_uri", "status", "error", "run_id", "written_at"]
+    rows = [
+        ["a", "b"],
+        ["s3://in/a", "s3://in/b"],
+        ["ok", "error"],
+        [None, "decode: empty file"],
+        ["r1", "r1"],
+        [started + timedelta(seconds=1)] * 2,
+    ]
+    (tmp_path / "predictions").mkdir()
+    pq.write_table(
+        pa.table(rows, schema=schema_for(columns)), tmp_path / "predictions" / "r1_w_000000.parquet"
+    )
+    # Another run's part, unreadable: opening it would fail the count.
+    (tmp_path / "predictions" / "r0_w_000000.parquet").write_bytes(b"PAR1 not a part PAR1")
+    fs, root = filesystem_for(str(tmp_path), {})
+    counted = _rows_of_run(fs, root, "r1", started)
+    assert counted == {"status": ["ok", "error"], "error": [None, "decode: empty file"]}
