@@ -37,6 +37,11 @@ def filesystem_for(
         # One spelling per folder ("a//b", "a/./b", "x/../a/b" are "a/b"): image
         # ids come from these paths, and a resumed run must find its images done.
         return fs, os.path.normpath(path)
+    if protocol in ("s3", "s3a"):
+        # s3fs fetches an object whole in concurrent ranges, after a HEAD for its
+        # size: a request more for every image, map and part, which are small.
+        # (Checkpoints, large, are fetched by dpt_model.loading with the default.)
+        options.setdefault("max_concurrency", 1)
     return fsspec.core.url_to_fs(uri, **options)
 
 

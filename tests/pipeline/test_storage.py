@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.storage import arrow_filesystem
+from pipeline.storage import arrow_filesystem, filesystem_for
 
 
 def test_local_parquet_parts_are_invisible_until_closed(tmp_path):
@@ -119,3 +119,24 @@ def test_a_parquet_file_closed_before_its_footer_is_not_published(tmp_path, prot
     with pytest.raises(pa.ArrowInvalid, match="closed"):
         writer.close()
     fs.rm(folder, recursive=True)
+
+
+def test_reading_an_s3_object_is_one_get_and_no_head(s3_endpoint):
+    import numpy as np
+
+    from pipeline.bench.fault_proxy import FaultInjectingProxy
+    from pipeline.read import read_batch
+    from pipeline.storage import read_bytes
+
+    direct, _ = filesystem_for("s3://one-request", {"client_kwargs": {"endpoint_url": s3_endpoint}})
+    direct.mkdir("one-request")
+    uris = [f"s3://one-request/{index}.jpg" for index in range(3)]
+    for uri in uris:
+        direct.pipe_file(uri, b"x" * 100_000)
+    with FaultInjectingProxy(s3_endpoint, fail_share=0.0) as proxy:
+        options = {"client_kwargs": {"endpoint_url": proxy.endpoint}, "skip_instance_cache": True}
+        assert read_bytes(uris[0], options) == b"x" * 100_000
+        read = read_batch({"source_uri": np.array(uris, dtype=object)}, options)
+        assert read["status"].tolist() == ["ok"] * 3
+        methods = sorted(method for method, _ in proxy.requests.elements())
+    assert methods == ["GET"] * 4  # one per read, and no HEAD for the size first
