@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Collection, Iterator
@@ -408,32 +409,41 @@ def run_records(
     ``newest`` reads only that many, picked by the files' modification times, so
     an output of years of scheduled runs is not read whole.
     """
+    records = list(itertools.islice(iter_run_records(output_uri, storage_options), newest))
+    # Run ids are the user's to choose, so finish times, not names, give the order.
+    return sorted(records, key=lambda record: str(record.get("finished_at") or ""), reverse=True)
+
+
+def iter_run_records(
+    output_uri: str, storage_options: dict[str, Any] | None = None, batch: int = 20
+) -> Iterator[dict[str, Any]]:
+    """The records of finished runs, newest file first, read ``batch`` at a time as
+    the caller goes on: a caller that stops early reads few of years of records."""
     fs, root = filesystem_for(output_uri, storage_options or {})
     folder = forget_listing(fs, join(root, RUNS_FOLDER))
     if not fs.exists(folder):
-        return []
+        return
     files = [
         info
         for info in fs.ls(folder, detail=True)
         if info["name"].endswith(".json") and not info["name"].endswith(".started.json")
     ]
     files.sort(key=_modified, reverse=True)
-    paths = [info["name"] for info in files[:newest]]
-    # cat_ranges, not cat: cat would expand glob characters in paths and run ids.
-    contents = fs.cat_ranges(paths, None, None, on_error="return") if paths else []
-    records = []
-    for path, content in zip(paths, contents, strict=True):
-        try:
-            if isinstance(content, Exception):
-                raise content
-            record = json.loads(content)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            records.append(record)
-        except (OSError, ValueError) as problem:  # one unreadable record hides only itself
-            logger.warning("skipping run record %s: %s", path, problem)
-    # Run ids are the user's to choose, so finish times, not names, give the order.
-    return sorted(records, key=lambda record: str(record.get("finished_at") or ""), reverse=True)
+    paths = [info["name"] for info in files]
+    for first in range(0, len(paths), batch):
+        chunk = paths[first : first + batch]
+        # cat_ranges, not cat: cat would expand glob characters in paths and run ids.
+        contents = fs.cat_ranges(chunk, None, None, on_error="return")
+        for path, content in zip(chunk, contents, strict=True):
+            try:
+                if isinstance(content, Exception):
+                    raise content
+                record = json.loads(content)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                yield record
+            except (OSError, ValueError) as problem:  # an unreadable record hides only itself
+                logger.warning("skipping run record %s: %s", path, problem)
 
 
 def segmentation_class_names(
@@ -457,7 +467,7 @@ def segmentation_class_names(
 def _latest_segmentation_model(
     output_uri: str, storage_options: dict[str, Any] | None
 ) -> str | None:
-    for record in run_records(output_uri, storage_options):
+    for record in iter_run_records(output_uri, storage_options):
         models = (record.get("config") or {}).get("models") or {}
         if models.get("segmentation"):
             return models["segmentation"]

@@ -1,3 +1,4 @@
+import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -314,3 +315,23 @@ def test_unfinished_runs_are_recent_start_records_without_their_finish_record(tm
     found = unfinished_runs(fs, root, 3600, now + 60)
     assert [run_id for run_id, _ in found] == ["going"]
     assert 59 <= found[0][1] < 120
+
+
+def test_the_latest_segmentation_model_is_found_without_reading_every_run_record(tmp_path, caplog):
+    from pipeline.predictions import _latest_segmentation_model
+
+    runs = tmp_path / "_runs"
+    runs.mkdir()
+    now = time.time()
+    for index in range(100):  # years of scheduled runs, unreadable if read at all
+        path = runs / f"old-{index:03d}.json"
+        path.write_text("{broken")
+        os.utime(path, (now - 1000 + index, now - 1000 + index))
+    for index, model in enumerate(["depth-only", "seg-model"]):
+        record = {"config": {"models": {"segmentation": None if index == 0 else model}}}
+        path = runs / f"new-{index}.json"
+        path.write_text(json.dumps(record))
+        os.utime(path, (now - 10 + index, now - 10 + index))
+    with caplog.at_level("WARNING", logger="pipeline.predictions"):
+        assert _latest_segmentation_model(str(tmp_path), {}) == "seg-model"
+    assert not [record for record in caplog.records if "skipping run record" in record.message]
