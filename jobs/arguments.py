@@ -10,13 +10,14 @@ from pipeline.schema import storage_problem, strip_url_secrets
 from pipeline.storage import StorageUnreachableError, check_reachable, filesystem_for, join
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+def add_output_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:
     parser.add_argument("output_uri", help="a job's output.uri")
-    parser.add_argument(
-        "--labels-from",
-        help="segmentation checkpoint whose id2label names the classes "
-        "(default: the one the latest run used)",
-    )
+    if labels:
+        parser.add_argument(
+            "--labels-from",
+            help="segmentation checkpoint whose id2label names the classes "
+            "(default: the one the latest run used)",
+        )
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
 
 
@@ -45,3 +46,11 @@ def output_problem(output_uri: str, options: dict[str, Any]) -> tuple[int, str] 
     except OSError as error:
         return EXIT_UNREACHABLE, storage_problem("output", output_uri, error)
     return EXIT_BAD_ARGUMENTS, f"no predictions under {strip_url_secrets(output_uri)}"
+
+
+def positive_integer(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -26,6 +26,7 @@ from jobs.arguments import (
     EXIT_BAD_ARGUMENTS,
     add_output_arguments,
     output_problem,
+    positive_integer,
     storage_options,
 )
 from pipeline.encode import decode_segmentation_png
@@ -66,13 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-per-file", type=positive_integer, default=1000)
     parser.add_argument("--include-weak", action="store_true", help="also images with kept = false")
     return parser.parse_args(argv)
-
-
-def positive_integer(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def export_coco(

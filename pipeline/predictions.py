@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +32,13 @@ from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.keys import SHARDS_FOLDER, shard_uris
 from pipeline.schema import PREDICTION_SCHEMA, schema_for, strip_url_secrets
-from pipeline.storage import arrow_filesystem, filesystem_for, forget_listing, join
+from pipeline.storage import (
+    arrow_filesystem,
+    filesystem_for,
+    forget_listing,
+    join,
+    remove_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +117,17 @@ def iter_predictions(
     statistics thus never hold its widest columns at once.
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
-    parts = _committed_parts(fs, root)
+    yield from _iter_view(fs, root, _committed_parts(fs, root), columns, output_uri)
+
+
+def _iter_view(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    parts: list[str],
+    columns: list[str],
+    output_uri: str,
+) -> Iterator[pa.RecordBatch]:
+    """:func:`iter_predictions` over the given ``parts``."""
     choice_columns = list(_ROW_CHOICE_COLUMNS)
     choice = pa.Table.from_batches(
         list(_scan_parts(fs, parts, choice_columns)), schema=schema_for(choice_columns)
@@ -139,6 +156,58 @@ def iter_predictions(
         yield batch
     if offset != total:
         raise changed
+
+
+@dataclass(frozen=True)
+class Compaction:
+    parts_before: int
+    parts_after: int
+    images: int | None  # rows after, one per image; None where nothing was done
+
+
+def compact_predictions(
+    output_uri: str, storage_options: dict[str, Any] | None = None, rows_per_part: int = 100_000
+) -> Compaction:
+    """Rewrite the committed view as few large parts, then delete the parts it came from.
+
+    Scheduled runs each add parts, and every run, report and export opens every
+    part (on an object store, a request each). Afterwards each image has one
+    row, its row in :func:`read_predictions`: superseded rows (older configs,
+    so a run with an older config redoes the image; retried errors) are gone,
+    so are shard error rows a later read healed.
+    Safe to stop at any point: the new parts are complete before any old one
+    is deleted, and until then the view holds each row twice, which it
+    collapses. Not while a run writes to the output: it may find parts gone.
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    parts = _committed_parts(fs, root)
+    if len(parts) < 2:
+        return Compaction(len(parts), len(parts), None)  # nothing to gain
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    written: list[str] = []
+    pending: list[pa.RecordBatch] = []
+    pending_rows = rows_after = 0
+
+    def write_part() -> None:
+        nonlocal pending, pending_rows
+        path = join(root, f"{PREDICTIONS_FOLDER}/compacted-{stamp}_{len(written):06d}.parquet")
+        table = pa.Table.from_batches(pending, schema=PREDICTION_SCHEMA)
+        with arrow_filesystem(fs).open_output_stream(path) as stream:
+            pq.write_table(table, stream)
+        written.append(path)
+        pending, pending_rows = [], 0
+
+    columns = list(PREDICTION_SCHEMA.names)
+    for batch in _iter_view(fs, root, parts, columns, output_uri):
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        rows_after += batch.num_rows
+        if pending_rows >= rows_per_part:
+            write_part()
+    if pending_rows:
+        write_part()
+    remove_files(fs, parts)
+    return Compaction(len(parts), len(written), rows_after)
 
 
 def latest_rows(table: pa.Table) -> np.ndarray:

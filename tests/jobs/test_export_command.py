@@ -21,7 +21,7 @@ def test_export_without_a_segmentation_run_says_how_to_name_the_classes(tmp_path
 
 
 def test_export_and_report_of_an_output_without_predictions_say_so_in_one_line(tmp_path):
-    for command in (["jobs.export", "coco"], ["jobs.report"]):
+    for command in (["jobs.export", "coco"], ["jobs.report"], ["jobs.compact"]):
         result = subprocess.run(
             [sys.executable, "-m", *command, str(tmp_path / "typo")],
             capture_output=True,
@@ -39,7 +39,7 @@ def test_export_and_report_of_an_unreachable_store_fail_in_one_line(tmp_path):
         "AWS_SECRET_ACCESS_KEY": "y",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    for command in (["jobs.export", "coco"], ["jobs.report"]):
+    for command in (["jobs.export", "coco"], ["jobs.report"], ["jobs.compact"]):
         result = subprocess.run(
             [sys.executable, "-m", *command, "s3://bucket/out", "--endpoint-url=http://127.0.0.1:9"],
             capture_output=True, text=True, check=False, env=env, timeout=60,

@@ -335,3 +335,42 @@ def test_the_latest_segmentation_model_is_found_without_reading_every_run_record
     with caplog.at_level("WARNING", logger="pipeline.predictions"):
         assert _latest_segmentation_model(str(tmp_path), {}) == "seg-model"
     assert not [record for record in caplog.records if "skipping run record" in record.message]
+
+
+def test_compaction_keeps_the_view_in_fewer_parts_and_drops_superseded_rows(tmp_path):
+    from pipeline.keys import image_id_for, shard_marker_key
+    from pipeline.predictions import compact_predictions, load_done_images
+
+    shard = "s3://b/a.tar"
+    failed_shard = {**row(image_id_for(shard), "error", 0), "source_uri": shard}
+    write_part(tmp_path, "r1_a.parquet", [row("x", "ok", 0), row("y", "ok", 0), failed_shard])
+    write_part(tmp_path, "r2_a.parquet", [row("x", "error", 5), row("y", "ok", 5, config="c2")])
+    write_part(tmp_path, "r3_a.parquet", [row("z", "error", 9), row("w", "ok", 9)])
+    write_part(tmp_path, "r4_a.parquet", [row("z", "ok", 12)])
+    marker = tmp_path / shard_marker_key(shard, "v1", 0)  # the shard was read whole later
+    marker.parent.mkdir()
+    marker.write_bytes(b"")
+    view_before = read_predictions(str(tmp_path)).sort_by("image_id")
+    assert view_before["image_id"].to_pylist() == ["w", "x", "y", "z"]
+
+    result = compact_predictions(str(tmp_path), rows_per_part=3)
+
+    parts = sorted((tmp_path / "predictions").iterdir())
+    assert [part.name.split("_")[0].startswith("compacted-") for part in parts] == [True, True]
+    assert (result.parts_before, result.parts_after, result.images) == (4, 2, 4)
+    assert pq.read_table(tmp_path / "predictions").num_rows == 4  # one row per image
+    assert read_predictions(str(tmp_path)).sort_by("image_id").equals(view_before)
+    # The next run finds done what it found done before: x (an error never hides
+    # its ok row), w and z; y's newest ok row is for another config.
+    fs, root = filesystem_for(str(tmp_path), {})
+    done = load_done_images(fs, root, "c1")
+    assert [done.has(image, "v1") for image in ("w", "x", "y", "z")] == [True, True, False, True]
+
+
+def test_compaction_leaves_a_single_part_alone(tmp_path):
+    from pipeline.predictions import compact_predictions
+
+    write_part(tmp_path, "r1_a.parquet", [row("x", "ok", 0)])
+    before = (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns
+    assert compact_predictions(str(tmp_path)).images is None
+    assert (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns == before

@@ -1,0 +1,83 @@
+"""``python -m jobs.compact OUTPUT_URI``: rewrite an output's predictions as few large parts.
+
+Every run appends parts, and every later run, report and export opens all of
+them: on an object store a request each, so an output of months of scheduled
+runs spends minutes on them (3,000 parts at 30 ms a request: about 30 s per
+pass, several passes per run). Compacting keeps each image's row in the
+committed view (``read_predictions``) and drops the rows it supersedes. Run it
+between runs, not during one. Exit codes: 0 compacted (or nothing to do); 1 the
+output cannot be reached, or a run may be going; 2 bad arguments or no
+predictions at that URI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jobs.arguments import (
+    add_output_arguments,
+    output_problem,
+    positive_integer,
+    storage_options,
+)
+from pipeline.predictions import compact_predictions, unfinished_runs
+from pipeline.storage import filesystem_for
+
+# A run started this recently without a finish record may still be writing.
+RECENT_RUN_S = 24 * 3600
+EXIT_RUN_MAY_BE_GOING = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.compact", description=__doc__.split("\n")[0]
+    )
+    add_output_arguments(parser, labels=False)
+    parser.add_argument(
+        "--rows-per-part",
+        type=positive_integer,
+        default=100_000,
+        help="rows in each new part (default 100000: tens of MB)",
+    )
+    parser.add_argument(
+        "--even-if-running",
+        action="store_true",
+        help="compact although a run started in the last day has not finished "
+        "(it crashed, say); a run still going may then fail, and can be run again",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = storage_options(args)
+    if problem := output_problem(args.output_uri, options):
+        exit_code, message = problem
+        print(f"error: {message}", file=sys.stderr)
+        return exit_code
+    fs, root = filesystem_for(args.output_uri, options)
+    going = unfinished_runs(fs, root, RECENT_RUN_S, time.time())
+    if going and not args.even_if_running:
+        runs = ", ".join(f"{run_id} ({age_s / 60:.0f} min ago)" for run_id, age_s in going)
+        print(
+            f"error: runs started in the last day have not finished: {runs}. Compacting "
+            "while one writes could make it fail; wait for it, or pass --even-if-running "
+            "if it crashed",
+            file=sys.stderr,
+        )
+        return EXIT_RUN_MAY_BE_GOING
+    result = compact_predictions(args.output_uri, options, args.rows_per_part)
+    if result.images is None:
+        print(f"nothing to compact: {result.parts_before} part(s)")
+    else:
+        print(
+            f"compacted {result.parts_before} parts into {result.parts_after}: "
+            f"{result.images} images, one row each"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""``python -m jobs.compact``: few parts, the same view, and never while a run may write."""
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from pipeline.predictions import read_predictions
+from tests.pipeline.test_predictions import row, write_part
+
+
+def compact(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.compact", *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_compacting_waits_for_a_run_that_has_not_finished(tmp_path):
+    for index in range(3):
+        write_part(tmp_path, f"r{index}_a.parquet", [row(f"i{index}", "ok", index)])
+    (tmp_path / "_runs").mkdir()
+    (tmp_path / "_runs" / "going.started.json").write_text("{}")
+    view = read_predictions(str(tmp_path)).sort_by("image_id")
+
+    refused = compact(str(tmp_path))
+    assert refused.returncode == 1
+    assert "runs started in the last day have not finished: going (0 min ago)" in refused.stderr
+    assert len(list((tmp_path / "predictions").iterdir())) == 3  # untouched
+
+    done = compact(str(tmp_path), "--even-if-running")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "compacted 3 parts into 1: 3 images, one row each"
+    assert len(list((tmp_path / "predictions").iterdir())) == 1
+    assert read_predictions(str(tmp_path)).sort_by("image_id").equals(view)
+
+
+def test_compacting_an_s3_output(s3_endpoint, tmp_path):
+    from pipeline.storage import filesystem_for
+
+    local = tmp_path / "local"
+    for index in range(3):
+        write_part(local, f"r{index}_a.parquet", [row(f"i{index}", "ok", index)])
+    fs, _ = filesystem_for("s3://compact-me", {"client_kwargs": {"endpoint_url": s3_endpoint}})
+    fs.mkdir("compact-me")
+    fs.put(str(local / "predictions"), "compact-me/out/predictions", recursive=True)
+
+    result = compact("s3://compact-me/out", f"--endpoint-url={s3_endpoint}")
+    assert result.returncode == 0, result.stderr
+    [part] = fs.ls("compact-me/out/predictions", refresh=True)
+    assert part.rsplit("/", 1)[-1].startswith("compacted-")
+    with fs.open(part, "rb") as file:
+        assert sorted(pq.read_table(file)["image_id"].to_pylist()) == ["i0", "i1", "i2"]
