@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from pipeline.bench import report, storage, throughput
+from pipeline.bench import parts, report, storage, throughput
 
 BENCHMARKS: dict[str, ModuleType] = {
+    "parts": parts,
     "report": report,
     "storage": storage,
     "throughput": throughput,
