@@ -60,7 +60,6 @@ def read_committed(
     ``image_ids`` reads only those images' rows (a filtered scan: the other rows
     are never held in memory).
     """
-    folder = join(root, PREDICTIONS_FOLDER)
     only = None
     read_columns = columns
     if image_ids is not None:
@@ -68,17 +67,10 @@ def read_committed(
         if columns is not None and "image_id" not in columns:
             read_columns = [*columns, "image_id"]  # the filter needs it in the schema
     schema = PREDICTION_SCHEMA if read_columns is None else schema_for(read_columns)
-    if not fs.exists(forget_listing(fs, folder)) or not fs.ls(folder):
-        table = schema.empty_table()
-    else:
-        # Hidden and underscore files (parts being written) are skipped by the reader.
-        table = pq.read_table(
-            folder,
-            filesystem=arrow_filesystem(fs),
-            columns=read_columns,
-            schema=schema,
-            filters=only,
-        )
+    # The same scan as every other reader here (eight parts fetched at a time):
+    # pq.read_table over the folder took twice as long per part on S3.
+    batches = _scan_parts(fs, _committed_parts(fs, root), list(schema.names), only)
+    table = pa.Table.from_batches(list(batches), schema=schema)
     return table if read_columns == columns else table.select(columns)
 
 
