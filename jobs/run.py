@@ -59,7 +59,9 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"  {count:>6} × {reason}")
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary.timings_s.items())
     if phases:
-        lines.append(f"  phases: {phases}")
+        # The run's time above ends with its count; the report comes after it.
+        total_s = sum(summary.timings_s.values())
+        lines.append(f"  phases: {phases} (in all {total_s:.1f} s)")
     if summary.stage_timings_s:
         lines.append(
             f"  {'stage (stages fused by Ray share a line)':<56} {'wall s':>8} {'CPU s':>8}"

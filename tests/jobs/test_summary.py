@@ -38,7 +38,7 @@ def test_summary_shows_counts_speed_gpus_errors_and_stage_times():
     assert "880 ok, 20 errors, 100 already done, of 1000 images" in first
     assert "7.50 images/s" in first and "up to 8 GPUs" in first
     assert "20 × decode: truncated or corrupt image data" in text
-    assert "phases: prepare 1.0 s, list 2.0 s, annotate 117.0 s" in text
+    assert "phases: prepare 1.0 s, list 2.0 s, annotate 117.0 s (in all 120.0 s)" in text
     inference = next(line for line in text.splitlines() if "InferenceActor" in line)
     assert inference.split() == ["InferenceActor", "110.0", "30.2"]
     assert "  read_batch → decode_batch " in text
