@@ -220,7 +220,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
                 filesystem=arrow_filesystem(out_fs),
                 min_rows_per_file=config.output.rows_per_part,
                 # Parts named <run_id>_…: the run's own count opens only its parts.
-                filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                filename_provider=FilenameProvider(
+                    dataset_uuid=part_prefix(run_id), file_format="parquet"
+                ),
                 ray_remote_args={"num_cpus": _write_task_cpus()},
             )
         stage_times = stage_timings(dataset)
@@ -573,6 +575,12 @@ def _not_done(
             yield row
 
 
+def part_prefix(run_id: str) -> str:
+    """How a run's Parquet parts begin: its id, with "." (which Ray refuses in a
+    part's name: run ids such as nightly.v2 failed the write) as "-"."""
+    return run_id.replace(".", "-")
+
+
 def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> dict[str, list]:
     """Status and error of each row this run committed.
 
@@ -584,7 +592,8 @@ def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> dict[str, 
     )
     status: list[str] = []
     error: list[str | None] = []
-    for batch in scan_committed(fs, root, ["status", "error"], mine, part_prefix=f"{run_id}_"):
+    parts_of_run = f"{part_prefix(run_id)}_"
+    for batch in scan_committed(fs, root, ["status", "error"], mine, part_prefix=parts_of_run):
         status += batch["status"].to_pylist()
         error += batch["error"].to_pylist()
     return {"status": status, "error": error}

@@ -157,15 +157,19 @@ def test_a_second_run_skips_done_images_and_a_forced_one_supersedes_them(
     assert (again.images_ok, again.images_error) == (0, first.images_error)
     assert again.images_listed == first.images_listed and again.config_hash == first.config_hash
 
-    forced = run_job(ray_cluster, mixed_corpus, output, checkpoints, "run_id=third", "mode=force")
+    # A dotted run id: Ray refuses "." in part names, so parts take it as "-".
+    forced = run_job(
+        ray_cluster, mixed_corpus, output, checkpoints, "run_id=third.v2", "mode=force"
+    )
     assert forced.images_skipped_done == 0 and forced.images_ok == first.images_ok
 
     view = read_predictions(str(output)).to_pylist()
     assert len(view) == len({row["image_id"] for row in view}) == first.images_listed
-    assert {row["run_id"] for row in view if row["status"] == "ok"} == {"third"}
+    assert {row["run_id"] for row in view if row["status"] == "ok"} == {"third.v2"}
     committed = pq.read_table(output / "predictions").num_rows
     assert committed == first.images_listed * 2 + first.images_error
-    assert {p.name for p in (output / "_runs").iterdir()} >= {"second.json", "third.json"}
+    assert {p.name for p in (output / "_runs").iterdir()} >= {"second.json", "third.v2.json"}
+    assert any(p.name.startswith("third-v2_") for p in (output / "predictions").iterdir())
 
 
 def test_overwrite_replaces_results_only_once_the_new_input_is_listed(
