@@ -4,7 +4,8 @@ Every run appends parts, and every later run, report and export opens all of
 them: on an object store a request each, so an output of months of scheduled
 runs spends minutes on them (3,000 parts at 30 ms a request: about 30 s per
 pass, several passes per run). Compacting keeps each image's row in the
-committed view (``read_predictions``) and drops the rows it supersedes. Run it
+committed view (``read_predictions``), and its latest ok row under each other
+config, and drops the rows they supersede. Run it
 between runs, not during one. Exit codes: 0 compacted (or nothing to do); 1 the
 output cannot be reached, or a run may be going; 2 bad arguments or no
 predictions at that URI.
@@ -69,12 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_RUN_MAY_BE_GOING
     result = compact_predictions(args.output_uri, options, args.rows_per_part)
-    if result.images is None:
+    if result.rows is None:
         print(f"nothing to compact: {result.parts_before} part(s)")
     else:
         print(
-            f"compacted {result.parts_before} parts into {result.parts_after}: "
-            f"{result.images} images, one row each"
+            f"compacted {result.parts_before} parts into {result.parts_after} ({result.rows} rows)"
         )
     return 0
 

@@ -6,6 +6,7 @@ written only after its map files, and a part becomes visible only when whole
 valid. Runs append parts and never rewrite them; the same image can therefore
 appear in several parts (a forced rerun, a changed source, a task Ray re-ran).
 :func:`read_predictions` gives the view a reader wants: one row per image.
+:func:`compact_predictions`, between runs, rewrites many parts as few.
 """
 
 from __future__ import annotations
@@ -118,13 +119,17 @@ def _iter_view(
     parts: list[str],
     columns: list[str],
     output_uri: str,
+    with_done_rows: bool = False,
 ) -> Iterator[pa.RecordBatch]:
-    """:func:`iter_predictions` over the given ``parts``."""
+    """:func:`iter_predictions` over the given ``parts``; ``with_done_rows`` adds the
+    latest ok row of each (image, source version, config) the view does not show."""
     choice_columns = list(_ROW_CHOICE_COLUMNS)
     choice = pa.Table.from_batches(
         list(_scan_parts(fs, parts, choice_columns)), schema=schema_for(choice_columns)
     )
     keep = _without_healed_shard_errors(choice, latest_rows(choice), fs, root)
+    if with_done_rows:
+        keep = np.union1d(keep, _latest_ok_rows(choice))
     total = choice.num_rows
     del choice
     picked = None
@@ -136,7 +141,8 @@ def _iter_view(
     )
     # Both passes see the same rows in the same order: Arrow's ScanBatches
     # yields batches in fragment order (arrow/dataset/scanner.h), and parts are
-    # never rewritten; a row count that differs means one was, and stops here.
+    # never rewritten (compaction replaces them whole, between runs); a row count
+    # that differs means one was, and stops here.
     offset = 0
     for batch in _scan_parts(fs, parts, columns):
         rows = batch.num_rows
@@ -154,7 +160,7 @@ def _iter_view(
 class Compaction:
     parts_before: int
     parts_after: int
-    images: int | None  # rows after, one per image; None where nothing was done
+    rows: int | None  # rows after (one per image, and its ok rows under other configs)
 
 
 def compact_predictions(
@@ -163,10 +169,12 @@ def compact_predictions(
     """Rewrite the committed view as few large parts, then delete the parts it came from.
 
     Scheduled runs each add parts, and every run, report and export opens every
-    part (on an object store, a request each). Afterwards each image has one
-    row, its row in :func:`read_predictions`: superseded rows (older configs,
-    so a run with an older config redoes the image; retried errors) are gone,
-    so are shard error rows a later read healed.
+    part (on an object store, a request each). Kept: each image's row in
+    :func:`read_predictions`, and the latest ok row of each (source version,
+    config) it was annotated under, so every run finds done what it found done
+    before (a later error under another config does not cost the ok rows of the
+    first). Gone: older duplicates, retried errors, and shard error rows a later
+    read healed.
     Safe to stop at any point: the new parts are complete before any old one
     is deleted, and until then the view holds each row twice, which it
     collapses. Not while a run writes to the output: it may find parts gone.
@@ -190,7 +198,7 @@ def compact_predictions(
         pending, pending_rows = [], 0
 
     columns = list(PREDICTION_SCHEMA.names)
-    for batch in _iter_view(fs, root, parts, columns, output_uri):
+    for batch in _iter_view(fs, root, parts, columns, output_uri, with_done_rows=True):
         pending.append(batch)
         pending_rows += batch.num_rows
         rows_after += batch.num_rows
@@ -270,6 +278,24 @@ def _without_healed_shard_errors(
         or fields["written_at"].timestamp() < read_whole[fields["image_id"]]
     ]
     return keep[~np.isin(keep, healed)]
+
+
+def _latest_ok_rows(table: pa.Table) -> np.ndarray:
+    """Indices (ascending) of the latest ok row of each (image, source version, config):
+    the rows :func:`load_done_images` needs, for any config, to find what is done."""
+    ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
+    if not len(ok):
+        return ok
+    ok_rows = table.take(pa.array(ok))
+    image, version = _codes(ok_rows["image_id"]), _codes(ok_rows["source_version"])
+    config = _codes(ok_rows["config_hash"])
+    written = pc.fill_null(ok_rows["written_at"].cast(pa.int64()), 0).to_numpy()
+    # Sorted by (image, version, config, written, position): the last of each group.
+    order = np.lexsort((np.arange(len(ok)), written, config, version, image))
+    key = np.stack([image[order], version[order], config[order]])
+    last = np.ones(len(ok), dtype=bool)
+    last[:-1] = (key[:, 1:] != key[:, :-1]).any(axis=0)
+    return np.sort(ok[order[last]])
 
 
 def _codes(column: pa.ChunkedArray) -> np.ndarray:
@@ -413,7 +439,7 @@ def _committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     folder = forget_listing(fs, join(root, PREDICTIONS_FOLDER))
     if not fs.exists(folder) or not fs.ls(folder):
         return []
-    # Hidden and underscore files (parts being written) are skipped, as in read_committed.
+    # Hidden and underscore files (parts being written) are skipped by the dataset.
     return ds.dataset(
         folder, schema=PREDICTION_SCHEMA, format="parquet", filesystem=arrow_filesystem(fs)
     ).files

@@ -134,7 +134,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     With ``mode: incremental`` (the default) images that committed predictions
     already hold for the same source version and config are skipped, so a rerun
     resumes a crashed job and a scheduled run annotates only new or changed
-    objects. New results are appended as new Parquet parts; nothing is rewritten.
+    objects. New results are appended as new Parquet parts; a run rewrites none.
     """
     import ray
 

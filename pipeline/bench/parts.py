@@ -92,7 +92,7 @@ def _timed(step: str, output_uri: str, options: dict[str, Any], proxy: Any) -> d
         extra = {"rows": read_predictions(output_uri, options).num_rows}
     else:
         compaction = compact_predictions(output_uri, options)
-        extra = {"parts_after": compaction.parts_after, "images": compaction.images}
+        extra = {"parts_after": compaction.parts_after, "rows": compaction.rows}
     return {
         "seconds": round(time.perf_counter() - started, 3),
         "requests": sum(proxy.requests.values()),

@@ -33,7 +33,7 @@ def test_compacting_waits_for_a_run_that_has_not_finished(tmp_path):
 
     done = compact(str(tmp_path), "--even-if-running")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "compacted 3 parts into 1: 3 images, one row each"
+    assert done.stdout.strip() == "compacted 3 parts into 1 (3 rows)"
     assert len(list((tmp_path / "predictions").iterdir())) == 1
     assert read_predictions(str(tmp_path)).sort_by("image_id").equals(view)
 

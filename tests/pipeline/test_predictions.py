@@ -357,14 +357,33 @@ def test_compaction_keeps_the_view_in_fewer_parts_and_drops_superseded_rows(tmp_
 
     parts = sorted((tmp_path / "predictions").iterdir())
     assert [part.name.split("_")[0].startswith("compacted-") for part in parts] == [True, True]
-    assert (result.parts_before, result.parts_after, result.images) == (4, 2, 4)
-    assert pq.read_table(tmp_path / "predictions").num_rows == 4  # one row per image
+    # Each image's row, and y's ok row under its other config: x's error and
+    # ok duplicates, z's retried error and the healed shard error are gone.
+    assert (result.parts_before, result.parts_after, result.rows) == (4, 2, 5)
     assert read_predictions(str(tmp_path)).sort_by("image_id").equals(view_before)
-    # The next run finds done what it found done before: x (an error never hides
-    # its ok row), w and z; y's newest ok row is for another config.
+    # Every config finds done what it found done before.
     fs, root = filesystem_for(str(tmp_path), {})
-    done = load_done_images(fs, root, "c1")
-    assert [done.has(image, "v1") for image in ("w", "x", "y", "z")] == [True, True, False, True]
+    for config, expected in (("c1", [True, True, True, True]), ("c2", [False, False, True, False])):
+        done = load_done_images(fs, root, config)
+        assert [done.has(image, "v1") for image in ("w", "x", "y", "z")] == expected, config
+
+
+def test_compaction_keeps_ok_rows_that_a_later_config_failed_on(tmp_path):
+    from pipeline.predictions import compact_predictions, load_done_images
+
+    write_part(
+        tmp_path, "a_x.parquet", [row("x", "ok", 0, config="A"), row("y", "ok", 0, config="A")]
+    )
+    write_part(
+        tmp_path,
+        "b_x.parquet",
+        [row("x", "error", 5, config="B"), row("y", "error", 5, config="B")],
+    )
+    compact_predictions(str(tmp_path))
+    fs, root = filesystem_for(str(tmp_path), {})
+    done = load_done_images(fs, root, "A")  # going back to config A redoes nothing
+    assert done.has("x", "v1") and done.has("y", "v1")
+    assert set(read_predictions(str(tmp_path))["status"].to_pylist()) == {"error"}  # the view
 
 
 def test_compaction_leaves_a_single_part_alone(tmp_path):
@@ -372,5 +391,5 @@ def test_compaction_leaves_a_single_part_alone(tmp_path):
 
     write_part(tmp_path, "r1_a.parquet", [row("x", "ok", 0)])
     before = (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns
-    assert compact_predictions(str(tmp_path)).images is None
+    assert compact_predictions(str(tmp_path)).rows is None
     assert (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns == before
