@@ -134,9 +134,11 @@ def _fetch_fsspec_checkpoint(
             return target
         # Under the lock, a staging folder for this target is a killed download's
         # (a preempted node): gigabytes nothing else would ever remove.
-        for stale in cache_dir.glob(f".partial-{target.name}-*"):
+        # (A "." after the name: "<hex>-" would also match "<hex>-json", the JSON-only
+        # fetch of the same model, which holds another lock.)
+        for stale in cache_dir.glob(f".partial-{target.name}.*"):
             shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".partial-{target.name}-"))
+        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".partial-{target.name}."))
         try:
             for name, entry in remote_files.items():
                 fs.get_file(entry["name"], str(staging / name))  # get would glob "[" in names

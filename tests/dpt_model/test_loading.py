@@ -156,15 +156,17 @@ def test_truncated_cache_is_fetched_again(checkpoints, tmp_path):
     [weights] = first.glob("*.safetensors")
     weights.write_bytes(weights.read_bytes()[:100])
     # A download killed part-way left its staging folder (another model's stays).
-    killed = cache_dir / f".partial-{first.name}-x1"
-    other = cache_dir / ".partial-0123abcd-x2"
-    for staging in (killed, other):
+    killed = cache_dir / f".partial-{first.name}.x1"
+    other = cache_dir / ".partial-0123abcd.x2"
+    # The same model's JSON-only fetch, under its own lock: maybe still going.
+    json_fetch = cache_dir / f".partial-{first.name}-json.x3"
+    for staging in (killed, other, json_fetch):
         staging.mkdir()
         (staging / "model.safetensors").write_bytes(b"half")
     second = resolve_checkpoint_dir(uri, cache_dir)
     assert second == first
     assert weights_sha256(second) == weights_sha256(checkpoints["depth-vit"])
-    assert not killed.exists() and other.exists()
+    assert not killed.exists() and other.exists() and json_fetch.exists()
 
 
 def test_changed_remote_weights_get_a_new_cache_folder(checkpoints, tmp_path):
