@@ -114,21 +114,38 @@ _S3_DELETE_KEYS = 1000
 def remove_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
     """Delete each path as written: ``fs.rm`` would expand ``[``, ``*`` and ``?`` as a glob.
 
-    On S3 a thousand keys go in one request (s3fs's ``_bulk_delete``, which takes
-    keys literally): one request per key would take hours for a million maps.
+    On S3 a thousand keys go in one DeleteObjects request, which takes them
+    literally: one request per key would take hours for a million maps. S3
+    answers it with a list of the keys it could not delete; those with a
+    transient code are tried again, any other raises (s3fs's own bulk delete
+    ignores that list).
     """
-    bulk_delete = getattr(fs, "_bulk_delete", None)
-    if bulk_delete is None or "s3" not in fs.protocol:
+    if "s3" not in fs.protocol or not hasattr(fs, "_call_s3"):
         for path in paths:
             retry_transient(lambda path=path: fs.rm_file(path))
         return
     by_bucket: dict[str, list[str]] = {}
     for path in paths:
-        by_bucket.setdefault(fs.split_path(path)[0], []).append(path)
-    for keys in by_bucket.values():
+        bucket, key, _ = fs.split_path(path)
+        by_bucket.setdefault(bucket, []).append(key)
+    for bucket, keys in by_bucket.items():
         for start in range(0, len(keys), _S3_DELETE_KEYS):
             chunk = keys[start : start + _S3_DELETE_KEYS]
-            retry_transient(lambda chunk=chunk: fsspec.asyn.sync(fs.loop, bulk_delete, chunk))
+            retry_transient(lambda bucket=bucket, chunk=chunk: _delete_keys(fs, bucket, chunk))
+        fs.invalidate_cache(bucket)
+
+
+def _delete_keys(fs: Any, bucket: str, keys: list[str]) -> None:
+    request = {"Objects": [{"Key": key} for key in keys], "Quiet": True}
+    reply = fsspec.asyn.sync(fs.loop, fs._call_s3, "delete_objects", Bucket=bucket, Delete=request)
+    failed = reply.get("Errors") or []
+    if failed:
+        first = failed[0]
+        # An OSError retry_transient can judge: SlowDown, InternalError retry.
+        raise OSError(
+            f"could not delete {len(failed)} of {len(keys)} objects in bucket {bucket}, "
+            f"first {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+        )
 
 
 def upload_options(fs: fsspec.AbstractFileSystem, content_type: str) -> dict[str, Any]:

@@ -140,3 +140,15 @@ def test_reading_an_s3_object_is_one_get_and_no_head(s3_endpoint):
         assert read["status"].tolist() == ["ok"] * 3
         methods = sorted(method for method, _ in proxy.requests.elements())
     assert methods == ["GET"] * 4  # one per read, and no HEAD for the size first
+
+
+def test_removing_over_a_thousand_s3_objects_by_name(s3_endpoint):
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs, _ = filesystem_for("s3://remove-many", options)
+    fs.mkdir("remove-many")
+    names = [f"remove-many/out/depth/x[{index}].png" for index in range(1005)]
+    fs.pipe({name: b"m" for name in names})
+    fs.pipe_file("remove-many/out/depth/x1.png", b"kept: x[1] is no pattern")
+    storage.remove_files(fs, names)  # two DeleteObjects requests
+    fs.invalidate_cache()
+    assert fs.find("remove-many") == ["remove-many/out/depth/x1.png"]
