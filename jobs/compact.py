@@ -5,10 +5,10 @@ them: on an object store a request each, so an output of months of scheduled
 runs spends minutes on them (3,000 parts at 30 ms a request: about 30 s per
 pass, several passes per run). Compacting keeps each image's row in the
 committed view (``read_predictions``), and its latest ok row under each other
-config, and drops the rows they supersede. Run it
-between runs, not during one. Exit codes: 0 compacted (or nothing to do); 1 the
-output cannot be reached, or a run may be going; 2 bad arguments or no
-predictions at that URI.
+config, and drops the rows they supersede. Run it between runs: it refuses
+while a run is going (one renews its start record every 5 minutes). Exit codes:
+0 compacted (or nothing to do); 1 the output cannot be reached, or a run is
+going; 2 bad arguments or no predictions at that URI.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from jobs.arguments import (
     positive_integer,
     storage_options,
 )
-from pipeline.predictions import compact_predictions, unfinished_runs
+from pipeline.predictions import RUN_GOING_WITHIN_S, compact_predictions, unfinished_runs
 from pipeline.storage import filesystem_for
 
-# A run started this recently without a finish record may still be writing.
-RECENT_RUN_S = 24 * 3600
-EXIT_RUN_MAY_BE_GOING = 1
+EXIT_RUN_GOING = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--even-if-running",
         action="store_true",
-        help="compact although a run started in the last day has not finished "
-        "(it crashed, say); a run still going may then fail, and can be run again",
+        help="compact although a run's start record was renewed in the last 15 minutes "
+        "(a run that is going renews it every 5); that run may then fail, and can be run again",
     )
     return parser.parse_args(argv)
 
@@ -59,16 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return exit_code
     fs, root = filesystem_for(args.output_uri, options)
-    going = unfinished_runs(fs, root, RECENT_RUN_S, time.time())
+    going = unfinished_runs(fs, root, RUN_GOING_WITHIN_S, time.time())
     if going and not args.even_if_running:
-        runs = ", ".join(f"{run_id} ({age_s / 60:.0f} min ago)" for run_id, age_s in going)
+        runs = ", ".join(f"{run_id} (renewed {age_s / 60:.0f} min ago)" for run_id, age_s in going)
         print(
-            f"error: runs started in the last day have not finished: {runs}. Compacting "
-            "while one writes could make it fail; wait for it, or pass --even-if-running "
-            "if it crashed",
+            f"error: runs are going on this output: {runs}. Compacting while one writes "
+            "could make it fail; wait for it to finish, or pass --even-if-running",
             file=sys.stderr,
         )
-        return EXIT_RUN_MAY_BE_GOING
+        return EXIT_RUN_GOING
     result = compact_predictions(args.output_uri, options, args.rows_per_part)
     if result.rows is None:
         print(f"nothing to compact: {result.parts_before} part(s)")

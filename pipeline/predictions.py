@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import threading
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -561,23 +562,63 @@ def _latest_segmentation_model(
     return None
 
 
+# A going run rewrites its start record this often; one not rewritten for three
+# times as long has stopped (crashed, killed) even without a finish record.
+RUN_HEARTBEAT_S = 300
+RUN_GOING_WITHIN_S = 3 * RUN_HEARTBEAT_S
+
+
+class RunHeartbeat:
+    """Within ``with``: rewrites a run's start record every ``every_s`` seconds."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        path: str,
+        data: bytes,
+        every_s: float = RUN_HEARTBEAT_S,
+    ) -> None:
+        self._fs, self._path, self._data, self._every_s = fs, path, data, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="run-heartbeat", daemon=True)
+
+    def __enter__(self) -> RunHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._every_s):
+            try:
+                self._fs.pipe_file(self._path, self._data)
+            except OSError as error:  # the run goes on; others may take it for stopped
+                logger.warning("could not renew the run's start record: %s", error)
+
+
 def unfinished_runs(
     fs: fsspec.AbstractFileSystem, root: str, within_s: float, now_s: float
 ) -> list[tuple[str, float]]:
-    """(run id, seconds since it started) of runs started within ``within_s`` that
-    have a start record and no finish record: still going, or crashed."""
+    """(run id, seconds since its start record was last written) of the runs going:
+    a start record written within ``within_s`` and newer than any finish record of
+    that id (a run id may be used again)."""
     try:
         listed = fs.ls(forget_listing(fs, join(root, RUNS_FOLDER)), detail=True)
     except FileNotFoundError:
         return []
     names = {info["name"].rsplit("/", 1)[-1]: info for info in listed}
-    unfinished = []
+    going = []
     for name, info in names.items():
         run_id = name.removesuffix(".started.json")
-        age_s = now_s - _modified(info)
-        if run_id != name and f"{run_id}.json" not in names and age_s < within_s:
-            unfinished.append((run_id, age_s))
-    return sorted(unfinished, key=lambda run: run[1])
+        if run_id == name:
+            continue
+        renewed_s = _modified(info)
+        finished = names.get(f"{run_id}.json")
+        if (finished is None or _modified(finished) < renewed_s) and now_s - renewed_s < within_s:
+            going.append((run_id, now_s - renewed_s))
+    return sorted(going, key=lambda run: run[1])
 
 
 def _modified(info: dict[str, Any]) -> float:

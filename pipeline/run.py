@@ -40,8 +40,10 @@ from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.predictions import (
     PREDICTIONS_FOLDER,
+    RUN_GOING_WITHIN_S,
     RUNS_FOLDER,
     DoneImages,
+    RunHeartbeat,
     drop_done_rows,
     load_done_images,
     read_shard_markers,
@@ -153,117 +155,120 @@ def run_annotation(config: JobConfig) -> RunSummary:
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
     _warn_of_unfinished_runs(out_fs, out_root, run_id)
-    _record_start(out_fs, out_root, config, run_id, started_at)
-    done = (
-        load_done_images(out_fs, out_root, config_hash)
-        if config.mode == "incremental" and not config.output.overwrite
-        else DoneImages()
-    )
-    listing = list_input(config.input, storage_options, config.output.uri)
-    logger.info("input.format %s (%s)", listing.format, listing.reason)
-    timings["prepare"] = time.perf_counter() - started
-
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
-    _check_cluster_fits(config)
-    _retry_transient_parquet_writes()
-    timings["ray_start"] = time.perf_counter() - started - timings["prepare"]
-
-    sharded = listing.format in SHARD_FORMATS
-    skipped = _SkipCount()
-    shard_markers = read_shard_markers(out_fs, out_root) if sharded and len(done) else None
-    to_annotate = _not_done(listing.rows, done, sharded, skipped, shard_markers)
-    if config.input.limit is not None and not sharded:
-        # Counted after the done images, as for shards (limited once read below),
-        # so a repeated smoke run annotates the next N.
-        to_annotate = itertools.islice(to_annotate, config.input.limit)
-    block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
-    if not listed and not skipped.images:
-        raise InputNotFoundError(
-            f"no {'shards' if sharded else 'images'} to annotate under input.uri "
-            f"{strip_url_secrets(config.input.uri)} (input.format {listing.format}, extensions "
-            f"{', '.join(config.input.extensions)})"
+    start_record = _record_start(out_fs, out_root, config, run_id, started_at)
+    # The start record is rewritten while the run goes on: how others (a later
+    # run, jobs.compact) tell a run that is going from one that crashed.
+    with RunHeartbeat(out_fs, _start_record_path(out_root, run_id), start_record):
+        done = (
+            load_done_images(out_fs, out_root, config_hash)
+            if config.mode == "incremental" and not config.output.overwrite
+            else DoneImages()
         )
-    logger.info(
-        "listed %d %s under %s; %d images already done",
-        listed + (0 if sharded else skipped.images),
-        "shards" if sharded else "images",
-        strip_url_secrets(config.input.uri),
-        skipped.images,
-    )
-    if config.output.overwrite:
-        # Only now: a mistyped input or a cluster that cannot run the job must
-        # not cost the results already there.
-        _clear_earlier_results(out_fs, out_root, config, run_id)
-    timings["list"] = time.perf_counter() - started - sum(timings.values())
-    record_skipped(skipped.images)
+        listing = list_input(config.input, storage_options, config.output.uri)
+        logger.info("input.format %s (%s)", listing.format, listing.reason)
+        timings["prepare"] = time.perf_counter() - started
 
-    predictions_path = join(out_root, PREDICTIONS_FOLDER)
-    if block_refs:
-        beacon = _start_beacon()
-        dataset = _annotation_dataset(
-            ray.data.from_arrow_refs(block_refs),
-            config,
-            listing.format,
-            cards,
-            done,
-            run_id,
-            config_hash,
-            cache_dir,
-            beacon,
-        )
-        from ray.data.datasource import FilenameProvider
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True)
+        _check_cluster_fits(config)
+        _retry_transient_parquet_writes()
+        timings["ray_start"] = time.perf_counter() - started - timings["prepare"]
 
-        with StallWatchdog(beacon, config.stall_timeout_s):
-            dataset.write_parquet(
-                predictions_path,
-                filesystem=arrow_filesystem(out_fs),
-                min_rows_per_file=config.output.rows_per_part,
-                # Parts named <run_id>_…: the run's own count opens only its parts.
-                filename_provider=FilenameProvider(
-                    dataset_uuid=part_prefix(run_id), file_format="parquet"
-                ),
-                ray_remote_args={"num_cpus": _write_task_cpus()},
+        sharded = listing.format in SHARD_FORMATS
+        skipped = _SkipCount()
+        shard_markers = read_shard_markers(out_fs, out_root) if sharded and len(done) else None
+        to_annotate = _not_done(listing.rows, done, sharded, skipped, shard_markers)
+        if config.input.limit is not None and not sharded:
+            # Counted after the done images, as for shards (limited once read below),
+            # so a repeated smoke run annotates the next N.
+            to_annotate = itertools.islice(to_annotate, config.input.limit)
+        block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
+        if not listed and not skipped.images:
+            raise InputNotFoundError(
+                f"no {'shards' if sharded else 'images'} to annotate under input.uri "
+                f"{strip_url_secrets(config.input.uri)} (input.format {listing.format}, extensions "
+                f"{', '.join(config.input.extensions)})"
             )
-        stage_times = stage_timings(dataset)
-    else:
-        stage_times = {}
-    timings["annotate"] = time.perf_counter() - started - sum(timings.values())
+        logger.info(
+            "listed %d %s under %s; %d images already done",
+            listed + (0 if sharded else skipped.images),
+            "shards" if sharded else "images",
+            strip_url_secrets(config.input.uri),
+            skipped.images,
+        )
+        if config.output.overwrite:
+            # Only now: a mistyped input or a cluster that cannot run the job must
+            # not cost the results already there.
+            _clear_earlier_results(out_fs, out_root, config, run_id)
+        timings["list"] = time.perf_counter() - started - sum(timings.values())
+        record_skipped(skipped.images)
 
-    this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
-    timings["count"] = time.perf_counter() - started - sum(timings.values())
-    elapsed_s = time.perf_counter() - started
-    reasons = collections.Counter(
-        reason_group(reason) for reason in this_run["error"] if reason is not None
-    )
-    images_ok = this_run["status"].count("ok")
-    annotated = len(this_run["status"])
-    report_path = join(out_root, f"{RUNS_FOLDER}/{run_id}.json")
-    summary = RunSummary(
-        run_id=run_id,
-        output_uri=config.output.uri,
-        predictions_uri=full_uri(out_fs, predictions_path),
-        report_uri=full_uri(out_fs, report_path),
-        input_format=listing.format,
-        config_hash=config_hash,
-        images_listed=annotated + skipped.images if sharded else listed + skipped.images,
-        shards_listed=listed if sharded else 0,
-        images_skipped_done=skipped.images,
-        images_ok=images_ok,
-        images_error=annotated - images_ok,
-        elapsed_s=round(elapsed_s, 3),
-        images_per_s=round(annotated / elapsed_s, 3),
-        timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
-        stage_timings_s=stage_times,
-        error_reasons=dict(reasons.most_common(10)),
-        gpus_requested=config.resources.actors.max * config.resources.gpus_per_actor,
-    )
-    if config.report.enabled:
-        report_started = time.perf_counter()
-        summary.quality_report_uri = _write_quality_report(config, cards, summary)
-        summary.timings_s["report"] = round(time.perf_counter() - report_started, 3)
-    _write_run_report(out_fs, report_path, config, summary, started_at)
-    return summary
+        predictions_path = join(out_root, PREDICTIONS_FOLDER)
+        if block_refs:
+            beacon = _start_beacon()
+            dataset = _annotation_dataset(
+                ray.data.from_arrow_refs(block_refs),
+                config,
+                listing.format,
+                cards,
+                done,
+                run_id,
+                config_hash,
+                cache_dir,
+                beacon,
+            )
+            from ray.data.datasource import FilenameProvider
+
+            with StallWatchdog(beacon, config.stall_timeout_s):
+                dataset.write_parquet(
+                    predictions_path,
+                    filesystem=arrow_filesystem(out_fs),
+                    min_rows_per_file=config.output.rows_per_part,
+                    # Parts named <run_id>_…: the run's own count opens only its parts.
+                    filename_provider=FilenameProvider(
+                        dataset_uuid=part_prefix(run_id), file_format="parquet"
+                    ),
+                    ray_remote_args={"num_cpus": _write_task_cpus()},
+                )
+            stage_times = stage_timings(dataset)
+        else:
+            stage_times = {}
+        timings["annotate"] = time.perf_counter() - started - sum(timings.values())
+
+        this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
+        timings["count"] = time.perf_counter() - started - sum(timings.values())
+        elapsed_s = time.perf_counter() - started
+        reasons = collections.Counter(
+            reason_group(reason) for reason in this_run["error"] if reason is not None
+        )
+        images_ok = this_run["status"].count("ok")
+        annotated = len(this_run["status"])
+        report_path = join(out_root, f"{RUNS_FOLDER}/{run_id}.json")
+        summary = RunSummary(
+            run_id=run_id,
+            output_uri=config.output.uri,
+            predictions_uri=full_uri(out_fs, predictions_path),
+            report_uri=full_uri(out_fs, report_path),
+            input_format=listing.format,
+            config_hash=config_hash,
+            images_listed=annotated + skipped.images if sharded else listed + skipped.images,
+            shards_listed=listed if sharded else 0,
+            images_skipped_done=skipped.images,
+            images_ok=images_ok,
+            images_error=annotated - images_ok,
+            elapsed_s=round(elapsed_s, 3),
+            images_per_s=round(annotated / elapsed_s, 3),
+            timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
+            stage_timings_s=stage_times,
+            error_reasons=dict(reasons.most_common(10)),
+            gpus_requested=config.resources.actors.max * config.resources.gpus_per_actor,
+        )
+        if config.report.enabled:
+            report_started = time.perf_counter()
+            summary.quality_report_uri = _write_quality_report(config, cards, summary)
+            summary.timings_s["report"] = round(time.perf_counter() - report_started, 3)
+        _write_run_report(out_fs, report_path, config, summary, started_at)
+        return summary
 
 
 def _shard_input(config: JobConfig, input_format: str) -> ShardInput:
@@ -680,32 +685,27 @@ def _fetch_model_cards(
     }
 
 
-# Unfinished runs older than this are taken for crashed ones and not mentioned.
-_RECENT_RUN_S = 24 * 3600
-
-
 def _warn_of_unfinished_runs(fs, root: str, run_id: str) -> None:
     """Say so where another run on this output may still be going.
 
     Two runs at once stay correct (rows only append; the view keeps one per
-    image) but annotate the same images twice. A crashed run looks the same,
-    so this warns and goes on.
+    image) but annotate the same images twice, so this warns and goes on.
     """
     try:
-        others = unfinished_runs(fs, root, _RECENT_RUN_S, time.time())
+        others = unfinished_runs(fs, root, RUN_GOING_WITHIN_S, time.time())
     except OSError:  # a courtesy: the start record's write is the real check
         return
     for other, age_s in others:
         if other != run_id:
             logger.warning(
-                "run %s started %.0f min ago on this output and has not finished: if it is "
-                "still going, both runs annotate the same images (if it crashed, ignore this)",
+                "run %s is going on this output (its start record was renewed %.0f min ago): "
+                "both runs annotate the same images",
                 other,
                 age_s / 60,
             )
 
 
-def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> None:
+def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> bytes:
     """Record that this run started.
 
     The start record doubles as a write check: missing credentials, a wrong
@@ -714,12 +714,14 @@ def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: dat
     start record and no finish record crashed (its committed rows are still valid).
     """
     record = {"run_id": run_id, "started_at": started_at.isoformat(), "config": config.redacted()}
+    data = json.dumps(record, indent=2).encode()
     try:
-        fs.pipe_file(_start_record_path(root, run_id), json.dumps(record, indent=2).encode())
+        fs.pipe_file(_start_record_path(root, run_id), data)
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise OutputNotWritableError(
             storage_problem("output.uri", config.output.uri, error)
         ) from None
+    return data
 
 
 def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> None:

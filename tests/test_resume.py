@@ -75,8 +75,9 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_pat
 
     with caplog.at_level("WARNING", logger="pipeline.run"):
         summary = run_annotation(load_config(None, [*settings, "run_id=resumed"]))
-    # The killed run never finished: the next one says so (it may be still going).
-    assert any("run killed started" in record.getMessage() for record in caplog.records)
+    # The killed run never finished, and its start record is fresh: the next run
+    # takes it for one going, and says so.
+    assert any("run killed is going" in record.getMessage() for record in caplog.records)
     assert summary.images_skipped_done == before
     assert summary.images_ok == IMAGES - before and summary.images_error == 0
 

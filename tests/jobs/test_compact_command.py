@@ -1,4 +1,4 @@
-"""``python -m jobs.compact``: few parts, the same view, and never while a run may write."""
+"""``python -m jobs.compact``: few parts, the same view, and never while a run is going."""
 
 import subprocess
 import sys
@@ -28,7 +28,7 @@ def test_compacting_waits_for_a_run_that_has_not_finished(tmp_path):
 
     refused = compact(str(tmp_path))
     assert refused.returncode == 1
-    assert "runs started in the last day have not finished: going (0 min ago)" in refused.stderr
+    assert "runs are going on this output: going (renewed 0 min ago)" in refused.stderr
     assert len(list((tmp_path / "predictions").iterdir())) == 3  # untouched
 
     done = compact(str(tmp_path), "--even-if-running")

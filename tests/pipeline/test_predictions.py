@@ -303,18 +303,41 @@ def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
     assert view_ids() == {"z", member["image_id"]}
 
 
-def test_unfinished_runs_are_recent_start_records_without_their_finish_record(tmp_path):
+def test_runs_going_have_a_start_record_renewed_lately_and_no_newer_finish_record(tmp_path):
     from pipeline.predictions import unfinished_runs
 
     fs, root = filesystem_for(str(tmp_path), {})
-    assert unfinished_runs(fs, root, 3600, time.time()) == []
-    for name in ("done.started.json", "done.json", "going.started.json", "old.started.json"):
-        fs.pipe_file(f"{root}/_runs/{name}", b"{}")
+    assert unfinished_runs(fs, root, 900, time.time()) == []
     now = time.time()
-    os.utime(f"{root}/_runs/old.started.json", (now - 7200, now - 7200))
-    found = unfinished_runs(fs, root, 3600, now + 60)
-    assert [run_id for run_id, _ in found] == ["going"]
-    assert 59 <= found[0][1] < 120
+    records = {
+        "done.started.json": now - 100,
+        "done.json": now - 50,
+        "going.started.json": now - 60,
+        "crashed.started.json": now - 7200,  # not renewed for two hours
+        "again.json": now - 3600,  # an id used before, now going again
+        "again.started.json": now - 30,
+    }
+    for name, stamp in records.items():
+        fs.pipe_file(f"{root}/_runs/{name}", b"{}")
+        os.utime(f"{root}/_runs/{name}", (stamp, stamp))
+    found = unfinished_runs(fs, root, 900, now)
+    assert [run_id for run_id, _ in found] == ["again", "going"]
+    assert 59 <= found[1][1] < 62
+
+
+def test_a_going_run_renews_its_start_record(tmp_path):
+    from pipeline.predictions import RunHeartbeat
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    path = f"{root}/_runs/r.started.json"
+    fs.pipe_file(path, b"{}")
+    os.utime(path, (1, 1))
+    with RunHeartbeat(fs, path, b'{"run_id": "r"}', every_s=0.05):
+        deadline = time.time() + 10
+        while os.stat(path).st_mtime < 2:
+            assert time.time() < deadline, "the start record was not renewed"
+            time.sleep(0.02)
+    assert (tmp_path / "_runs" / "r.started.json").read_bytes() == b'{"run_id": "r"}'
 
 
 def test_the_latest_segmentation_model_is_found_without_reading_every_run_record(tmp_path, caplog):
