@@ -323,15 +323,13 @@ def load_network(
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load {task} model from {checkpoint_dir}: {error}") from None
-    except RuntimeError as error:  # transformers' answer to weights of other shapes
-        detail = (
-            "transformers logged the tensors whose shapes differ"
-            if "ignore_mismatched_sizes" in str(error)
-            else f"{error}"
-        )
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        # transformers' answer to weights of other shapes than config.json's
         raise ModelLoadError(
             f"cannot load {task} model from {checkpoint_dir}: its weights do not fit its "
-            f"config.json ({detail})"
+            "config.json (transformers logged the tensors whose shapes differ)"
         ) from None
     model.eval().to(device)
     _enable_non_square_grids(model)

@@ -206,8 +206,8 @@ class DecodeConfig(_Section):
         default=256 * 2**20,
         ge=1,
         description="Larger files (and shard members) are error rows, fetched no further "
-        "than the limit: a stray video or archive named .jpg cannot exhaust a read task's "
-        "memory.",
+        "than the limit where the store honours ranged reads (S3, most HTTP servers): a "
+        "stray video or archive named .jpg cannot exhaust a read task's memory.",
     )
     jpeg_draft: bool = Field(
         default=True,
@@ -376,8 +376,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw_value
     # run_id=20240101 or output.uri=2024-01-01 mean text where the key takes
     # text; YAML would make them a number or a date (and 0123 octal 83).
-    is_scalar = isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool)
-    if is_scalar and _takes_text(parts):
+    # (bool is an int: yes/on/off, YAML 1.1's booleans, are names too.)
+    if isinstance(value, (int, float, datetime.date)) and _takes_text(parts):
         value = raw_value.strip()
     return parts, value
 

@@ -45,8 +45,9 @@ def read_batch(
     requests concurrently instead of one at a time. Objects that fail with a
     transient error (throttling, 5xx, reset) are fetched again with backoff.
     Objects larger than ``max_image_bytes`` become error rows; no more than one
-    byte past the limit is fetched (a ranged read), so a stray video or archive
-    named ``.jpg`` cannot exhaust a read task's memory.
+    byte past the limit is asked for (a ranged read, which S3 and most HTTP
+    servers honour; one that ignores it sends the whole object), so a stray
+    video or archive named ``.jpg`` cannot exhaust a read task's memory.
     """
     uris = [str(uri) for uri in batch.get("fetch_uri", batch["source_uri"])]
     count = len(uris)

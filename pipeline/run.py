@@ -159,11 +159,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
     # The start record is rewritten while the run goes on: how others (a later
     # run, jobs.compact) tell a run that is going from one that crashed.
     with RunHeartbeat(out_fs, _start_record_path(out_root, run_id), start_record):
-        done = (
-            load_done_images(out_fs, out_root, config_hash)
-            if config.mode == "incremental" and not config.output.overwrite
-            else DoneImages()
-        )
+        incremental = config.mode == "incremental" and not config.output.overwrite
+        done = load_done_images(out_fs, out_root, config_hash) if incremental else DoneImages()
+        if incremental and not len(done):
+            _warn_if_done_under_other_configs(out_fs, out_root, config_hash)
         listing = list_input(config.input, storage_options, config.output.uri)
         logger.info("input.format %s (%s)", listing.format, listing.reason)
         timings["prepare"] = time.perf_counter() - started
@@ -683,6 +682,25 @@ def _fetch_model_cards(
         for task, uri in uris.items()
         if uri is not None
     }
+
+
+def _warn_if_done_under_other_configs(fs, root: str, config_hash: str) -> None:
+    """Say so where an output's ok rows were all made under other configs.
+
+    Then every image is annotated again, which a user who changed only, say, a
+    model's path may not expect: the reason belongs in the log, before the cost.
+    """
+    ok_rows = scan_committed(fs, root, ["config_hash"], pc.field("status") == "ok")
+    other = next((batch["config_hash"][0] for batch in ok_rows if batch.num_rows), None)
+    if other is not None:
+        logger.warning(
+            "no image is done under this run's config_hash %s, but the output holds rows "
+            "made under another (%s, and maybe more): the models, their preprocessing, the "
+            "dtype or output settings differ (README: config_hash), so every image is "
+            "annotated again",
+            config_hash,
+            other,
+        )
 
 
 def _warn_of_unfinished_runs(fs, root: str, run_id: str) -> None:

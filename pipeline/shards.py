@@ -36,8 +36,9 @@ class ShardImage:
     metadata: str | None = None  # JSON object of side members
     problem: str | None = None  # set when data is None
     # False where the sample holds no image to annotate (none, a link, a null, a
-    # repeated id): it gets an error row but never counts among the shard's
-    # images, so the shard can be skipped once its real images are done.
+    # repeated id, one over decode.max_image_bytes): it gets an error row but
+    # never counts among the shard's images, so the shard can be skipped once
+    # its other images are done.
     has_image: bool = True
 
 
@@ -58,7 +59,7 @@ class _Member:
     extension: str
     data: bytes | None
     problem: str | None = None  # set when data is None
-    is_file: bool = True  # False for a link
+    is_file: bool = True  # False for a link, or a member over the byte limit: no image to take
 
 
 def iter_webdataset(
@@ -70,7 +71,7 @@ def iter_webdataset(
     ``extensions``; ``.json``/``.txt``/``.cls`` members become its metadata. A
     sample with no image member is yielded with ``problem`` set, not skipped,
     as is one whose image member is a link or larger than ``max_member_bytes``
-    (its bytes are skipped unread). Raises :class:`ShardError` where the tar
+    (its bytes are streamed past, never held). Raises :class:`ShardError` where the tar
     itself is corrupt or truncated.
     """
     image_extensions = {extension.lower() for extension in extensions}
@@ -140,7 +141,9 @@ def _read_member(
         problem = f"image member is a link, not a file: {name}"
         return _Member(name, extension, None, problem, is_file=False)
     if max_bytes is not None and member.size > max_bytes:
-        return _Member(name, extension, None, too_large(member.size, max_bytes))
+        # Not counted among the shard's images either: a shard re-read on every
+        # run for an image it may never take would cost its whole download each time.
+        return _Member(name, extension, None, too_large(member.size, max_bytes), is_file=False)
     return _Member(name, extension, archive.extractfile(member).read())
 
 
@@ -262,7 +265,9 @@ def _parquet_image(
         value = value.get("bytes")
     if isinstance(value, bytes) and max_bytes is not None and len(value) > max_bytes:
         problem = too_large(len(value), max_bytes)
-        return ShardImage(sample_id=sample_id, name=sample_id, data=None, problem=problem)
+        return ShardImage(
+            sample_id=sample_id, name=sample_id, data=None, problem=problem, has_image=False
+        )
     if isinstance(value, bytes):
         return ShardImage(sample_id=sample_id, name=sample_id, data=value)
     problem = (

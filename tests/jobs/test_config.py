@@ -145,5 +145,6 @@ def test_set_keeps_numbers_and_dates_as_text_where_the_key_takes_text():
         "2024-01-01",
         "20240101",
     )
+    assert load_config(None, [*MINIMAL, "run_id=yes"]).run_id == "yes"  # YAML 1.1's true
     assert config.inference.batch_size == 8  # a number where the key takes one
     assert load_config(None, [*MINIMAL, "models.segmentation=null"]).models.segmentation is None

@@ -108,3 +108,20 @@ def test_a_runs_count_opens_only_the_parts_named_after_it(tmp_path):
     fs, root = filesystem_for(str(tmp_path), {})
     counted = _rows_of_run(fs, root, "r1", started)
     assert counted == {"status": ["ok", "error"], "error": [None, "decode: empty file"]}
+
+
+def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(tmp_path, caplog):
+    from pipeline.run import _warn_if_done_under_other_configs
+    from tests.pipeline.test_predictions import row, write_part
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        _warn_if_done_under_other_configs(fs, root, "new")  # an empty output: nothing to say
+        assert not caplog.records
+        write_part(tmp_path, "r_a.parquet", [row("x", "error", 0, config="old")])
+        _warn_if_done_under_other_configs(fs, root, "new")  # errors are redone anyway
+        assert not caplog.records
+        write_part(tmp_path, "r_b.parquet", [row("x", "ok", 1, config="old")])
+        _warn_if_done_under_other_configs(fs, root, "new")
+    [warning] = caplog.records
+    assert "config_hash new" in warning.getMessage() and "another (old" in warning.getMessage()

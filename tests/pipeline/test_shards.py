@@ -171,6 +171,7 @@ def test_members_over_the_byte_limit_are_problems_left_unread():
     samples = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS, 10))
     assert [(s.sample_id, s.data) for s in samples] == [("a", None), ("b", None), ("c", b"jpeg")]
     assert samples[0].problem == "image over decode.max_image_bytes (10): 100 bytes"
+    assert [s.has_image for s in samples] == [False, False, True]  # not counted for markers
     assert json.loads(samples[0].metadata) == {"json": {}}  # side members still travel
     # A sample's other image member is taken where the first is too large.
     members = [("k.png", bytes(100)), ("k.jpg", b"small")]
@@ -183,6 +184,7 @@ def test_parquet_images_over_the_byte_limit_are_per_row_problems():
     images = list(iter_parquet_images(_parquet(table), "image", None, max_image_bytes=10))
     assert [image.data for image in images] == [None, b"ok"]
     assert images[0].problem == "image over decode.max_image_bytes (10): 11 bytes"
+    assert [image.has_image for image in images] == [False, True]
 
 
 def test_member_names_that_are_not_utf8_keep_their_images_under_escaped_names():
