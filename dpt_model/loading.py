@@ -7,6 +7,7 @@ directory and loaded from there, like a hub download.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -394,7 +395,15 @@ class ModelCard:
     checkpoint_dir: Path
     spec: PreprocessSpec
     config: dict[str, Any]
-    version: str  # changes with the checkpoint's files (see loading.checkpoint_version)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """Changes with the checkpoint's files (:func:`checkpoint_version`).
+
+        On first use: for a local folder it reads every file, which the driver
+        needs (``config_hash``) and an actor, loading the weights, does not.
+        """
+        return checkpoint_version(self.checkpoint_dir)
 
     @property
     def pinned_uri(self) -> str:
@@ -450,6 +459,4 @@ class ModelCard:
             ) from None
         check_supported(config, task, model_uri)
         check_input_geometry(config, spec, model_uri)
-        return cls(
-            task, model_uri, checkpoint_dir, spec, config, checkpoint_version(checkpoint_dir)
-        )
+        return cls(task, model_uri, checkpoint_dir, spec, config)
