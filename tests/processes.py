@@ -1,12 +1,26 @@
-"""Processes of one Unix session: what a test started with start_new_session=True."""
+"""Processes the tests start: a project command, and the Unix session of one started with
+start_new_session=True."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+
+def run_module(module: str, *arguments: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """``python -m module arguments…`` in this environment, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+    )
 
 
 def session_processes(session_id: int) -> list[int]:

@@ -1,22 +1,14 @@
 """``python -m jobs.compact``: few parts, the same view, and never while a run is going."""
 
-import subprocess
-import sys
-
 import pyarrow.parquet as pq
 
 from pipeline.predictions import read_predictions
 from tests.pipeline.test_predictions import row, write_part
+from tests.processes import run_module
 
 
-def compact(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.compact", *arguments],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+def compact(*arguments: str):
+    return run_module("jobs.compact", *arguments)
 
 
 def test_compacting_waits_for_a_run_that_has_not_finished(tmp_path):

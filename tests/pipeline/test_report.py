@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
-import sys
 from datetime import timedelta
 from html.parser import HTMLParser
 
@@ -41,6 +39,7 @@ from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import filesystem_for
 from tests.pipeline.test_predictions import T0, row
 from tests.pipeline.test_shards import tar_bytes
+from tests.processes import run_module
 
 # --- stats ------------------------------------------------------------------
 
@@ -378,13 +377,8 @@ def test_a_missing_source_leaves_its_thumbnail_out_and_says_why(tmp_path):
     assert re.search(r'class="problem">input: FileNotFoundError', html)
 
 
-def report_command(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.report", *arguments],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def report_command(*arguments: str):
+    return run_module("jobs.report", *arguments)
 
 
 def test_the_report_command_rebuilds_a_report_on_s3(s3_endpoint, tmp_path):
