@@ -23,7 +23,7 @@ from jobs.arguments import (
     positive_integer,
     storage_options,
 )
-from pipeline.predictions import RUN_GOING_WITHIN_S, compact_predictions, unfinished_runs
+from pipeline.predictions import RUN_GOING_WITHIN_S, compact_predictions, runs_going
 from pipeline.storage import filesystem_for
 
 EXIT_RUN_GOING = 1
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return exit_code
     fs, root = filesystem_for(args.output_uri, options)
-    going = unfinished_runs(fs, root, RUN_GOING_WITHIN_S, time.time())
+    going = runs_going(fs, root, RUN_GOING_WITHIN_S, time.time())
     if going and not args.even_if_running:
         runs = ", ".join(f"{run_id} (renewed {age_s / 60:.0f} min ago)" for run_id, age_s in going)
         print(

@@ -107,7 +107,6 @@ class InferenceActor:
         status = batch["status"].astype(object)
         error = batch["error"].astype(object)
         ready = [index for index in range(count) if status[index] == "ok"]
-        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ready]
         out = {key: value for key, value in batch.items() if not key.endswith("_input")}
 
         if self.depth is not None:
@@ -115,7 +114,7 @@ class InferenceActor:
             depth_min = np.full(count, np.nan)
             depth_max = np.full(count, np.nan)
             inputs = [batch["depth_input"][i] for i in ready]
-            predictions = _timed_predict(self.depth, inputs, sizes)
+            predictions = _timed_predict(self.depth, inputs, _sizes(batch, ready))
             for index, prediction in zip(ready, predictions, strict=True):
                 if prediction.error is not None:
                     status[index], error[index] = "error", error_reason("depth", prediction.error)
@@ -135,14 +134,13 @@ class InferenceActor:
             # already: running it through a second model would cost as much again
             # and give the row the second failure's stage.
             ready = [index for index in ready if status[index] == "ok"]
-            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ready]
             class_ids = _filled(count, EMPTY_CLASSES)
             labels = _filled(count, np.zeros(0, dtype=np.int32))
             confidence_mean = np.full(count, np.nan)
             coverage = np.full(count, np.nan)
             entropy_mean = np.full(count, np.nan)
             inputs = [batch["segmentation_input"][i] for i in ready]
-            predictions = _timed_predict(self.segmentation, inputs, sizes)
+            predictions = _timed_predict(self.segmentation, inputs, _sizes(batch, ready))
             for index, prediction in zip(ready, predictions, strict=True):
                 if prediction.error is not None:
                     status[index] = "error"
@@ -177,6 +175,11 @@ def _timed_predict(
     predictions = predictor.predict(inputs, sizes)
     record_inference_batch(predictor.task, len(inputs), time.perf_counter() - started)
     return predictions
+
+
+def _sizes(batch: dict[str, np.ndarray], rows: list[int]) -> list[tuple[int, int]]:
+    """(height, width) of each of ``rows``: the size their maps come back at."""
+    return [(int(batch["height"][row]), int(batch["width"][row])) for row in rows]
 
 
 def _filled(count: int, value: np.ndarray) -> np.ndarray:

@@ -168,12 +168,7 @@ def list_input(
     else:
         suffixes = WEBDATASET_SUFFIXES if fmt == "webdataset" else PARQUET_SUFFIXES
         rows = (
-            {
-                "shard_uri": printable_name(full_uri(fs, stored.path)),
-                "shard_key": printable_name(relative(stored.path)),
-                "shard_version": stored.version,
-                "listing_error": _name_problem(stored.path),
-            }
+            _shard_row(fs, stored, relative)
             for stored in objects
             if is_file or _has_suffix(stored.path, suffixes)
         )
@@ -261,14 +256,32 @@ def _image_rows(
     extensions = frozenset(extensions)  # built once: this runs for every listed key
     for stored in objects:
         if has_image_extension(stored.path, extensions):
-            source_uri = printable_name(full_uri(fs, stored.path))
+            source_uri, source_key, problem = _names(fs, stored.path, relative)
             yield {
                 "image_id": image_id_for(source_uri),
                 "source_uri": source_uri,
-                "source_key": printable_name(relative(stored.path)),
+                "source_key": source_key,
                 "source_version": stored.version,
-                "listing_error": _name_problem(stored.path),
+                "listing_error": problem,
             }
+
+
+def _shard_row(fs: fsspec.AbstractFileSystem, stored: StoredObject, relative: Any) -> dict:
+    shard_uri, shard_key, problem = _names(fs, stored.path, relative)
+    return {
+        "shard_uri": shard_uri,
+        "shard_key": shard_key,
+        "shard_version": stored.version,
+        "listing_error": problem,
+    }
+
+
+def _names(fs: fsspec.AbstractFileSystem, path: str, relative: Any) -> tuple[str, str, str]:
+    """(URI, key, listing error) of a listed object; the error "" unless its name is bad."""
+    uri, key, problem = full_uri(fs, path), relative(path), _name_problem(path)
+    if problem:  # escaped only then: this runs for every key of a listing
+        uri, key = printable_name(uri), printable_name(key)
+    return uri, key, problem
 
 
 def _name_problem(path: str) -> str:
@@ -278,7 +291,7 @@ def _name_problem(path: str) -> str:
     which no Arrow column holds: its row carries the name as ``\\x`` text and
     becomes an error row, where it would otherwise stop the whole job.
     """
-    if printable_name(path) == path:
+    if path.isascii() or printable_name(path) == path:
         return ""
     return "list: name is not valid UTF-8 (shown with \\x escapes); rename it to annotate it"
 

@@ -598,7 +598,7 @@ class RunHeartbeat:
                 logger.warning("could not renew the run's start record: %s", error)
 
 
-def unfinished_runs(
+def runs_going(
     fs: fsspec.AbstractFileSystem, root: str, within_s: float, now_s: float
 ) -> list[tuple[str, float]]:
     """(run id, seconds since its start record was last written) of the runs going:

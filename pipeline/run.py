@@ -47,8 +47,8 @@ from pipeline.predictions import (
     drop_done_rows,
     load_done_images,
     read_shard_markers,
+    runs_going,
     scan_committed,
-    unfinished_runs,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog
 from pipeline.read import ShardInput, read_batch, read_shard
@@ -154,7 +154,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
     cards = _fetch_model_cards(config, cache_dir, storage_options)
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
-    _warn_of_unfinished_runs(out_fs, out_root, run_id)
+    _warn_of_runs_going(out_fs, out_root, run_id)
     start_record = _record_start(out_fs, out_root, config, run_id, started_at)
     # The start record is rewritten while the run goes on: how others (a later
     # run, jobs.compact) tell a run that is going from one that crashed.
@@ -703,14 +703,14 @@ def _warn_if_done_under_other_configs(fs, root: str, config_hash: str) -> None:
         )
 
 
-def _warn_of_unfinished_runs(fs, root: str, run_id: str) -> None:
-    """Say so where another run on this output may still be going.
+def _warn_of_runs_going(fs, root: str, run_id: str) -> None:
+    """Say so where another run on this output is going.
 
     Two runs at once stay correct (rows only append; the view keeps one per
     image) but annotate the same images twice, so this warns and goes on.
     """
     try:
-        others = unfinished_runs(fs, root, RUN_GOING_WITHIN_S, time.time())
+        others = runs_going(fs, root, RUN_GOING_WITHIN_S, time.time())
     except OSError:  # a courtesy: the start record's write is the real check
         return
     for other, age_s in others:

@@ -304,10 +304,10 @@ def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
 
 
 def test_runs_going_have_a_start_record_renewed_lately_and_no_newer_finish_record(tmp_path):
-    from pipeline.predictions import unfinished_runs
+    from pipeline.predictions import runs_going
 
     fs, root = filesystem_for(str(tmp_path), {})
-    assert unfinished_runs(fs, root, 900, time.time()) == []
+    assert runs_going(fs, root, 900, time.time()) == []
     now = time.time()
     records = {
         "done.started.json": now - 100,
@@ -320,7 +320,7 @@ def test_runs_going_have_a_start_record_renewed_lately_and_no_newer_finish_recor
     for name, stamp in records.items():
         fs.pipe_file(f"{root}/_runs/{name}", b"{}")
         os.utime(f"{root}/_runs/{name}", (stamp, stamp))
-    found = unfinished_runs(fs, root, 900, now)
+    found = runs_going(fs, root, 900, now)
     assert [run_id for run_id, _ in found] == ["again", "going"]
     assert 59 <= found[1][1] < 62
 
