@@ -26,6 +26,7 @@ from pipeline.keys import (
     image_id_for,
     printable_name,
 )
+from pipeline.s3_listing import list_in_order, s3_list_page
 from pipeline.schema import source_uri_of, storage_problem, strip_url_secrets
 from pipeline.storage import filesystem_for, full_uri
 
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 TEXT_MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest")
 # Objects looked at before `auto` decides; enough to see past a few stray files.
 AUTO_PEEK_OBJECTS = 1000
-_S3_PAGE_OBJECTS = 1000
+# S3 Express One Zone bucket names end so.
+DIRECTORY_BUCKET_SUFFIX = "--x-s3"
 
 
 class InputNotFoundError(FileNotFoundError):
@@ -77,10 +79,13 @@ def object_version(info: dict[str, Any]) -> str:
     return f"size:{info.get('size')},mtime:{mtime}"
 
 
-def iter_objects(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[StoredObject]:
-    """Every file below ``root``, streamed: S3 page by page, others folder by folder."""
+def iter_objects(
+    fs: fsspec.AbstractFileSystem, root: str, list_concurrency: int = 1
+) -> Iterator[StoredObject]:
+    """Every file below ``root`` in key order, streamed: S3 page by page, others
+    folder by folder. ``list_concurrency``: S3 list requests at once on a large prefix."""
     if "s3" in fs.protocol:
-        yield from _iter_s3_objects(fs, root)
+        yield from _iter_s3_objects(fs, root, list_concurrency)
         return
     for folder, subfolders, files in fs.walk(root, detail=True):
         # walk is top-down: reordering its folder dict in place orders the descent.
@@ -91,26 +96,26 @@ def iter_objects(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[StoredObj
             yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(files[name]))
 
 
-def _iter_s3_objects(fs: Any, root: str) -> Iterator[StoredObject]:
+def _iter_s3_objects(fs: Any, root: str, list_concurrency: int) -> Iterator[StoredObject]:
     bucket, key, _ = fs.split_path(root)
     prefix = f"{key.rstrip('/')}/" if key else ""
-    # s3fs's own listing calls collect every page first; drive its page iterator
-    # directly instead, one page's worth of keys at a time.
-    entries = fs._iterdir(bucket, delimiter="", prefix=prefix)
+    # S3 Express directory buckets list in no particular order: walked, never split.
+    concurrency = 1 if bucket.endswith(DIRECTORY_BUCKET_SUFFIX) else list_concurrency
+    pages = list_in_order(s3_list_page(fs, bucket), prefix, concurrency)
 
-    async def next_page() -> list[StoredObject]:
-        page = []
+    async def next_page() -> list[dict[str, Any]] | None:
         try:
-            while len(page) < _S3_PAGE_OBJECTS:
-                entry = await entries.__anext__()
-                if entry["type"] == "file":
-                    page.append(StoredObject(entry["name"], object_version(entry)))
+            return await anext(pages)
         except StopAsyncIteration:
-            pass
-        return page
+            return None
 
-    while page := fsspec.asyn.sync(fs.loop, next_page):
-        yield from page
+    try:
+        while (entries := fsspec.asyn.sync(fs.loop, next_page)) is not None:
+            for entry in entries:
+                yield StoredObject(f"{bucket}/{entry['Key']}", object_version(entry))
+    finally:
+        # Stops the ranges still being listed (a limited run, a failed one).
+        fsspec.asyn.sync(fs.loop, pages.aclose)
 
 
 def list_input(
@@ -143,7 +148,7 @@ def list_input(
         objects: Iterator[StoredObject] = iter([StoredObject(root, object_version(info))])
         base = root.rsplit("/", 1)[0]
     else:
-        objects = iter_objects(fs, root)
+        objects = iter_objects(fs, root, input_config.list_concurrency)
         base = root
         if output_uri is not None:
             objects = _outside_of(objects, fs, root, output_uri, storage_options)

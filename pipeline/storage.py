@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
 import threading
 import time
 import uuid
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -42,7 +44,38 @@ def filesystem_for(
         # size: a request more for every image, map and part, which are small.
         # (Checkpoints, large, are fetched by dpt_model.loading with the default.)
         options.setdefault("max_concurrency", 1)
+        _parse_s3_timestamps_fast()
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def _parse_s3_timestamps_fast() -> None:
+    """Have botocore clients made from now on parse ISO 8601 times with the stdlib.
+
+    botocore parses every timestamp with dateutil: for a ListObjectsV2 page
+    that is 1000 LastModified values and, measured, 60 % of the client's time
+    (a million-key listing took twice as long). ``datetime.fromisoformat``
+    gives the same aware datetime for S3's form; anything else (HTTP dates,
+    epoch numbers, a time without a zone) still goes to botocore's parser.
+    botocore reads this default when it builds a client's parser.
+    """
+    import botocore.parsers
+
+    if botocore.parsers.DEFAULT_TIMESTAMP_PARSER is not _iso_or_botocore_timestamp:
+        global _botocore_timestamp_parser
+        _botocore_timestamp_parser = botocore.parsers.DEFAULT_TIMESTAMP_PARSER
+        botocore.parsers.DEFAULT_TIMESTAMP_PARSER = _iso_or_botocore_timestamp
+
+
+_botocore_timestamp_parser: Any = None
+
+
+def _iso_or_botocore_timestamp(value: Any) -> Any:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is not None:
+                return parsed
+    return _botocore_timestamp_parser(value)
 
 
 def forget_listing(fs: fsspec.AbstractFileSystem, folder: str) -> str:

@@ -6,6 +6,8 @@ Two measurements, each in a fresh Python process so its peak RSS is its own:
   ``list_input`` then ``put_listing_blocks`` into Ray's object store, and the same
   listing without Ray (rows into 256-row Arrow tables, dropped), so the listing's
   own cost and the object store's are separable. The 1 GiB target is checked.
+  Then the listing alone once per ``input.list_concurrency`` to compare, on bare
+  loopback and behind a proxy that holds each request as long as S3 takes.
 * reads: M random objects uploaded to moto on loopback, fetched by ``read_batch``
   a batch at a time (what one read task does), by a one-request-at-a-time loop
   for comparison, and by ``aws s3 cp --recursive`` when the CLI is installed.
@@ -62,6 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-aws", action="store_true", help="skip the `aws s3 cp --recursive` comparison"
     )
     parser.add_argument(
+        "--list-latency-ms",
+        type=float,
+        default=100.0,
+        help="per-request delay a loopback proxy adds for the listing-concurrency runs, "
+        "standing in for S3's time to answer a ListObjectsV2 page (0: loopback only)",
+    )
+    parser.add_argument(
+        "--list-concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="input.list_concurrency values to list the keys with (1: page after page)",
+    )
+    parser.add_argument(
         "--latency-ms",
         type=float,
         default=20.0,
@@ -81,9 +97,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "objects": args.objects,
             "object_kb": args.object_kb,
             "latency_ms": args.latency_ms,
+            "list_latency_ms": args.list_latency_ms,
+            "list_concurrency": args.list_concurrency,
             "rss_target_mib": RSS_TARGET_MIB,
         },
         "listing": bench_listing(args.keys),
+        "listing_concurrency": bench_listing_concurrency(
+            args.keys, args.list_concurrency, args.list_latency_ms
+        ),
         "reads": bench_reads(
             args.objects, args.object_kb * 1024, use_aws=not args.no_aws, latency_ms=0.0
         ),
@@ -120,7 +141,41 @@ def bench_listing(keys: int) -> dict[str, Any]:
     return results
 
 
-def measure_listing(uri: str, storage_options: dict[str, Any], with_ray: bool) -> dict[str, Any]:
+def bench_listing_concurrency(
+    keys: int, concurrencies: list[int], latency_ms: float
+) -> dict[str, dict[str, Any]]:
+    """List ``keys`` keys with each ``input.list_concurrency``, on loopback and, with
+    ``latency_ms``, behind a proxy that holds every request that long (without Ray)."""
+    results: dict[str, dict[str, Any]] = {}
+    with listing_server(LISTING_BUCKET, LISTING_PREFIX, keys) as server:
+        for latency in dict.fromkeys([0.0, latency_ms]):
+            with FaultInjectingProxy(endpoint_of(server), delay_s=latency / 1000) as proxy:
+                endpoint = proxy.endpoint if latency else endpoint_of(server)
+                runs = results.setdefault(f"{latency:g}ms", {})
+                for concurrency in concurrencies:
+                    print(
+                        f"listing {keys:,} keys, {latency:g} ms a request, "
+                        f"list_concurrency {concurrency}...",
+                        file=sys.stderr,
+                    )
+                    server.requests.clear()
+                    measured = _run_child(
+                        "listing",
+                        {
+                            "uri": f"s3://{LISTING_BUCKET}/{LISTING_PREFIX.rstrip('/')}",
+                            "storage_options": _storage_options(endpoint),
+                            "with_ray": False,
+                            "list_concurrency": concurrency,
+                        },
+                    )
+                    measured["server_requests"] = dict(server.requests)
+                    runs[str(concurrency)] = measured
+    return results
+
+
+def measure_listing(
+    uri: str, storage_options: dict[str, Any], with_ray: bool, list_concurrency: int | None = None
+) -> dict[str, Any]:
     """In the child: list ``uri`` as the job's driver does; rates and memory checkpoints."""
     import pyarrow as pa
 
@@ -138,7 +193,9 @@ def measure_listing(uri: str, storage_options: dict[str, Any], with_ray: bool) -
         ray.init(address="local", num_cpus=1, include_dashboard=False)
     baseline = memory_mib()
     started = time.perf_counter()
-    listing = list_input(InputConfig(uri=uri, format="files"), storage_options)
+    settings = {} if list_concurrency is None else {"list_concurrency": list_concurrency}
+    listing_settings = InputConfig(uri=uri, format="files", **settings)
+    listing = list_input(listing_settings, storage_options)
     # list_input checks the prefix exists before streaming; see what that costs.
     probed, after_probe = time.perf_counter(), memory_mib()
     first_row: dict[str, str] = {}
@@ -161,6 +218,7 @@ def measure_listing(uri: str, storage_options: dict[str, Any], with_ray: bool) -
     fs, _ = filesystem_for(uri, storage_options)  # fsspec's cached instance: the one listed with
     result = {
         "keys_listed": listed,
+        "list_concurrency": listing_settings.list_concurrency,
         "blocks": blocks,
         "row_columns": first_row.get("columns", ""),
         "seconds": finished - started,
@@ -388,6 +446,15 @@ def print_table(results: dict[str, Any]) -> None:
             f"{listed['peak_rss_mib']:6.0f}MiB {listed['s3fs_dircache_entries']:9d}  "
             f"{'ok' if listed['within_target'] else 'EXCEEDED'}"
         )
+    print(f"\nlisting {results['parameters']['keys']:,} keys without Ray, by list_concurrency")
+    print(f"{'per request':12} {'concurrency':>11} {'keys/s':>8} {'seconds':>8} {'requests':>9}")
+    for latency, runs in results["listing_concurrency"].items():
+        for concurrency, listed in runs.items():
+            requests = listed["server_requests"].get("GET list-type=2", 0)
+            print(
+                f"{latency:12} {concurrency:>11} {listed['keys_per_s']:8.0f} "
+                f"{listed['seconds']:8.2f} {requests:9d}"
+            )
     for key in ("reads", "reads_with_latency"):
         if key in results:
             _print_reads(results[key])

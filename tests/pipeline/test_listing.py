@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.config import InputConfig
-from pipeline import listing
+from pipeline import listing, s3_listing
 from pipeline.keys import image_id_for
 from pipeline.listing import InputNotFoundError, has_image_extension, list_input
 
@@ -121,20 +121,45 @@ def test_manifest_without_its_uri_column_names_the_key(tmp_path):
         _list(tmp_path / "m.parquet", format="manifest")
 
 
-def test_s3_listing_streams_in_pages(s3_endpoint, monkeypatch):
+def test_s3_listing_in_key_ranges_matches_the_walk(s3_endpoint, monkeypatch):
+    """Pages of 7 keys: the walk's first pages, then ranges split off and listed at once."""
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("listing-pages")
-    keys = [f"p/{index:03d}.jpg" for index in range(23)] + ["p/sub/z.png", "q/outside.jpg"]
+    keys = sorted(
+        [f"p/{index:03d}.jpg" for index in range(60)]
+        + ["p/sub/z.png", "p/été.jpg", "p/字/x.jpg", "p/a", "p/a/b.jpg", "q/outside.jpg"]
+    )
     for key in keys:
         fs.pipe_file(f"listing-pages/{key}", b"x")
-    monkeypatch.setattr(listing, "_S3_PAGE_OBJECTS", 7)
+    monkeypatch.setattr(s3_listing, "PAGE_KEYS", 7)
+    # One character level of ranges: found within the walk's first pages here.
+    monkeypatch.setattr(s3_listing, "RANGES_PER_REQUEST", 1)
+    ranges_split_off = []
+    split_range = s3_listing.split_range
+
+    async def recorded_split(*args, **kwargs):
+        ranges_split_off.append(await split_range(*args, **kwargs))
+        return ranges_split_off[-1]
+
+    monkeypatch.setattr(s3_listing, "split_range", recorded_split)
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
-    result = list_input(InputConfig(uri="s3://listing-pages/p"), options)
-    rows = list(result.rows)
-    assert [row["source_key"] for row in rows] == [key[2:] for key in keys[:24]]
+    inside = [key[2:] for key in keys if key.startswith("p/")]
+    for concurrency in (1, 4):
+        config = InputConfig(
+            uri="s3://listing-pages/p", format="files", list_concurrency=concurrency
+        )
+        objects = list(listing.iter_objects(fs, "listing-pages/p", concurrency))
+        assert [stored.path for stored in objects] == [f"listing-pages/p/{key}" for key in inside]
+        assert all(stored.version.startswith("etag:") for stored in objects)
+        rows = list(list_input(config, options).rows)
+        assert [row["source_key"] for row in rows] == [
+            k for k in inside if k.endswith((".jpg", ".png"))
+        ]
     assert rows[0]["source_uri"] == "s3://listing-pages/p/000.jpg"
+    # The split ran on moto and found ranges (p/0…, p/a, p/s…, p/é…, p/字…).
+    assert ranges_split_off and all(len(items) > 3 for items in ranges_split_off)
     fs.rm("listing-pages", recursive=True)
 
 

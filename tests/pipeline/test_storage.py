@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.storage import arrow_filesystem, filesystem_for
+from pipeline.storage import arrow_filesystem, filesystem_for, forget_listing
 
 
 def test_local_parquet_parts_are_invisible_until_closed(tmp_path):
@@ -152,3 +152,49 @@ def test_removing_over_a_thousand_s3_objects_by_name(s3_endpoint):
     storage.remove_files(fs, names)  # two DeleteObjects requests
     fs.invalidate_cache()
     assert fs.find("remove-many") == ["remove-many/out/depth/x1.png"]
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-01-01T00:00:00.000Z",  # ListObjectsV2's LastModified
+        "2026-03-04T05:06:07Z",
+        "2026-03-04T05:06:07.123456+02:00",
+        "Wed, 04 Mar 2026 05:06:07 GMT",  # a Last-Modified header
+        "2026-03-04T05:06:07",  # no zone: botocore's own rule applies
+        1772600767,
+        "1772600767.5",
+    ],
+)
+def test_s3_timestamps_parse_as_botocore_parses_them(stamp):
+    import botocore.parsers
+    import botocore.utils
+
+    filesystem_for("s3://bucket/key", {})
+    assert botocore.parsers.DEFAULT_TIMESTAMP_PARSER is storage._iso_or_botocore_timestamp
+    ours, botocores = (
+        storage._iso_or_botocore_timestamp(stamp),
+        botocore.utils.parse_timestamp(stamp),
+    )
+    assert ours == botocores
+    assert ours.utcoffset() == botocores.utcoffset()
+    assert str(ours) == str(botocores)  # object versions without an ETag hold it as text
+
+
+def test_s3_listing_times_come_through_the_fast_parser(s3_endpoint, monkeypatch):
+    fs, root = filesystem_for("s3://stamps", {"client_kwargs": {"endpoint_url": s3_endpoint}})
+    fs.mkdir(root)
+    fs.pipe_file(f"{root}/a.jpg", b"x")
+    slow_parses = []
+    botocore_parser = storage._botocore_timestamp_parser
+    monkeypatch.setattr(
+        storage,
+        "_botocore_timestamp_parser",
+        lambda value: slow_parses.append(value) or botocore_parser(value),
+    )
+    [entry] = fs.ls(forget_listing(fs, root), detail=True)
+    assert entry["LastModified"].tzinfo is not None
+    assert slow_parses == []
+    fs.info(forget_listing(fs, f"{root}/a.jpg"))  # a HEAD: Last-Modified is an HTTP date
+    assert len(slow_parses) == 1
+    fs.rm(root, recursive=True)
