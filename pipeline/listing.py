@@ -11,7 +11,7 @@ consumed page by page, so a prefix of millions of keys is never held as one list
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -50,7 +50,12 @@ class Listing:
 
     format: str
     reason: str
-    rows: Iterator[dict[str, str]]
+    rows: Generator[dict[str, str], None, None]
+
+    def close(self) -> None:
+        """Stop listing before the end (``input.limit`` reached): on S3, the key
+        ranges being listed ahead stop now rather than when the rows are collected."""
+        self.rows.close()
 
 
 def has_image_extension(path: str, extensions: Collection[str]) -> bool:

@@ -182,6 +182,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             # so a repeated smoke run annotates the next N.
             to_annotate = itertools.islice(to_annotate, config.input.limit)
         block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
+        listing.close()
         if not listed and not skipped.images:
             raise InputNotFoundError(
                 f"no {'shards' if sharded else 'images'} to annotate under input.uri "

@@ -215,3 +215,31 @@ def test_names_that_are_not_utf8_become_error_rows_not_a_stopped_job(tmp_path):
     [shard] = read_shard(columns(shard_rows), shard_input, storage_options={}, rows_per_batch=4)
     assert shard["status"].tolist() == ["error"]
     assert shard["source_uri"][0].endswith("/\\xffs.tar")
+
+
+def test_closing_an_s3_listing_stops_its_ranges(s3_endpoint, monkeypatch):
+    """input.limit: once the rows wanted are in, no list request more is made."""
+    import itertools
+    import time
+
+    import s3fs
+
+    from pipeline.bench.fault_proxy import FaultInjectingProxy
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("listing-closed")
+    for letter in "abcdefgh":
+        for index in range(15):
+            fs.pipe_file(f"listing-closed/{letter}/{index:02d}.jpg", b"x")
+    monkeypatch.setattr(s3_listing, "PAGE_KEYS", 5)
+    monkeypatch.setattr(s3_listing, "RANGES_PER_REQUEST", 1)
+    with FaultInjectingProxy(s3_endpoint, delay_s=0.01) as proxy:
+        options = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
+        result = list_input(InputConfig(uri="s3://listing-closed", format="files"), options)
+        taken = list(itertools.islice(result.rows, 40))
+        result.close()
+        requests_when_closed = proxy.forwarded
+        time.sleep(0.5)
+        assert proxy.forwarded == requests_when_closed
+    assert [row["source_key"] for row in taken][-1] == "c/09.jpg"
+    fs.rm("listing-closed", recursive=True)
