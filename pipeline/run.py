@@ -78,6 +78,8 @@ DECODE_BATCH_ROWS = 16
 # Listing blocks: decode_rows() each for the first rows, then this many.
 SMALL_BLOCKS_ROWS = 1024
 LISTING_BLOCK_ROWS = 256
+# How often a listing that is still going says how far it has got.
+LISTING_PROGRESS_S = 30.0
 # output.depth_format → how the actor hands depth to the encode stage.
 DEPTH_ENCODINGS = {"png16": "levels", "npz_float16": "float16"}
 OUTPUT_FOLDERS = (
@@ -176,7 +178,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
         sharded = listing.format in SHARD_FORMATS
         skipped = _SkipCount()
         shard_markers = read_shard_markers(out_fs, out_root) if sharded and len(done) else None
-        to_annotate = _not_done(listing.rows, done, sharded, skipped, shard_markers)
+        listed_rows = _with_listing_progress(
+            listing.rows, "shards" if sharded else "images", skipped
+        )
+        to_annotate = _not_done(listed_rows, done, sharded, skipped, shard_markers)
         if config.input.limit is not None and not sharded:
             # Counted after the done images, as for shards (limited once read below),
             # so a repeated smoke run annotates the next N.
@@ -578,6 +583,32 @@ def _not_done(
             skipped.images += 1
         else:
             yield row
+
+
+def _with_listing_progress(
+    rows: Iterator[dict[str, str]],
+    noun: str,
+    skipped: _SkipCount,
+    interval_s: float = LISTING_PROGRESS_S,
+) -> Iterator[dict[str, str]]:
+    """``rows`` unchanged, with a log line every ``interval_s`` of how far the listing is.
+
+    A prefix of millions takes minutes to list, and nothing else is said until
+    it ends: a user watching the driver should see it moving.
+    """
+    started = time.monotonic()
+    next_report = started + interval_s
+    for listed, row in enumerate(rows, 1):
+        if (now := time.monotonic()) >= next_report:
+            logger.info(
+                "listing: %s %s so far, %s images already done (%.0f s)",
+                f"{listed:,}",
+                noun,
+                f"{skipped.images:,}",
+                now - started,
+            )
+            next_report = now + interval_s
+        yield row
 
 
 def part_prefix(run_id: str) -> str:

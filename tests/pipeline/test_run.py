@@ -6,7 +6,9 @@ from jobs.config import load_config
 from pipeline.run import (
     DECODE_BATCH_ROWS,
     _clear_earlier_results,
+    _SkipCount,
     _start_record_path,
+    _with_listing_progress,
     config_hash_for,
     decode_rows,
 )
@@ -125,3 +127,19 @@ def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(
         _warn_if_done_under_other_configs(fs, root, "new")
     [warning] = caplog.records
     assert "config_hash new" in warning.getMessage() and "another (old" in warning.getMessage()
+
+
+def test_a_long_listing_says_how_far_it_has_got(caplog):
+    skipped = _SkipCount()
+    rows = [{"image_id": str(index)} for index in range(3)]
+    listed = _with_listing_progress(iter(rows), "images", skipped, interval_s=0)
+    with caplog.at_level("INFO", logger="pipeline.run"):
+        first = next(listed)
+        skipped.images = 1  # as the done-filter after it counts
+        rest = list(listed)
+    assert [first, *rest] == rows
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [
+        "listing: 1 images so far, 0 images already done",
+        "listing: 2 images so far, 1 images already done",
+        "listing: 3 images so far, 1 images already done",
+    ]
