@@ -75,15 +75,16 @@ class InputConfig(_Section):
         default=None, description="parquet: column of per-row ids; None uses the row number."
     )
     uri_column: str = Field(default="uri", description="Parquet manifest: column of URIs.")
-    # Measured (docs/benchmarks.md, listing): a million keys behind 100 ms of
-    # latency a page list ~N times faster with N requests at once, up to what
-    # one core parses. botocore's default pool holds 10 connections.
-    list_concurrency: int = Field(
-        default=8,
+    # Measured (docs/benchmarks.md, listing): a million keys behind 100 ms a
+    # page list 2.8x faster with 8 requests at once, what one core parses.
+    # botocore's pool holds 10 connections.
+    list_concurrency: int | None = Field(
+        default=None,
         ge=1,
-        le=64,
+        le=10,
         description="S3 list requests at once on a large prefix (its key ranges, handed on "
-        "in key order); 1 lists page after page.",
+        "in key order); 1 lists page after page; null: 8 on AWS S3, 1 on other endpoints "
+        "(set it only where the store lists keys in UTF-8 byte order).",
     )
 
 

@@ -10,10 +10,12 @@ consumed page by page, so a prefix of millions of keys is never held as one list
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 import fsspec
 import fsspec.asyn
@@ -36,8 +38,10 @@ if TYPE_CHECKING:
 TEXT_MANIFEST_SUFFIXES = (".txt", ".lst", ".list", ".manifest")
 # Objects looked at before `auto` decides; enough to see past a few stray files.
 AUTO_PEEK_OBJECTS = 1000
-# S3 Express One Zone bucket names end so.
-DIRECTORY_BUCKET_SUFFIX = "--x-s3"
+# S3 Express One Zone directory buckets' names (and their access points') end so.
+DIRECTORY_BUCKET_SUFFIXES = ("--x-s3", "--xa-s3")
+# S3 list requests at once on AWS (docs/benchmarks.md); botocore's pool holds 10.
+AWS_LIST_CONCURRENCY = 8
 
 
 class InputNotFoundError(FileNotFoundError):
@@ -81,14 +85,16 @@ def object_version(info: dict[str, Any]) -> str:
     if etag:
         return f"etag:{str(etag).strip(chr(34))}"
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-    return f"size:{info.get('size')},mtime:{mtime}"
+    size = info.get("size", info.get("Size"))  # fsspec's info, or a ListObjectsV2 entry
+    return f"size:{size},mtime:{mtime}"
 
 
 def iter_objects(
-    fs: fsspec.AbstractFileSystem, root: str, list_concurrency: int = 1
+    fs: fsspec.AbstractFileSystem, root: str, list_concurrency: int | None = 1
 ) -> Iterator[StoredObject]:
     """Every file below ``root`` in key order, streamed: S3 page by page, others
-    folder by folder. ``list_concurrency``: S3 list requests at once on a large prefix."""
+    folder by folder. ``list_concurrency``: S3 list requests at once on a large
+    prefix; None: ``AWS_LIST_CONCURRENCY`` on AWS S3, 1 on other endpoints."""
     if "s3" in fs.protocol:
         yield from _iter_s3_objects(fs, root, list_concurrency)
         return
@@ -101,11 +107,13 @@ def iter_objects(
             yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(files[name]))
 
 
-def _iter_s3_objects(fs: Any, root: str, list_concurrency: int) -> Iterator[StoredObject]:
+def _iter_s3_objects(fs: Any, root: str, list_concurrency: int | None) -> Iterator[StoredObject]:
     bucket, key, _ = fs.split_path(root)
     prefix = f"{key.rstrip('/')}/" if key else ""
+    if list_concurrency is None:
+        list_concurrency = fsspec.asyn.sync(fs.loop, _default_list_concurrency, fs, bucket)
     # S3 Express directory buckets list in no particular order: walked, never split.
-    concurrency = 1 if bucket.endswith(DIRECTORY_BUCKET_SUFFIX) else list_concurrency
+    concurrency = 1 if bucket.endswith(DIRECTORY_BUCKET_SUFFIXES) else list_concurrency
     pages = list_in_order(s3_list_page(fs, bucket), prefix, concurrency)
 
     async def next_page() -> list[dict[str, Any]] | None:
@@ -119,8 +127,24 @@ def _iter_s3_objects(fs: Any, root: str, list_concurrency: int) -> Iterator[Stor
             for entry in entries:
                 yield StoredObject(f"{bucket}/{entry['Key']}", object_version(entry))
     finally:
-        # Stops the ranges still being listed (a limited run, a failed one).
-        fsspec.asyn.sync(fs.loop, pages.aclose)
+        # Stops the ranges still being listed (a limited run, a failed one). An
+        # interrupt (Ctrl-C) that came while a page was awaited leaves the
+        # listing mid-step, and it cannot be closed: the interrupt is what counts.
+        with contextlib.suppress(RuntimeError):
+            fsspec.asyn.sync(fs.loop, pages.aclose)
+
+
+async def _default_list_concurrency(fs: Any, bucket: str) -> int:
+    """Key ranges at once on AWS S3 only, where keys are listed in UTF-8 byte
+    order as documented. Gateways over a filesystem have listed folder by folder
+    (versitygw #1283, MinIO #1411): split there, a listing loses keys that
+    nothing in the answers gives away, so other endpoints are walked unless
+    input.list_concurrency says otherwise."""
+    await fs.set_session()
+    endpoint = (await fs.get_s3(bucket)).meta.endpoint_url or ""
+    host = urlsplit(endpoint).hostname or ""
+    on_aws = host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+    return AWS_LIST_CONCURRENCY if on_aws else 1
 
 
 def list_input(

@@ -20,9 +20,12 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 PAGE_KEYS = 1000  # S3's cap on MaxKeys
 # A character no key continues with in practice (a noncharacter, the last code
@@ -124,10 +127,11 @@ async def list_in_order(
                     split_range(list_page, KeyRange(prefix, last_key), concurrency)
                 )
             elif split.done():
-                if split.exception() is None:
+                if (problem := split.exception()) is None:
                     break
-                if not isinstance(split.exception(), UnorderedListingError):
-                    raise split.exception()
+                # A store that cannot be split (probes refused, answers out of
+                # order) is still listed whole by the walk.
+                logger.info("listing page after page: the key ranges' probes failed (%s)", problem)
                 in_order = False
         rest = [narrowed for item in split.result() if (narrowed := _after(item, last_key))]
         # Closed with this generator, not when collected: its ranges stop listing then.
@@ -138,7 +142,7 @@ async def list_in_order(
         if split is not None:
             split.cancel()
             if split.done() and not split.cancelled():
-                split.exception()  # seen: asyncio would log it as never retrieved
+                split.exception()  # retrieved: asyncio would log it as never seen
 
 
 def _ascending(entries: list[Entry], after: str) -> bool:
@@ -179,9 +183,13 @@ async def split_range(
             async with gate:
                 return await _split_by_next_character(list_page, item, budget)
 
-        results = dict(
-            zip(splittable, await asyncio.gather(*map(split_one, splittable)), strict=True)
-        )
+        tasks = [asyncio.ensure_future(split_one(item)) for item in splittable]
+        try:
+            found = await asyncio.gather(*tasks)
+        finally:  # one failed, or the split was cancelled: the others stop probing too
+            for task in tasks:
+                task.cancel()
+        results = dict(zip(splittable, found, strict=True))
         probes_left -= sum(probes for _, probes in results.values())
         next_items: list[KeyRange | Entry] = []
         for item in items:

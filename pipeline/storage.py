@@ -60,13 +60,7 @@ def _parse_s3_timestamps_fast() -> None:
     """
     import botocore.parsers
 
-    if botocore.parsers.DEFAULT_TIMESTAMP_PARSER is not _iso_or_botocore_timestamp:
-        global _botocore_timestamp_parser
-        _botocore_timestamp_parser = botocore.parsers.DEFAULT_TIMESTAMP_PARSER
-        botocore.parsers.DEFAULT_TIMESTAMP_PARSER = _iso_or_botocore_timestamp
-
-
-_botocore_timestamp_parser: Any = None
+    botocore.parsers.DEFAULT_TIMESTAMP_PARSER = _iso_or_botocore_timestamp
 
 
 def _iso_or_botocore_timestamp(value: Any) -> Any:
@@ -75,7 +69,11 @@ def _iso_or_botocore_timestamp(value: Any) -> Any:
             parsed = datetime.fromisoformat(value)
             if parsed.tzinfo is not None:
                 return parsed
-    return _botocore_timestamp_parser(value)
+    import botocore.utils
+
+    # botocore's own parser by name, never whatever the default is now (ours,
+    # or a wrapper around ours), which would lead back here.
+    return botocore.utils.parse_timestamp(value)
 
 
 def forget_listing(fs: fsspec.AbstractFileSystem, folder: str) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 from pipeline.bench.child import peak_rss_mib, run_in_child
 from pipeline.bench.fault_proxy import FaultInjectingProxy
 from pipeline.bench.listing_server import endpoint_of, listing_server
+from pipeline.listing import AWS_LIST_CONCURRENCY
 
 RSS_TARGET_MIB = 1024
 LISTING_BUCKET, LISTING_PREFIX = "bench-listing", "images/"
@@ -133,6 +134,8 @@ def bench_listing(keys: int) -> dict[str, Any]:
                     "uri": f"s3://{LISTING_BUCKET}/{LISTING_PREFIX.rstrip('/')}",
                     "storage_options": _storage_options(endpoint_of(server)),
                     "with_ray": mode == "with_ray",
+                    # As on AWS, with pages listed ahead: the most the driver holds.
+                    "list_concurrency": AWS_LIST_CONCURRENCY,
                 },
             )
             measured["server_requests"] = dict(server.requests)

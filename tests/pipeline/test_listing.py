@@ -235,7 +235,8 @@ def test_closing_an_s3_listing_stops_its_ranges(s3_endpoint, monkeypatch):
     monkeypatch.setattr(s3_listing, "RANGES_PER_REQUEST", 1)
     with FaultInjectingProxy(s3_endpoint, delay_s=0.01) as proxy:
         options = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
-        result = list_input(InputConfig(uri="s3://listing-closed", format="files"), options)
+        config = InputConfig(uri="s3://listing-closed", format="files", list_concurrency=4)
+        result = list_input(config, options)
         taken = list(itertools.islice(result.rows, 40))
         result.close()
         requests_when_closed = proxy.forwarded
@@ -243,3 +244,72 @@ def test_closing_an_s3_listing_stops_its_ranges(s3_endpoint, monkeypatch):
         assert proxy.forwarded == requests_when_closed
     assert [row["source_key"] for row in taken][-1] == "c/09.jpg"
     fs.rm("listing-closed", recursive=True)
+
+
+@pytest.mark.parametrize(
+    ("endpoint_url", "concurrency"),
+    [
+        (None, listing.AWS_LIST_CONCURRENCY),
+        ("https://s3.us-west-2.amazonaws.com", listing.AWS_LIST_CONCURRENCY),
+        ("https://bucket.vpce-0a1b.s3.us-east-1.vpce.amazonaws.com", listing.AWS_LIST_CONCURRENCY),
+        ("http://127.0.0.1:9000", 1),
+        ("https://minio.example.org", 1),
+        ("https://acct.r2.cloudflarestorage.com", 1),
+    ],
+)
+def test_key_ranges_are_listed_at_once_by_default_on_aws_only(endpoint_url, concurrency):
+    """Gateways over a filesystem have listed folder by folder, where a split loses
+    keys unseen: other endpoints are walked unless input.list_concurrency is set.
+    (Making the client sends no request.)"""
+    import fsspec.asyn
+    import s3fs
+
+    client_kwargs = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    fs = s3fs.S3FileSystem(anon=True, client_kwargs=client_kwargs, skip_instance_cache=True)
+    found = fsspec.asyn.sync(fs.loop, listing._default_list_concurrency, fs, "bucket")
+    assert found == concurrency
+
+
+def test_an_object_without_an_etag_has_the_same_version_listed_either_way():
+    """Its version is size and time: s3fs's entries say "size", ListObjectsV2's "Size"."""
+    import datetime
+
+    stamp = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    listed = {"Key": "p/a.jpg", "Size": 123, "LastModified": stamp}
+    from_s3fs = {**listed, "size": 123, "type": "file", "name": "b/p/a.jpg"}
+    assert listing.object_version(listed) == listing.object_version(from_s3fs)
+    assert "size:123," in listing.object_version(listed)
+
+
+_INTERRUPTED_LISTING = """
+import _thread, threading
+import s3fs
+from pipeline import listing
+from pipeline.bench.fault_proxy import FaultInjectingProxy
+from pipeline.bench.listing_server import endpoint_of, listing_server
+
+with listing_server("bucket", "p/", 20000) as server:
+    with FaultInjectingProxy(endpoint_of(server), delay_s=1.0) as proxy:
+        fs = s3fs.S3FileSystem(anon=True, client_kwargs={"endpoint_url": proxy.endpoint})
+        threading.Timer(0.5, _thread.interrupt_main).start()
+        try:
+            for _ in listing.iter_objects(fs, "bucket/p", 8):
+                pass
+        except BaseException as error:
+            print(type(error).__name__)
+"""
+
+
+def test_ctrl_c_while_a_page_is_awaited_is_a_keyboard_interrupt():
+    """Not the RuntimeError of closing a listing caught mid-step."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_LISTING],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout.strip().splitlines()[-1:] == ["KeyboardInterrupt"], done.stderr[-2000:]

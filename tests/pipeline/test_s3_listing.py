@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -213,3 +214,74 @@ def test_ranges_of_many_pages_are_listed_at_once_not_one_after_another(monkeypat
     assert listed(store, "", concurrency=8) == keys
     pages_after_split = store.in_flight_at_pages[len(store.in_flight_at_pages) // 4 :]
     assert sum(pages_after_split) / len(pages_after_split) >= 4
+
+
+class JitteryStore(SortedStore):
+    """Answers after a random delay each, so the split ends at any point of the walk."""
+
+    def __init__(self, keys, page_cap, seed, fail_probes_under=None):
+        super().__init__(keys, page_cap=page_cap)
+        self.random = random.Random(seed)
+        self.fail_probes_under = fail_probes_under
+        self.failed_at_probe = None
+
+    async def list_page(self, key_range, continuation, max_keys):
+        if max_keys == 1 and key_range.prefix == self.fail_probes_under:
+            self.failed_at_probe = self.probes
+            raise PermissionError("AccessDenied")
+        await asyncio.sleep(self.random.random() * 0.002)
+        return await super().list_page(key_range, continuation, max_keys)
+
+
+def listed_with_pauses(store, prefix, concurrency, seed):
+    """Keys listed by a consumer that pauses at random (the budget fills and
+    drains), and the tasks still alive once it is done."""
+    pauses = random.Random(seed)
+
+    async def collect():
+        keys = []
+        async for page in list_in_order(store.list_page, prefix, concurrency):
+            keys += [entry["Key"] for entry in page]
+            if pauses.random() < 0.3:
+                await asyncio.sleep(pauses.random() * 0.003)
+        await asyncio.sleep(0.01)  # cancellations asked for are delivered
+        return keys, [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    return asyncio.run(collect())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    keys=_KEYS,
+    prefix=st.sampled_from(["", "a", "\U0010ffff", "é"]),
+    page_cap=st.integers(1, 4),
+    concurrency=st.integers(2, 6),
+    seed=st.integers(0, 10_000),
+    per_request=st.integers(1, 8),
+    ahead=st.integers(1, 4),
+)
+def test_listing_with_random_delays_and_pauses_is_the_walk_and_leaves_no_task(
+    keys, prefix, page_cap, concurrency, seed, per_request, ahead
+):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(s3_listing, "RANGES_PER_REQUEST", per_request)
+        patch.setattr(s3_listing, "PAGES_AHEAD", ahead)
+        store = JitteryStore(keys, page_cap, seed)
+        found, left_running = listed_with_pauses(store, prefix, concurrency, seed)
+    assert found == [key for key in store.keys if key.startswith(prefix)]
+    assert not left_running
+
+
+def test_a_store_that_refuses_the_probes_is_walked_and_probed_no_more():
+    keys = [
+        f"{letter}{digit}{index}"
+        for letter in "abcdefgh"
+        for digit in "0123456789"
+        for index in range(3)
+    ]
+    store = JitteryStore(keys, page_cap=10, seed=0, fail_probes_under="a")
+    found, left_running = listed_with_pauses(store, "", 4, seed=0)
+    assert found == store.keys
+    assert not left_running
+    # The other ranges' probes stopped when one failed.
+    assert store.failed_at_probe is not None and store.probes <= store.failed_at_probe + 4

@@ -182,19 +182,38 @@ def test_s3_timestamps_parse_as_botocore_parses_them(stamp):
 
 
 def test_s3_listing_times_come_through_the_fast_parser(s3_endpoint, monkeypatch):
+    import threading
+
+    import botocore.utils
+
     fs, root = filesystem_for("s3://stamps", {"client_kwargs": {"endpoint_url": s3_endpoint}})
     fs.mkdir(root)
     fs.pipe_file(f"{root}/a.jpg", b"x")
     slow_parses = []
-    botocore_parser = storage._botocore_timestamp_parser
-    monkeypatch.setattr(
-        storage,
-        "_botocore_timestamp_parser",
-        lambda value: slow_parses.append(value) or botocore_parser(value),
-    )
+    botocore_parser = botocore.utils.parse_timestamp
+
+    def counted(value):
+        # Our client's parses only: moto's server, in this process, parses too.
+        if threading.current_thread().name == "fsspecIO":
+            slow_parses.append(value)
+        return botocore_parser(value)
+
+    monkeypatch.setattr(botocore.utils, "parse_timestamp", counted)
     [entry] = fs.ls(forget_listing(fs, root), detail=True)
     assert entry["LastModified"].tzinfo is not None
     assert slow_parses == []
     fs.info(forget_listing(fs, f"{root}/a.jpg"))  # a HEAD: Last-Modified is an HTTP date
     assert len(slow_parses) == 1
     fs.rm(root, recursive=True)
+
+
+def test_a_parser_wrapped_around_ours_still_parses_http_dates(monkeypatch):
+    """Another library wrapping the default after us, then a new S3 filesystem:
+    the fallback must be botocore's parser, not whatever was installed."""
+    import botocore.parsers
+
+    filesystem_for("s3://bucket/key", {})
+    ours = botocore.parsers.DEFAULT_TIMESTAMP_PARSER
+    monkeypatch.setattr(botocore.parsers, "DEFAULT_TIMESTAMP_PARSER", lambda value: ours(value))
+    filesystem_for("s3://bucket/other", {})
+    assert storage._iso_or_botocore_timestamp("Wed, 04 Mar 2026 05:06:07 GMT").year == 2026
