@@ -18,8 +18,13 @@ import torch
 from dpt_model.processing import PreprocessSpec, padding_for
 
 # Upsampled segmentation logits are (classes × H × W) floats: 150 classes at
-# 8 MP are 4.8 GB. Above this many bytes they are computed in bands of rows.
+# 8 MP are 4.8 GB, so they are computed in bands of rows, each band's logits and
+# probabilities under this many bytes together.
 SEGMENTATION_UPSAMPLE_BUDGET_BYTES = 256 * 1024 * 1024
+# On the CPU the per-pixel passes are bound by memory traffic: bands that stay in
+# cache run them several times faster (docs/benchmarks.md, "Segmentation"). A GPU
+# keeps the larger bands, which take fewer kernel launches.
+CPU_SEGMENTATION_BAND_BYTES = 16 * 1024 * 1024
 
 
 def to_model_tensor(
@@ -53,20 +58,17 @@ def upsample_depth(predicted_depth: torch.Tensor, size_hw: tuple[int, int]) -> t
     )[0, 0]
 
 
-def _bilinear_matrix(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
-    """(out, in) weights equal to 1-D bilinear interpolation with align_corners=False."""
-    scale = in_size / out_size
-    source = (
-        (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5
-    ).clamp(min=0)
-    lower = source.floor().long().clamp(max=in_size - 1)
+def _bilinear_taps(
+    out_size: int, in_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each output row's two source rows and the second one's weight, computed in
+    float32 as ``F.interpolate(mode="bilinear", align_corners=False)`` does."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32, device=device)
+    source = (torch.arange(out_size, dtype=torch.float32, device=device) + 0.5) * scale - 0.5
+    source = source.clamp(min=0)
+    lower = source.long().clamp(max=in_size - 1)
     upper = (lower + 1).clamp(max=in_size - 1)
-    upper_weight = source - lower
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
-    rows = torch.arange(out_size, device=device)
-    matrix[rows, lower] += 1 - upper_weight
-    matrix[rows, upper] += upper_weight
-    return matrix.to(torch.float32)
+    return lower, upper, (source - lower).clamp(0, 1)
 
 
 class UpsampledSegmentation(NamedTuple):
@@ -85,23 +87,22 @@ def upsample_segmentation(
 ) -> UpsampledSegmentation:
     """(C, h, w) logits → class ids, confidence and optionally entropy at (H, W).
 
-    Small outputs use ``F.interpolate`` exactly as ``post_process_semantic_segmentation``
-    does. Large ones use the same bilinear weights as two matrix products over bands
-    of rows, so memory stays under ``budget_bytes`` whatever the image size.
+    Bilinear like ``post_process_semantic_segmentation``, in bands of rows so memory
+    stays under ``budget_bytes`` whatever the image size. A band's rows are blended
+    from their two source rows with ``F.interpolate``'s weights, then widened by
+    ``F.interpolate`` itself (rows stay in place when their count is unchanged).
+    Pixels are laid out with their classes side by side (channels last): the
+    per-pixel softmax and max then read memory in order.
     """
-    logits = logits.to(torch.float32)
-    num_classes = logits.shape[0]
+    num_classes, in_height, _ = logits.shape
     height, width = size_hw
-    full_bytes = num_classes * height * width * 4
-    if full_bytes <= budget_bytes:
-        upsampled = torch.nn.functional.interpolate(
-            logits[None], size=size_hw, mode="bilinear", align_corners=False
-        )[0]
-        return _per_pixel(upsampled, with_entropy)
-
-    rows_weights = _bilinear_matrix(height, logits.shape[1], logits.device)
-    cols_weights = _bilinear_matrix(width, logits.shape[2], logits.device)
-    band_rows = max(1, budget_bytes // (num_classes * width * 4))
+    band_bytes = budget_bytes
+    if logits.device.type == "cpu":
+        band_bytes = min(budget_bytes, CPU_SEGMENTATION_BAND_BYTES)
+    # Two band-sized tensors at a time: the logits and their probabilities.
+    band_rows = max(1, band_bytes // (2 * num_classes * width * 4))
+    by_pixel = logits.to(torch.float32).permute(1, 2, 0).contiguous()  # (h, w, C)
+    lower, upper, upper_weight = _bilinear_taps(height, in_height, logits.device)
     class_ids = torch.empty(size_hw, dtype=torch.int64, device=logits.device)
     confidence = torch.empty(size_hw, dtype=torch.float32, device=logits.device)
     entropy = (
@@ -109,7 +110,17 @@ def upsample_segmentation(
     )
     for start in range(0, height, band_rows):
         stop = min(start + band_rows, height)
-        band = torch.matmul(rows_weights[start:stop], logits) @ cols_weights.T
+        rows = torch.lerp(
+            by_pixel.index_select(0, lower[start:stop]),
+            by_pixel.index_select(0, upper[start:stop]),
+            upper_weight[start:stop, None, None],
+        )
+        band = torch.nn.functional.interpolate(
+            rows[None].permute(0, 3, 1, 2),  # (1, C, rows, w), channels last in memory
+            size=(stop - start, width),
+            mode="bilinear",
+            align_corners=False,
+        )[0].permute(1, 2, 0)  # (rows, W, C)
         maps = _per_pixel(band, with_entropy)
         class_ids[start:stop], confidence[start:stop] = maps.class_ids, maps.confidence
         if with_entropy:
@@ -118,16 +129,16 @@ def upsample_segmentation(
 
 
 def _per_pixel(upsampled: torch.Tensor, with_entropy: bool) -> UpsampledSegmentation:
-    top_logit, class_ids = upsampled.max(dim=0)
-    # With z = l - l_max and S = Σ exp(z): max softmax = 1 / S, and entropy =
-    # log S - Σ exp(z)·z / S; no (C, H, W) probability tensor is kept.
-    shifted = upsampled - top_logit[None]
-    exp_shifted = torch.exp(shifted)
-    total = exp_shifted.sum(dim=0)
-    confidence = 1.0 / total
+    """Class ids, confidence and entropy of (H, W, C) logits."""
+    probabilities = torch.softmax(upsampled, dim=-1)
+    confidence, class_ids = probabilities.max(dim=-1)
     if not with_entropy:
         return UpsampledSegmentation(class_ids, confidence)
-    entropy = torch.log(total) - (exp_shifted * shifted).sum(dim=0) / total
-    num_classes = upsampled.shape[0]
+    # With z = l - l_max and S = Σ exp(z): max softmax = 1 / S, and entropy =
+    # -Σ p·log p = log S - Σ p·z = -log(max softmax) - (Σ p·l - l_max).
+    top_logit = upsampled.gather(-1, class_ids[..., None])[..., 0]
+    expected_logit = (probabilities * upsampled).sum(dim=-1)
+    entropy = -torch.log(confidence) - (expected_logit - top_logit)
+    num_classes = upsampled.shape[-1]
     scale = 1.0 / math.log(num_classes) if num_classes > 1 else 0.0
     return UpsampledSegmentation(class_ids, confidence, (entropy * scale).clamp(0, 1))

@@ -343,8 +343,10 @@ def measure_pipeline(
     summary = run_annotation(config)
     elapsed_s = time.perf_counter() - started
     annotated = summary.images_ok + summary.images_error
-    map_times = sorted(path.stat().st_mtime for path in (output / "depth").rglob("*.png"))
+    map_times = _map_file_times(output)
     written = [path for path in output.rglob("*") if path.is_file() and "_runs" not in path.parts]
+    if not map_times:
+        raise RuntimeError(f"the job wrote no map file under {output}: {summary.error_reasons}")
     first, last = map_times[0] - started_wall, map_times[-1] - started_wall
     return {
         "images": annotated,
@@ -361,6 +363,15 @@ def measure_pipeline(
         "stage_timings_s": summary.stage_timings_s,
         "bytes_written_per_image": sum(path.stat().st_size for path in written) / annotated,
     }
+
+
+def _map_file_times(output: Path) -> list[float]:
+    """Modification times of one map file per image: depth maps, or segmentation maps
+    where the job wrote no depth (either may be PNG or NPZ)."""
+    for folder in (output / "depth", output / "segmentation"):
+        if folder.is_dir():
+            return sorted(path.stat().st_mtime for path in folder.rglob("*") if path.is_file())
+    return []
 
 
 def _run_child(measurement: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -64,27 +64,37 @@ def test_spec_reads_every_value_from_the_processor_config():
     assert PreprocessSpec.from_processor_config(FIXED_480_BILINEAR).resample == 2
 
 
-def test_banded_segmentation_upsample_matches_interpolate():
+@pytest.mark.parametrize(
+    ("size", "budget_bytes"),
+    [
+        ((203, 157), 10**12),  # one band
+        ((203, 157), 2 * 7 * 157 * 4 * 9),  # bands of 9 rows
+        ((203, 157), 1),  # bands of one row
+        ((17, 13), 1),  # smaller than the logits: bilinear, no antialiasing
+    ],
+)
+def test_segmentation_upsample_matches_interpolate(size, budget_bytes):
     torch.manual_seed(0)
-    logits = torch.randn(7, 24, 31) * 3
-    size = (203, 157)
+    # A strided view, as a row of a batch of model outputs can be
+    batch = torch.randn(2, 7, 24, 31).contiguous(memory_format=torch.channels_last) * 3
+    logits = batch[1]
     class_ids, confidence, entropy = upsample_segmentation(
-        logits, size, budget_bytes=10**12, with_entropy=True
+        logits, size, budget_bytes=budget_bytes, with_entropy=True
     )
-    banded_ids, banded_confidence, banded_entropy = upsample_segmentation(
-        logits, size, budget_bytes=7 * 157 * 4 * 9, with_entropy=True
-    )
-    assert (class_ids == banded_ids).float().mean() >= 0.999
-    torch.testing.assert_close(confidence, banded_confidence, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(entropy, banded_entropy, rtol=1e-4, atol=1e-5)
     # confidence is the max softmax probability of the upsampled logits, entropy
     # the softmax's entropy over log(classes)
-    reference = torch.nn.functional.interpolate(logits[None], size=size, mode="bilinear")[0]
+    reference = torch.nn.functional.interpolate(
+        logits[None], size=size, mode="bilinear", align_corners=False
+    )[0]
     probabilities = reference.softmax(0)
-    torch.testing.assert_close(confidence, probabilities.max(0).values, rtol=1e-5, atol=1e-6)
+    assert class_ids.shape == size and class_ids.dtype == torch.int64
+    assert (class_ids == reference.argmax(0)).float().mean() >= 0.999
+    torch.testing.assert_close(confidence, probabilities.max(0).values, rtol=1e-4, atol=1e-5)
     expected_entropy = -(probabilities * probabilities.log()).sum(0) / math.log(7)
     torch.testing.assert_close(entropy, expected_entropy, rtol=1e-4, atol=1e-5)
-    assert upsample_segmentation(logits, size).entropy is None
+    without = upsample_segmentation(logits, size, budget_bytes=budget_bytes)
+    assert without.entropy is None
+    assert torch.equal(without.class_ids, class_ids)
 
 
 def test_entropy_is_zero_for_a_certain_pixel_and_one_for_a_uniform_one():

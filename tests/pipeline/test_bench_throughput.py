@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.bench.__main__ import main as run_benchmark
 from pipeline.bench.stages import STAGES
-from pipeline.bench.throughput import IMAGE_SIZES
+from pipeline.bench.throughput import IMAGE_SIZES, _map_file_times
 from pipeline.encode import decode_depth_png
 from tests.conftest import SEEDED_VIT_DEPTH_HW
 
@@ -67,3 +67,15 @@ def test_throughput_benchmark_measures_every_side(tmp_path):
     model_png, full_png = (encodings[(size, "png16-level1")] for size in ("model", "original"))
     assert full_png["bytes_per_image"] > model_png["bytes_per_image"]
     assert any("InferenceActor" in stage for stage in job["stage_timings_s"])
+
+
+def test_map_times_count_one_file_per_image_whichever_maps_the_job_wrote(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / "segmentation" / "2026").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "segmentation" / "2026" / name).write_bytes(b"")
+    assert len(_map_file_times(tmp_path)) == 2  # segmentation only
+    (tmp_path / "depth").mkdir()
+    for name in ("a.npz", "b.npz", "c.npz"):
+        (tmp_path / "depth" / name).write_bytes(b"")
+    assert len(_map_file_times(tmp_path)) == 3  # depth first, NPZ too
+    assert _map_file_times(tmp_path / "missing") == []
