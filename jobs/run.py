@@ -2,7 +2,8 @@
 
 Parses and validates the config, calls ``pipeline.run_annotation`` and prints a
 summary. Exit codes: 0 done (error rows included), 2 bad config, 1 the job
-could not start or finish (the message says why).
+could not start or finish (the message says why), 130 stopped by Ctrl-C or
+SIGTERM (rerun to go on).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 import traceback
 from typing import TYPE_CHECKING
@@ -21,6 +23,22 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG_ERROR = 2
 EXIT_JOB_FAILED = 1
+EXIT_STOPPED = 130  # as a shell reports a process stopped by Ctrl-C
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop the job as Ctrl-C does.
+
+    ``ray job stop`` and Kubernetes stop a job's driver with SIGTERM (and SIGKILL
+    after a grace period). By default Python dies on it at once; raised as
+    KeyboardInterrupt, it lets the run record that it stopped and Ray Data shut
+    its actors down.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_annotation(config)
+    except KeyboardInterrupt:
+        print(
+            "stopped: the rows committed so far are kept; "
+            "run the same command again to go on from there",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     except Exception as error:
         if (known := _first_of(error, foreseen)) or (known := _actor_model_error(error)):
             print(f"error: {strip_url_secrets(str(known))}", file=sys.stderr)
@@ -151,4 +176,5 @@ def _actor_model_error(error: BaseException) -> str | None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

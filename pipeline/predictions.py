@@ -514,7 +514,8 @@ def iter_run_records(
     files = [
         info
         for info in fs.ls(folder, detail=True)
-        if info["name"].endswith(".json") and not info["name"].endswith(".started.json")
+        if info["name"].endswith(".json")
+        and not info["name"].endswith((".started.json", ENDED_RECORD_SUFFIX))
     ]
     files.sort(key=_modified, reverse=True)
     paths = [info["name"] for info in files]
@@ -568,8 +569,18 @@ RUN_HEARTBEAT_S = 300
 RUN_GOING_WITHIN_S = 3 * RUN_HEARTBEAT_S
 
 
+# Beside a run's start record when the run ended on an error or was stopped
+# (Ctrl-C, SIGTERM from `ray job stop` or Kubernetes): it is not going, so a
+# later run does not warn of it and jobs.compact does not wait for it.
+ENDED_RECORD_SUFFIX = ".ended.json"
+
+
 class RunHeartbeat:
-    """Within ``with``: rewrites a run's start record every ``every_s`` seconds."""
+    """Within ``with``: rewrites a run's start record every ``every_s`` seconds.
+
+    Left by an exception (an interrupt included), it writes the run's end record,
+    ``ended_path``, naming the outcome and the exception's type.
+    """
 
     def __init__(
         self,
@@ -577,8 +588,10 @@ class RunHeartbeat:
         path: str,
         data: bytes,
         every_s: float = RUN_HEARTBEAT_S,
+        ended_path: str | None = None,
     ) -> None:
         self._fs, self._path, self._data, self._every_s = fs, path, data, every_s
+        self._ended_path = ended_path
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="run-heartbeat", daemon=True)
 
@@ -586,9 +599,24 @@ class RunHeartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exception: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: object
+    ) -> None:
         self._stop.set()
         self._thread.join()
+        if kind is None or self._ended_path is None:
+            return
+        stopped = issubclass(kind, KeyboardInterrupt | SystemExit)
+        record = {
+            "ended_at": datetime.now(UTC).isoformat(),
+            "outcome": "stopped" if stopped else "failed",
+            # The type only: messages can quote URIs.
+            "error_type": kind.__name__,
+        }
+        try:
+            self._fs.pipe_file(self._ended_path, json.dumps(record).encode())
+        except Exception as problem:  # the run's own error is the one to report
+            logger.warning("could not write the run's end record: %s", problem)
 
     def _beat(self) -> None:
         while not self._stop.wait(self._every_s):
@@ -602,8 +630,8 @@ def runs_going(
     fs: fsspec.AbstractFileSystem, root: str, within_s: float, now_s: float
 ) -> list[tuple[str, float]]:
     """(run id, seconds since its start record was last written) of the runs going:
-    a start record written within ``within_s`` and newer than any finish record of
-    that id (a run id may be used again)."""
+    a start record written within ``within_s`` and newer than any finish or end
+    record of that id (a run id may be used again)."""
     try:
         listed = fs.ls(forget_listing(fs, join(root, RUNS_FOLDER)), detail=True)
     except FileNotFoundError:
@@ -615,8 +643,15 @@ def runs_going(
         if run_id == name:
             continue
         renewed_s = _modified(info)
-        finished = names.get(f"{run_id}.json")
-        if (finished is None or _modified(finished) < renewed_s) and now_s - renewed_s < within_s:
+        ended_s = max(
+            (
+                _modified(names[end])
+                for end in (f"{run_id}.json", run_id + ENDED_RECORD_SUFFIX)
+                if end in names
+            ),
+            default=None,
+        )
+        if (ended_s is None or ended_s < renewed_s) and now_s - renewed_s < within_s:
             going.append((run_id, now_s - renewed_s))
     return sorted(going, key=lambda run: run[1])
 

@@ -39,6 +39,7 @@ from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, shard_marker_stem
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.predictions import (
+    ENDED_RECORD_SUFFIX,
     PREDICTIONS_FOLDER,
     RUN_GOING_WITHIN_S,
     RUNS_FOLDER,
@@ -160,7 +161,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
     start_record = _record_start(out_fs, out_root, config, run_id, started_at)
     # The start record is rewritten while the run goes on: how others (a later
     # run, jobs.compact) tell a run that is going from one that crashed.
-    with RunHeartbeat(out_fs, _start_record_path(out_root, run_id), start_record):
+    ended_path = join(out_root, f"{RUNS_FOLDER}/{run_id}{ENDED_RECORD_SUFFIX}")
+    with RunHeartbeat(
+        out_fs, _start_record_path(out_root, run_id), start_record, ended_path=ended_path
+    ):
         incremental = config.mode == "incremental" and not config.output.overwrite
         done = load_done_images(out_fs, out_root, config_hash) if incremental else DoneImages()
         if incremental and not len(done):

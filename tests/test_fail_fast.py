@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,27 @@ def test_weights_that_do_not_fit_their_config_end_the_job_with_one_message(check
         f"error: cannot load depth model from {model}: its weights do not fit its config.json "
         "(transformers logged the tensors whose shapes differ)"
     )
+
+
+def test_a_run_that_fails_after_it_started_is_not_taken_for_going(checkpoints, tmp_path):
+    """A mistyped input under a reachable parent fails once the run has its start
+    record; its end record stops later runs warning of it and compaction waiting."""
+    output = tmp_path / "out"
+    not_a_folder = tmp_path / "images.txt"
+    not_a_folder.write_text("")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = run_cli(
+        env,
+        f"input.uri={not_a_folder}",
+        f"output.uri={output}",
+        f"models.depth={checkpoints['depth-vit']}",
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    [started] = (output / "_runs").glob("*.started.json")
+    ended = json.loads(started.with_name(started.name.replace(".started", ".ended")).read_text())
+    assert ended["outcome"] == "failed" and ended["error_type"] == "InputNotFoundError"
+    compacted = subprocess.run(
+        [sys.executable, "-m", "jobs.compact", str(output)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "going" not in compacted.stderr, compacted.stderr

@@ -416,3 +416,34 @@ def test_compaction_leaves_a_single_part_alone(tmp_path):
     before = (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns
     assert compact_predictions(str(tmp_path)).rows is None
     assert (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"), [(ValueError("bad"), "failed"), (KeyboardInterrupt(), "stopped")]
+)
+def test_a_run_left_by_an_error_or_a_stop_records_its_end_and_is_not_going(
+    tmp_path, error, outcome
+):
+    from pipeline.predictions import RunHeartbeat, iter_run_records, runs_going
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    start, ended = f"{root}/_runs/r.started.json", f"{root}/_runs/r.ended.json"
+    fs.pipe_file(start, b"{}")
+    with pytest.raises(type(error)), RunHeartbeat(fs, start, b"{}", ended_path=ended):
+        raise error
+    record = json.loads((tmp_path / "_runs" / "r.ended.json").read_text())
+    assert record["outcome"] == outcome and record["error_type"] == type(error).__name__
+    assert runs_going(fs, root, 900, time.time() + 1) == []
+    assert list(iter_run_records(str(tmp_path))) == []  # not a finished run's record
+
+
+def test_a_run_that_ends_without_an_error_writes_no_end_record(tmp_path):
+    from pipeline.predictions import RunHeartbeat, runs_going
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    start, ended = f"{root}/_runs/r.started.json", f"{root}/_runs/r.ended.json"
+    fs.pipe_file(start, b"{}")
+    with RunHeartbeat(fs, start, b"{}", ended_path=ended):
+        pass
+    assert not (tmp_path / "_runs" / "r.ended.json").exists()
+    assert [run_id for run_id, _ in runs_going(fs, root, 900, time.time())] == ["r"]
