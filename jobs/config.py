@@ -471,7 +471,7 @@ def _describe(error: ValidationError) -> str:
         if kind == "extra_forbidden":
             lines.append(f"unknown key '{location}'{_suggestion(problem['loc'])}")
         elif kind == "missing":
-            lines.append(f"missing key '{location}': it is required")
+            lines.append(f"missing key '{_required_key(problem['loc'])}': it is required")
         else:
             reasons, _ = unfit.setdefault(_key_of(problem["loc"]), ([], problem.get("input")))
             if problem["msg"] not in reasons:
@@ -500,14 +500,37 @@ def _key_of(location: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _section(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The model of section ``key`` of ``model``; None where ``key`` holds a value."""
+    field = model.model_fields.get(key) if model else None
+    annotation = getattr(field, "annotation", None)
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+
+
+def _required_key(location: tuple[Any, ...]) -> str:
+    """The dotted key a user must set: a missing section names its first required
+    key (``output`` → ``output.uri``), which is what a ``--set`` gives."""
+    parts = [str(part) for part in location]
+    model: type[BaseModel] | None = JobConfig
+    for part in parts:
+        model = _section(model, part)
+    while model is not None:
+        required = [name for name, field in model.model_fields.items() if field.is_required()]
+        if not required:
+            break
+        parts.append(required[0])
+        model = _section(model, required[0])
+    return ".".join(parts)
+
+
 def _suggestion(location: tuple[Any, ...]) -> str:
-    model: type[BaseModel] = JobConfig
+    model: type[BaseModel] | None = JobConfig
     for part in location[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section(model, str(part))
+        if model is None:
             return ""
-        model = annotation
     known = sorted(model.model_fields)
     close = difflib.get_close_matches(str(location[-1]), known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu-threads",
         type=int,
         default=os.cpu_count(),
-        help="CPU inference: torch threads for naive, model-only and the job (default: all)",
+        help="CPU inference: torch threads for naive, model-only and the job "
+        "(default: %(default)s, this machine's CPU count)",
     )
     parser.add_argument(
         "--only",

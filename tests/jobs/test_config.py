@@ -32,9 +32,13 @@ def test_wrong_type_names_the_key_and_value():
         load_config(None, [*MINIMAL, "inference.batch_size=lots"])
 
 
-def test_missing_input_is_reported():
-    with pytest.raises(ConfigError, match="missing key 'input'"):
+def test_a_missing_section_names_the_key_to_set():
+    with pytest.raises(ConfigError, match=r"missing key 'input\.uri': it is required"):
         load_config(None, ["output.uri=out", "models.depth=m"])
+    with pytest.raises(ConfigError, match=r"missing key 'output\.uri': it is required"):
+        load_config(None, ["input.uri=in", "models.depth=m"])
+    with pytest.raises(ConfigError, match=r"missing key 'output\.uri': it is required"):
+        load_config(None, ["input.uri=in", "models.depth=m", "output.overwrite=true"])
 
 
 def test_no_model_at_all_is_refused():
