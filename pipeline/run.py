@@ -161,9 +161,11 @@ def run_annotation(config: JobConfig) -> RunSummary:
     start_record = _record_start(out_fs, out_root, config, run_id, started_at)
     # The start record is rewritten while the run goes on: how others (a later
     # run, jobs.compact) tell a run that is going from one that crashed.
-    ended_path = join(out_root, f"{RUNS_FOLDER}/{run_id}{ENDED_RECORD_SUFFIX}")
     with RunHeartbeat(
-        out_fs, _start_record_path(out_root, run_id), start_record, ended_path=ended_path
+        out_fs,
+        _start_record_path(out_root, run_id),
+        start_record,
+        ended_path=_ended_record_path(out_root, run_id),
     ):
         incremental = config.mode == "incremental" and not config.output.overwrite
         done = load_done_images(out_fs, out_root, config_hash) if incremental else DoneImages()
@@ -799,6 +801,10 @@ def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> Non
 
 def _start_record_path(root: str, run_id: str) -> str:
     return join(root, f"{RUNS_FOLDER}/{run_id}.started.json")
+
+
+def _ended_record_path(root: str, run_id: str) -> str:
+    return join(root, f"{RUNS_FOLDER}/{run_id}{ENDED_RECORD_SUFFIX}")
 
 
 def _check_cluster_fits(config: JobConfig) -> None:
