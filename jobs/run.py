@@ -32,7 +32,8 @@ def stop_on_sigterm() -> None:
     ``ray job stop`` and Kubernetes stop a job's driver with SIGTERM (and SIGKILL
     after a grace period). By default Python dies on it at once; raised as
     KeyboardInterrupt, it lets the run record that it stopped and Ray Data shut
-    its actors down.
+    its actors down. This holds until ``ray.init``, which installs a handler of
+    its own that raises ``SystemExit(SIGTERM)``; ``main`` takes that as a stop too.
     """
 
     def interrupt(signum: int, frame: object) -> None:
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_annotation(config)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
+            raise
         print(
             "stopped: the rows committed so far are kept; "
             "run the same command again to go on from there",

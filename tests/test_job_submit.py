@@ -1,4 +1,5 @@
-"""`ray job submit` for real: a head node on loopback, a tiny job, its status and logs.
+"""`ray job submit` for real: a head node on loopback, a tiny job, its status and
+logs; and `ray job stop` in the middle of a job, then the same job submitted again.
 
 The cluster is started with `ray start --head` in a new session and stopped by
 signalling that session's processes only, so the test session's own Ray and
@@ -7,6 +8,7 @@ anything else on the machine are left alone.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -54,7 +56,7 @@ class RayHead:
     metrics: str  # the node's Prometheus endpoint
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
     """A one-node Ray cluster on loopback."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # Unix socket paths stay short
@@ -105,6 +107,47 @@ def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     )
 
 
+def submit(head: RayHead, job_id: str, job_args: list[str]) -> None:
+    """``ray job submit --no-wait`` of ``python -m jobs.run`` as the README gives it."""
+    command = [
+        "job", "submit", "--address", head.dashboard, "--submission-id", job_id, "--no-wait",
+        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+        "python", "-m", "jobs.run", "--config", "jobs/configs/local.yaml", *job_args,
+    ]  # fmt: skip
+    # Right after `ray start` the job agent can answer "No available agent" for a while.
+    deadline = time.monotonic() + 60
+    while True:
+        submitted = ray_cli(*command)
+        if submitted.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+
+
+def job_status(head: RayHead, job_id: str) -> str:
+    answer = ray_cli("job", "status", "--address", head.dashboard, job_id)
+    return (answer.stdout + answer.stderr).lower()
+
+
+def wait_for_end(head: RayHead, job_id: str) -> tuple[str, str]:
+    """The job's status once it has ended, and its logs."""
+    deadline, status = time.monotonic() + 240, ""
+    while time.monotonic() < deadline:
+        status = job_status(head, job_id)
+        if any(state in status for state in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    return status, ray_cli("job", "logs", "--address", head.dashboard, job_id).stdout
+
+
+def job_args(corpus: Path, output: Path, depth_model: Path, *extra: str) -> list[str]:
+    settings = [
+        f"input.uri={corpus}", f"output.uri={output}", f"models.depth={depth_model}",
+        "models.segmentation=null", "inference.cpu_threads=1", *extra,
+    ]  # fmt: skip
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_job_on_a_cluster(ray_head, checkpoints, tmp_path):
     corpus, output = tmp_path / "images", tmp_path / "output"
@@ -113,31 +156,8 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(ray_head, checkpoints, tmp_pat
         {f"{i}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(IMAGES)},
     )
     job_id = f"dpt-test-{os.getpid()}"
-    submit = [
-        "job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id, "--no-wait",
-        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
-        "python", "-m", "jobs.run", "--config", "jobs/configs/local.yaml",
-        "--set", f"input.uri={corpus}", "--set", f"output.uri={output}",
-        "--set", f"models.depth={checkpoints['depth-vit']}",
-        "--set", "models.segmentation=null", "--set", "inference.cpu_threads=1",
-    ]  # fmt: skip
-    # Right after `ray start` the job agent can answer "No available agent" for a while.
-    deadline = time.monotonic() + 60
-    while True:
-        submitted = ray_cli(*submit)
-        if submitted.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
-
-    deadline, status = time.monotonic() + 240, ""
-    while time.monotonic() < deadline:
-        answer = ray_cli("job", "status", "--address", ray_head.dashboard, job_id)
-        status = (answer.stdout + answer.stderr).lower()
-        if any(state in status for state in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(2)
-    logs = ray_cli("job", "logs", "--address", ray_head.dashboard, job_id).stdout
+    submit(ray_head, job_id, job_args(corpus, output, checkpoints["depth-vit"]))
+    status, logs = wait_for_end(ray_head, job_id)
     assert "succeeded" in status, status[-2000:] + logs[-3000:]
     assert f"{IMAGES} ok, 0 errors" in logs
     table = pq.read_table(output / "predictions")
@@ -171,3 +191,39 @@ def scrape(url: str) -> dict[tuple[str, str], float]:
         key = (name, label.group(1) if label else "")
         samples[key] = samples.get(key, 0.0) + float(value)
     return samples
+
+
+@pytest.mark.slow
+def test_ray_job_stop_keeps_what_was_committed_and_a_rerun_finishes(
+    ray_head, checkpoints, tmp_path
+):
+    images = 120
+    corpus, output = tmp_path / "images", tmp_path / "output"
+    write_files(
+        corpus,
+        {f"{i:03d}.jpg": encoded(synthetic_photo(160, 120, seed=i), "JPEG") for i in range(images)},
+    )
+    args = job_args(corpus, output, checkpoints["depth-vit"], "output.rows_per_part=8")
+    stopped_id = f"dpt-stop-{os.getpid()}"
+    submit(ray_head, stopped_id, args)
+    # Stop it once it has committed a part, long before it is through.
+    deadline = time.monotonic() + 180
+    while not list((output / "predictions").glob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = ray_cli("job", "stop", "--address", ray_head.dashboard, stopped_id)
+    status, logs = wait_for_end(ray_head, stopped_id)
+    assert "stopped" in status, status[-2000:] + stop.stdout[-1000:] + logs[-3000:]
+    # SIGTERM reaches a driver that ray.init has given a handler of its own.
+    assert "stopped: the rows committed so far are kept" in logs, logs[-3000:]
+    (ended,) = (output / "_runs").glob("*.ended.json")
+    assert json.loads(ended.read_text())["outcome"] == "stopped"
+    committed = pq.read_table(output / "predictions").num_rows
+    assert 0 < committed < images
+
+    rerun_id = f"dpt-rerun-{os.getpid()}"
+    submit(ray_head, rerun_id, args)
+    status, logs = wait_for_end(ray_head, rerun_id)
+    assert "succeeded" in status, status[-2000:] + logs[-3000:]
+    assert f"{images - committed} ok, 0 errors, {committed} already done" in logs, logs[-3000:]
+    paths = pq.read_table(output / "predictions", columns=["source_uri"])["source_uri"]
+    assert len(paths) == len(set(paths.to_pylist())) == images
