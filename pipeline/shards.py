@@ -78,7 +78,7 @@ def iter_webdataset(
     samples = _SampleGrouper(image_extensions)
     try:
         # "r|*": a forward-only stream (no seeks), gzip-compressed or not.
-        with tarfile.open(fileobj=file, mode="r|*") as archive:
+        with tarfile.open(fileobj=file, mode="r|*", tarinfo=_EndCheckedTarInfo) as archive:
             for member in archive:
                 is_link = member.issym() or member.islnk()
                 if not member.isfile() and not is_link:
@@ -91,6 +91,32 @@ def iter_webdataset(
         raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
     if sample := samples.finish():
         yield sample
+
+
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """A header reader that tells a tar's end from a cut or a corrupt header.
+
+    tarfile ends its member list without an error on anything but a first
+    header that is missing, cut short or corrupt, so a shard truncated at a
+    member boundary, or with a bad header halfway, would just look shorter
+    and lose its later samples unseen. A tar ends with a zero block (tarfile's
+    EOFHeaderError); anything else where a header should be is raised here.
+    """
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive marker
+        except tarfile.EmptyHeaderError:
+            if not archive.offset:
+                raise tarfile.ReadError("the file is empty") from None
+            raise tarfile.ReadError(
+                f"the data ends at byte {archive.offset} without the end-of-archive marker"
+            ) from None
+        except tarfile.HeaderError as error:
+            raise tarfile.ReadError(f"bad header at byte {archive.offset}: {error}") from None
 
 
 class _SampleGrouper:

@@ -67,6 +67,46 @@ def test_truncated_tar_yields_what_it_can_then_fails():
         list(stream)
 
 
+# Each member here is a 512-byte header and 1024 bytes of data.
+MEMBER_BYTES = 1536
+CUTS = {
+    "at a member boundary": 2 * MEMBER_BYTES,
+    "inside a header": 2 * MEMBER_BYTES + 100,
+    "before the end marker": 3 * MEMBER_BYTES,
+}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("cut", CUTS.values(), ids=CUTS.keys())
+def test_a_tar_cut_where_a_header_belongs_fails_rather_than_looking_shorter(cut, compress):
+    whole = tar_bytes([(f"{i:03d}.jpg", bytes(1000)) for i in range(4)])
+    data = gzip.compress(whole[:cut]) if compress else whole[:cut]
+    read = []
+    with pytest.raises(ShardError, match=r"truncated or corrupt: .*byte"):
+        read.extend(sample.sample_id for sample in iter_webdataset(io.BytesIO(data), EXTENSIONS))
+    # The last sample read is held back: its other members may be the ones cut.
+    assert read == [f"{i:03d}" for i in range(cut // MEMBER_BYTES - 1)]
+
+
+def test_a_corrupt_header_halfway_fails_rather_than_ending_the_tar():
+    data = bytearray(tar_bytes([(f"{i:03d}.jpg", bytes(1000)) for i in range(4)]))
+    data[2 * MEMBER_BYTES + 10] ^= 0xFF  # inside the third member's name: its checksum fails
+    with pytest.raises(ShardError, match="bad header at byte 3072"):
+        list(iter_webdataset(io.BytesIO(bytes(data)), EXTENSIONS))
+
+
+def test_a_tar_with_only_its_end_marker_after_the_last_member_is_whole():
+    whole = tar_bytes([(f"{i:03d}.jpg", bytes(1000)) for i in range(4)])
+    # One zero block ends a tar; writers add a second one and pad to 10 KiB.
+    samples = iter_webdataset(io.BytesIO(whole[: 4 * MEMBER_BYTES + 512]), EXTENSIONS)
+    assert [sample.sample_id for sample in samples] == ["000", "001", "002", "003"]
+
+
+def test_an_empty_file_is_not_a_tar():
+    with pytest.raises(ShardError, match="the file is empty"):
+        list(iter_webdataset(io.BytesIO(b""), EXTENSIONS))
+
+
 def test_bytes_that_are_not_a_tar_fail_clearly():
     with pytest.raises(ShardError, match="tar shard"):
         list(iter_webdataset(io.BytesIO(b"<html>not found</html>" * 40), EXTENSIONS))
