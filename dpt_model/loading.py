@@ -229,11 +229,34 @@ def _fetch_hub_checkpoint(model_id: str, suffixes: tuple[str, ...]) -> Path:
             repo_id, revision=revision, allow_patterns=[f"*{suffix}" for suffix in suffixes]
         )
     except Exception as error:  # the hub client raises many unrelated types
-        raise ModelLoadError(
-            f"model {model_id!r} is neither a local directory nor reachable on the model hub: "
-            f"{type(error).__name__}"
-        ) from None
+        raise ModelLoadError(f"model {model_id!r} {hub_failure(error, revision)}") from None
     return Path(path)
+
+
+def hub_failure(error: Exception, revision: str | None = None) -> str:
+    """Why a hub download failed, in words, and the error's type only.
+
+    The hub client's messages quote request URLs and ids; the type is enough
+    to search for, and these cases are the ones a user can act on.
+    """
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.HFValidationError):
+        why = "is not a local directory here, nor a hub id (org/name, or org/name@revision)"
+    elif isinstance(error, errors.GatedRepoError):
+        why = "is gated on the model hub: accept its terms there and set HF_TOKEN"
+    elif isinstance(error, errors.RevisionNotFoundError):
+        why = f"has no revision {revision!r} on the model hub"
+    elif isinstance(error, errors.RepositoryNotFoundError):
+        why = "is not a local directory here, nor a model on the hub (a private one needs HF_TOKEN)"
+    elif isinstance(error, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        why = (
+            "is not a local directory here, and the model hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE set) nor holds it in its cache"
+        )
+    else:
+        why = "is neither a local directory nor reachable on the model hub"
+    return f"{why}: {type(error).__name__}"
 
 
 def read_model_config(checkpoint_dir: Path) -> dict[str, Any]:

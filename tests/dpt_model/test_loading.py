@@ -1,6 +1,8 @@
+import http.server
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +299,60 @@ def test_one_local_folder_spelt_three_ways_is_one_model_in_the_config_hash(check
         for uri in spellings
     }
     assert len(hashes) == 1
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's API as it answers for a missing, a gated and a revision-less model."""
+
+    def do_GET(self) -> None:
+        # /api/models/<org>/<name>/revision/<revision>
+        name = self.path.split("/")[4] if self.path.startswith("/api/models/") else ""
+        error_code, status = {
+            "gated": ("GatedRepo", 403),
+            "no-such-revision": ("RevisionNotFound", 404),
+        }.get(name, ("RepoNotFound", 404))
+        self.send_response(status)
+        self.send_header("X-Error-Code", error_code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("org/missing", r"nor a model on the hub \(a private one needs HF_TOKEN\): Repository"),
+        ("org/gated", "is gated on the model hub: accept its terms there and set HF_TOKEN"),
+        ("org/no-such-revision@v9", "has no revision 'v9' on the model hub"),
+        ("demo_data/models/depth-typo", r"nor a hub id \(org/name, or org/name@revision\)"),
+    ],
+)
+def test_a_hub_model_that_cannot_be_had_says_what_to_do(fake_hub, model, says):
+    with pytest.raises(ModelLoadError, match=says) as raised:
+        resolve_checkpoint_dir(model, with_weights=False)
+    assert "127.0.0.1" not in str(raised.value)  # no request URL
+
+
+def test_an_offline_hub_without_the_model_cached_says_so(fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="the model hub cannot be reached"):
+        resolve_checkpoint_dir("org/missing", with_weights=False)
