@@ -246,9 +246,15 @@ def hub_failure(error: Exception, revision: str | None = None) -> str:
     elif isinstance(error, errors.GatedRepoError):
         why = "is gated on the model hub: accept its terms there and set HF_TOKEN"
     elif isinstance(error, errors.RevisionNotFoundError):
-        why = f"has no revision {revision!r} on the model hub"
+        why = f"has no revision {revision or 'main'!r} on the model hub"
     elif isinstance(error, errors.RepositoryNotFoundError):
         why = "is not a local directory here, nor a model on the hub (a private one needs HF_TOKEN)"
+    elif (status := _http_status(error)) == 401:
+        why = "was refused by the model hub (401): HF_TOKEN is not valid there"
+    elif status == 403:
+        why = "was refused by the model hub (403): disabled, or HF_TOKEN lacks access to it"
+    elif status == 429 or (status or 0) >= 500:
+        why = f"could not be fetched: the model hub answered {status}; try again later"
     elif isinstance(error, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
         why = (
             "is not a local directory here, and the model hub cannot be reached "
@@ -257,6 +263,20 @@ def hub_failure(error: Exception, revision: str | None = None) -> str:
     else:
         why = "is neither a local directory nor reachable on the model hub"
     return f"{why}: {type(error).__name__}"
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status behind a hub error; ``snapshot_download`` wraps most in
+    LocalEntryNotFoundError, as if the hub could not be reached at all."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        status = getattr(getattr(current, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def read_model_config(checkpoint_dir: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import signal
 import threading
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -606,7 +607,10 @@ class RunHeartbeat:
         self._thread.join()
         if kind is None or self._ended_path is None:
             return
-        stopped = issubclass(kind, KeyboardInterrupt | SystemExit)
+        # SystemExit(SIGTERM) is what ray.init's handler makes of a SIGTERM.
+        stopped = issubclass(kind, KeyboardInterrupt) or (
+            isinstance(error, SystemExit) and error.code == signal.SIGTERM
+        )
         record = {
             "ended_at": datetime.now(UTC).isoformat(),
             "outcome": "stopped" if stopped else "failed",

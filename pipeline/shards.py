@@ -7,6 +7,7 @@ small batch of images at a time. The read stage turns what they yield into rows.
 
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -77,8 +78,9 @@ def iter_webdataset(
     image_extensions = {extension.lower() for extension in extensions}
     samples = _SampleGrouper(image_extensions)
     try:
-        # "r|*": a forward-only stream (no seeks), gzip-compressed or not.
-        with tarfile.open(fileobj=file, mode="r|*", tarinfo=_EndCheckedTarInfo) as archive:
+        # A forward-only stream (no seeks), compressed or not.
+        stream, mode = _tar_stream(file)
+        with tarfile.open(fileobj=stream, mode=mode, tarinfo=_EndCheckedTarInfo) as archive:
             for member in archive:
                 is_link = member.issym() or member.islnk()
                 if not member.isfile() and not is_link:
@@ -91,6 +93,22 @@ def iter_webdataset(
         raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
     if sample := samples.finish():
         yield sample
+
+
+def _tar_stream(file: BinaryIO) -> tuple[BinaryIO, str]:
+    """The stream and tarfile mode to read ``file`` with.
+
+    gzip goes through GzipFile, which reads a file of several gzip members
+    (bgzip's, or gzipped pieces joined) to its end as gzip(1) does; tarfile's
+    own "r|gz" stops after the first member.
+    """
+    if file.seekable():
+        start = file.tell()
+        magic = file.read(2)
+        file.seek(start)
+        if magic == b"\x1f\x8b":
+            return gzip.GzipFile(fileobj=file, mode="rb"), "r|"
+    return file, "r|*"
 
 
 class _EndCheckedTarInfo(tarfile.TarInfo):
@@ -109,14 +127,22 @@ class _EndCheckedTarInfo(tarfile.TarInfo):
             return super().fromtarfile(archive)
         except tarfile.EOFHeaderError:
             raise  # the end-of-archive marker
-        except tarfile.EmptyHeaderError:
-            if not archive.offset:
-                raise tarfile.ReadError("the file is empty") from None
-            raise tarfile.ReadError(
-                f"the data ends at byte {archive.offset} without the end-of-archive marker"
-            ) from None
         except tarfile.HeaderError as error:
-            raise tarfile.ReadError(f"bad header at byte {archive.offset}: {error}") from None
+            # Positions in the tar itself (uncompressed), read from the stream:
+            # ``archive.offset`` stays at the start of a long-name or pax header.
+            end = archive.fileobj.tell()
+            if isinstance(error, tarfile.EmptyHeaderError):
+                why = (
+                    f"the data ends at byte {end} without the end-of-archive marker "
+                    "(a whole file whose writer left it out needs packing again)"
+                    if end
+                    else "the file is empty"
+                )
+            elif isinstance(error, tarfile.TruncatedHeaderError):
+                why = f"the data ends inside a header, at byte {end}"
+            else:
+                why = f"bad header at byte {end - tarfile.BLOCKSIZE}: {error}"
+            raise tarfile.ReadError(why) from None
 
 
 class _SampleGrouper:

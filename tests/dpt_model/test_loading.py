@@ -310,9 +310,13 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
         error_code, status = {
             "gated": ("GatedRepo", 403),
             "no-such-revision": ("RevisionNotFound", 404),
+            "bad-token": ("", 401),
+            "disabled": ("", 403),
+            "busy": ("", 503),
         }.get(name, ("RepoNotFound", 404))
         self.send_response(status)
-        self.send_header("X-Error-Code", error_code)
+        if error_code:
+            self.send_header("X-Error-Code", error_code)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"{}")
@@ -341,6 +345,10 @@ def fake_hub(tmp_path, monkeypatch):
         ("org/missing", r"nor a model on the hub \(a private one needs HF_TOKEN\): Repository"),
         ("org/gated", "is gated on the model hub: accept its terms there and set HF_TOKEN"),
         ("org/no-such-revision@v9", "has no revision 'v9' on the model hub"),
+        ("org/no-such-revision", "has no revision 'main' on the model hub"),
+        ("org/bad-token", r"refused by the model hub \(401\): HF_TOKEN is not valid"),
+        ("org/disabled", r"refused by the model hub \(403\)"),
+        ("org/busy", "the model hub answered 503; try again later"),
         ("demo_data/models/depth-typo", r"nor a hub id \(org/name, or org/name@revision\)"),
     ],
 )

@@ -424,6 +424,7 @@ def test_compaction_leaves_a_single_part_alone(tmp_path):
         (ValueError("bad"), "failed"),
         (KeyboardInterrupt(), "stopped"),  # Ctrl-C, and SIGTERM before Ray starts
         (SystemExit(15), "stopped"),  # SIGTERM once ray.init has put in its handler
+        (SystemExit(3), "failed"),
     ],
 )
 def test_a_run_left_by_an_error_or_a_stop_records_its_end_and_is_not_going(

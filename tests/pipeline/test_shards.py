@@ -72,7 +72,7 @@ MEMBER_BYTES = 1536
 CUTS = {
     "at a member boundary": 2 * MEMBER_BYTES,
     "inside a header": 2 * MEMBER_BYTES + 100,
-    "before the end marker": 3 * MEMBER_BYTES,
+    "with every member but no end marker": 4 * MEMBER_BYTES,
 }
 
 
@@ -86,6 +86,22 @@ def test_a_tar_cut_where_a_header_belongs_fails_rather_than_looking_shorter(cut,
         read.extend(sample.sample_id for sample in iter_webdataset(io.BytesIO(data), EXTENSIONS))
     # The last sample read is held back: its other members may be the ones cut.
     assert read == [f"{i:03d}" for i in range(cut // MEMBER_BYTES - 1)]
+
+
+def test_a_cut_after_a_long_name_header_says_where_in_the_tar():
+    long_name = "d" * 150 + "/000.jpg"  # over 100 characters: a pax header holds it
+    whole = tar_bytes([(long_name, bytes(1000)), ("001.jpg", bytes(1000))])
+    data = whole[:1024]  # the long-name header and its data block, no member header
+    with pytest.raises(ShardError, match="ends at byte 1024 without the end-of-archive"):
+        list(iter_webdataset(io.BytesIO(data), EXTENSIONS))
+
+
+def test_a_gzip_of_several_members_is_read_to_its_end():
+    # bgzip writes such files, as does joining gzipped pieces; gzip(1) reads them whole.
+    whole = tar_bytes([(f"{i:03d}.jpg", bytes(1000)) for i in range(4)])
+    pieces = gzip.compress(whole[: 2 * MEMBER_BYTES]) + gzip.compress(whole[2 * MEMBER_BYTES :])
+    samples = iter_webdataset(io.BytesIO(pieces), EXTENSIONS)
+    assert [sample.sample_id for sample in samples] == ["000", "001", "002", "003"]
 
 
 def test_a_corrupt_header_halfway_fails_rather_than_ending_the_tar():
