@@ -54,6 +54,13 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
+def _is_hidden(member_name: str) -> bool:
+    """A file name that starts with a dot: macOS's ``._photo.jpg`` resource forks,
+    ``.DS_Store``. webdataset skips them (no key before the first dot); taken
+    as samples they would be one error row each, all under the same empty key."""
+    return member_name.removeprefix("./").rpartition("/")[2].startswith(".")
+
+
 @dataclass(frozen=True)
 class _Member:
     name: str
@@ -85,7 +92,10 @@ def iter_webdataset(
                 is_link = member.issym() or member.islnk()
                 if not member.isfile() and not is_link:
                     continue  # folders, devices
-                member_key, extension = split_member_name(printable_name(member.name))
+                name = printable_name(member.name)
+                if _is_hidden(name):
+                    continue
+                member_key, extension = split_member_name(name)
                 if member_key != samples.key and (sample := samples.finish()):
                     yield sample
                 samples.add(member_key, _read_member(archive, member, extension, max_member_bytes))

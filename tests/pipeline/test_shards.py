@@ -59,6 +59,22 @@ def test_webdataset_groups_members_into_samples(compress):
     assert (last.name, last.data) == ("003.JPG", b"jpeg-3")
 
 
+def test_hidden_members_such_as_macos_resource_forks_are_not_samples():
+    # What bsdtar on macOS writes beside each file, unless COPYFILE_DISABLE=1.
+    members = [
+        ("./._000.jpg", b"\x00\x05\x16\x07AppleDouble"),
+        ("./000.jpg", b"jpeg-0"),
+        ("a/.DS_Store", b"Bud1"),
+        ("a/._001.jpg", b"\x00\x05\x16\x07AppleDouble"),
+        ("a/001.jpg", b"jpeg-1"),
+    ]
+    samples = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS))
+    assert [(s.sample_id, s.data, s.problem) for s in samples] == [
+        ("000", b"jpeg-0", None),
+        ("a/001", b"jpeg-1", None),
+    ]
+
+
 def test_truncated_tar_yields_what_it_can_then_fails():
     data = tar_bytes([(f"{i:03d}.jpg", bytes(3000)) for i in range(4)])
     stream = iter_webdataset(io.BytesIO(data[:6000]), EXTENSIONS)
