@@ -122,6 +122,10 @@ def _decode(
             if side_px is not None and image.format == "JPEG":
                 image.draft(image.mode, (side_px, side_px))
             image.load()
+            if turned and image.getexif().get(ExifTags.Base.Orientation) is None:
+                # Pillow turned it itself (TIFF, since Pillow 12): its size was
+                # given turned from the start, and loading dropped the tag.
+                original_hw = (height, width)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb(error, max_image_pixels) from None  # a later frame's size
         except (OSError, SyntaxError, ValueError, EOFError) as error:

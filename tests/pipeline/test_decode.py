@@ -1,8 +1,9 @@
+import io
 import re
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from dpt_model.processing import PreprocessSpec, resize_for_model
 from jobs.sample_images import encoded, synthetic_photo
@@ -75,6 +76,36 @@ def test_sixteen_bit_gray_is_scaled_not_clipped():
 def test_exif_orientation_is_applied():
     data, _ = odd_files()["rotated.jpg"]
     assert decode_image(data, **LIMITS).rgb.shape[:2] == (80, 40)  # stored as 40×80
+
+
+# EXIF orientation → the turn that shows the picture upright (1: none).
+TURNS = {
+    3: Image.Transpose.ROTATE_180,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "TIFF", "WEBP"])
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 7, 8])
+def test_the_size_of_a_turned_image_is_its_turned_size_in_every_format(image_format, orientation):
+    # Pillow turns TIFFs itself as it loads them; the others are turned here.
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:, :30] = 255  # a left half that shows which way it turned
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, image_format, exif=exif, quality=95)
+    decoded = decode_image(buffer.getvalue(), **LIMITS)
+    upright = Image.fromarray(stored)
+    expected = np.asarray(
+        upright.transpose(TURNS[orientation]) if orientation in TURNS else upright
+    )
+    assert decoded.original_hw == expected.shape[:2] == ((60, 40) if orientation > 4 else (40, 60))
+    assert decoded.rgb.shape == expected.shape
+    assert np.abs(decoded.rgb.astype(int) - expected).mean() < 8  # JPEG and WebP are lossy
 
 
 def test_bomb_is_refused_from_the_header(monkeypatch):
