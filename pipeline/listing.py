@@ -10,8 +10,10 @@ consumed page by page, so a prefix of millions of keys is never held as one list
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
+import logging
 from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 import fsspec.asyn
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
@@ -42,6 +45,8 @@ AUTO_PEEK_OBJECTS = 1000
 DIRECTORY_BUCKET_SUFFIXES = ("--x-s3", "--xa-s3")
 # S3 list requests at once on AWS (docs/benchmarks.md); botocore's pool holds 10.
 AWS_LIST_CONCURRENCY = 8
+
+logger = logging.getLogger(__name__)
 
 
 class InputNotFoundError(FileNotFoundError):
@@ -98,13 +103,25 @@ def iter_objects(
     if "s3" in fs.protocol:
         yield from _iter_s3_objects(fs, root, list_concurrency)
         return
+    not_regular = 0
     for folder, subfolders, files in fs.walk(root, detail=True):
         # walk is top-down: reordering its folder dict in place orders the descent.
         ordered = sorted(subfolders.items())
         subfolders.clear()
         subfolders.update(ordered)
         for name in sorted(files):
+            # A FIFO, socket or device holds no file to read: a read of a FIFO
+            # would wait for a writer, and stall the whole run.
+            if files[name].get("type", "file") != "file":
+                not_regular += 1
+                continue
             yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(files[name]))
+    if not_regular:
+        logger.warning(
+            "skipped %d entries under the input that are not regular files "
+            "(FIFOs, sockets or devices)",
+            not_regular,
+        )
 
 
 def _iter_s3_objects(fs: Any, root: str, list_concurrency: int | None) -> Iterator[StoredObject]:
@@ -277,8 +294,14 @@ def _detect_format(
 
 
 def _parquet_columns(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    with fs.open(path, "rb") as file:
-        return pq.ParquetFile(file).schema_arrow.names
+    try:
+        with fs.open(path, "rb") as file:
+            return pq.ParquetFile(file).schema_arrow.names
+    except pa.ArrowInvalid as error:  # empty, cut short, or not Parquet at all
+        raise InputNotFoundError(
+            f"input.uri holds Parquet files, but {full_uri(fs, path)} is not a readable "
+            f"Parquet file ({error}): replace it, or set input.format"
+        ) from None
 
 
 def _image_rows(
@@ -374,7 +397,12 @@ def _manifest_rows(
 def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str) -> Iterator[str]:
     with fs.open(path, "rb") as file:
         if path.lower().endswith(PARQUET_SUFFIXES):
-            parquet = pq.ParquetFile(file)
+            try:
+                parquet = pq.ParquetFile(file)
+            except pa.ArrowInvalid as error:
+                raise InputNotFoundError(
+                    f"manifest {full_uri(fs, path)} is not a readable Parquet file ({error})"
+                ) from None
             if uri_column not in parquet.schema_arrow.names:
                 raise InputNotFoundError(
                     f"manifest {full_uri(fs, path)} has no column {uri_column!r} "
@@ -383,7 +411,13 @@ def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str)
             for batch in parquet.iter_batches(batch_size=10_000, columns=[uri_column]):
                 yield from (str(value) for value in batch.column(0).to_pylist() if value)
             return
-        for line in file:
+        for number, line in enumerate(file):
+            if number == 0:
+                if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in line:
+                    raise InputNotFoundError(
+                        f"manifest {full_uri(fs, path)} is UTF-16 text: save it as UTF-8"
+                    )
+                line = line.removeprefix(codecs.BOM_UTF8)  # as some editors save UTF-8
             entry = line.decode("utf-8", "surrogateescape").strip()
             if entry and not entry.startswith("#"):
                 yield entry

@@ -1,5 +1,6 @@
 import io
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,6 +120,38 @@ def test_manifest_without_its_uri_column_names_the_key(tmp_path):
     (tmp_path / "m.parquet").write_bytes(buffer.getvalue())
     with pytest.raises(InputNotFoundError, match=r"input\.uri_column"):
         _list(tmp_path / "m.parquet", format="manifest")
+
+
+def test_a_utf8_manifest_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
+    _write(tmp_path, ("a.jpg", "b.jpg"))
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.jpg\nb.jpg\n")
+    _, rows = _list(tmp_path / "list.txt")
+    assert [row["source_key"] for row in rows] == ["a.jpg", "b.jpg"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])  # with and without its BOM
+def test_a_utf16_manifest_is_one_clear_error_not_rows_of_junk(tmp_path, encoding):
+    (tmp_path / "list.txt").write_bytes("a.jpg\nb.jpg\n".encode(encoding))
+    with pytest.raises(InputNotFoundError, match=r"list\.txt is UTF-16 text: save it as UTF-8"):
+        _list(tmp_path / "list.txt")
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really"], ids=["empty", "corrupt"])
+def test_a_parquet_file_that_cannot_be_read_is_one_clear_error(tmp_path, content):
+    (tmp_path / "x.parquet").write_bytes(content)
+    with pytest.raises(InputNotFoundError, match=r"x\.parquet is not a readable Parquet file"):
+        _list(tmp_path)  # auto: its columns decide what it is
+    with pytest.raises(InputNotFoundError, match=r"x\.parquet is not a readable Parquet file"):
+        _list(tmp_path, format="manifest")
+
+
+def test_a_fifo_under_the_input_is_skipped_not_waited_on(tmp_path, caplog):
+    _write(tmp_path, ("a.jpg",))
+    os.mkfifo(tmp_path / "p.jpg")  # a read would wait for a writer forever
+    with caplog.at_level("WARNING", logger="pipeline.listing"):
+        _, rows = _list(tmp_path)
+    assert [row["source_key"] for row in rows] == ["a.jpg"]
+    assert "skipped 1 entries under the input that are not regular files" in caplog.text
 
 
 def test_s3_listing_in_key_ranges_matches_the_walk(s3_endpoint, monkeypatch):
