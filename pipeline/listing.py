@@ -14,6 +14,7 @@ import codecs
 import contextlib
 import itertools
 import logging
+import posixpath
 from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -365,6 +366,10 @@ def _manifest_rows(
     presigned URL's signature never reaches the output and re-signed URLs keep
     their ids; ``fetch_uri`` keeps the entry as given, for the read stage only.
     """
+    # 64 bits of each id seen (about 60 bytes an entry): an entry listed twice
+    # would otherwise be annotated twice, as two rows of one image.
+    seen: set[int] = set()
+    repeated = 0
     for manifest in manifests:
         folder_uri = full_uri(fs, manifest.rsplit("/", 1)[0])
         # Relative entries keep their manifest's folder under the input in the
@@ -373,6 +378,8 @@ def _manifest_rows(
         for entry in _manifest_entries(fs, manifest, input_config.uri_column):
             listing_error = _name_problem(entry)
             entry = printable_name(entry)
+            if "://" not in entry:  # a path: ./a.jpg, a//a.jpg and a.jpg are one file
+                entry = posixpath.normpath(entry)
             is_relative = "://" not in entry and not entry.startswith("/")
             fetch_uri = f"{folder_uri}/{entry}" if is_relative else entry
             source_uri = source_uri_of(fetch_uri)
@@ -382,8 +389,13 @@ def _manifest_rows(
                 source_key = split_protocol(source_uri)[1].lstrip("/")
             else:
                 source_key = f"{folder_key}/{entry}" if folder_key else entry
+            image_id = image_id_for(source_uri)
+            if (short_id := int(image_id[:16], 16)) in seen:
+                repeated += 1
+                continue
+            seen.add(short_id)
             yield {
-                "image_id": image_id_for(source_uri),
+                "image_id": image_id,
                 "source_uri": source_uri,
                 "source_key": source_key,
                 # Entries are taken as immutable: checking each one's version
@@ -392,6 +404,12 @@ def _manifest_rows(
                 "fetch_uri": fetch_uri,
                 "listing_error": listing_error,
             }
+    if repeated:
+        logger.warning(
+            "%d manifest entries name an image an earlier entry named: each image is "
+            "annotated once",
+            repeated,
+        )
 
 
 def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str) -> Iterator[str]:
