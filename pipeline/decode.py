@@ -150,11 +150,16 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     if mode == "RGB":
         return np.asarray(image)
     if mode.startswith("I") or mode == "F":
-        values = np.asarray(image).astype(np.float64)
-        if mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0  # 0..65535 → 0..255
-        if mode == "F" and values.max(initial=0) <= 1.0:
+        values = np.nan_to_num(np.asarray(image).astype(np.float64))
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if mode.startswith("I;16") or (mode == "I" and low >= 0 and 255 < high <= 65535):
+            values = values / 257.0  # 16 bits: 0..65535 → 0..255
+        elif mode == "F" and low >= 0 and high <= 1.0:
             values = values * 255.0
+        elif low < 0 or high > 255:
+            # 32-bit or float data of no fixed range (depth, scientific): its own
+            # range is spread over 0..255 rather than clipped to black or white.
+            values = (values - low) * (255.0 / (high - low))
         gray = np.clip(np.round(values), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "P" and "transparency" in image.info:

@@ -73,6 +73,19 @@ def test_sixteen_bit_gray_is_scaled_not_clipped():
     assert len(np.unique(rgb)) > 100
 
 
+@pytest.mark.parametrize(
+    ("dtype", "low", "high"),
+    [("float32", 0, 1000), ("float32", -1, 1), ("int32", 0, 1_000_000), ("float32", 0, 1)],
+)
+def test_wide_range_and_float_images_are_spread_over_the_gray_levels(dtype, low, high):
+    ramp = np.linspace(low, high, 40 * 60).reshape(40, 60).astype(dtype)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, "TIFF")
+    gray = decode_image(buffer.getvalue(), **LIMITS).rgb[:, :, 0].ravel()
+    assert gray.min() == 0 and gray.max() == 255  # not clipped, not darkened
+    assert np.all(np.diff(gray.astype(int)) >= 0)  # the ramp's order kept
+
+
 def test_exif_orientation_is_applied():
     data, _ = odd_files()["rotated.jpg"]
     assert decode_image(data, **LIMITS).rgb.shape[:2] == (80, 40)  # stored as 40×80
