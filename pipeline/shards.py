@@ -324,7 +324,18 @@ def _parquet_image(
     sample_id: str, value: object, image_column: str, max_bytes: int | None
 ) -> ShardImage:
     if isinstance(value, dict):  # struct<bytes, path>
-        value = value.get("bytes")
+        if value.get("bytes") is None:
+            # The path after the colon: errors are grouped by what comes before.
+            problem = (
+                f"column {image_column!r} holds a path, not image bytes (images stored "
+                f"by path are not read): {value['path']!r}"
+                if value.get("path")
+                else f"column {image_column!r} is a struct without image bytes"
+            )
+            return ShardImage(
+                sample_id=sample_id, name=sample_id, data=None, problem=problem, has_image=False
+            )
+        value = value["bytes"]
     if isinstance(value, bytes) and max_bytes is not None and len(value) > max_bytes:
         problem = too_large(len(value), max_bytes)
         return ShardImage(

@@ -179,6 +179,9 @@ def test_parquet_images_from_hugging_face_struct_column_with_ids():
         ("k-a", "k-a", b"a"),
         ("k-b", "k-b", None),
     ]
+    assert images[1].problem == (
+        "column 'img' holds a path, not image bytes (images stored by path are not read): 'b.jpg'"
+    )
 
 
 def test_parquet_rows_with_a_null_or_repeated_id_are_error_rows_by_row_number():
