@@ -14,6 +14,7 @@ import codecs
 import contextlib
 import itertools
 import logging
+import os
 import posixpath
 from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def iter_objects(
     if "s3" in fs.protocol:
         yield from _iter_s3_objects(fs, root, list_concurrency)
         return
-    not_regular = 0
+    not_regular = linked_folders = 0
     for folder, subfolders, files in fs.walk(root, detail=True):
         # walk is top-down: reordering its folder dict in place orders the descent.
         ordered = sorted(subfolders.items())
@@ -113,8 +114,14 @@ def iter_objects(
         for name in sorted(files):
             # A FIFO, socket or device holds no file to read: a read of a FIFO
             # would wait for a writer, and stall the whole run.
-            if files[name].get("type", "file") != "file":
-                not_regular += 1
+            info = files[name]
+            if info.get("type", "file") != "file":
+                # fsspec lists a link to a folder as "other": walking into links
+                # could loop, so they are named in the warning, not followed.
+                if info.get("islink") and os.path.isdir(info.get("destination", "")):
+                    linked_folders += 1
+                else:
+                    not_regular += 1
                 continue
             yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(files[name]))
     if not_regular:
@@ -122,6 +129,12 @@ def iter_objects(
             "skipped %d entries under the input that are not regular files "
             "(FIFOs, sockets or devices)",
             not_regular,
+        )
+    if linked_folders:
+        logger.warning(
+            "skipped %d symbolic links to folders under the input: links are not followed; "
+            "give the folder itself, or list its images in a manifest",
+            linked_folders,
         )
 
 

@@ -164,6 +164,16 @@ def test_a_fifo_under_the_input_is_skipped_not_waited_on(tmp_path, caplog):
     assert "skipped 1 entries under the input that are not regular files" in caplog.text
 
 
+def test_a_link_to_a_folder_is_named_in_a_warning_not_followed(tmp_path, caplog):
+    _write(tmp_path, ("input/a.jpg", "elsewhere/x.jpg"))
+    (tmp_path / "input" / "linked").symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING", logger="pipeline.listing"):
+        _, rows = _list(tmp_path / "input")
+    assert [row["source_key"] for row in rows] == ["a.jpg"]
+    assert "skipped 1 symbolic links to folders under the input" in caplog.text
+    assert "not regular files" not in caplog.text
+
+
 def test_s3_listing_in_key_ranges_matches_the_walk(s3_endpoint, monkeypatch):
     """Pages of 7 keys: the walk's first pages, then ranges split off and listed at once."""
     import s3fs
