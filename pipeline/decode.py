@@ -27,6 +27,11 @@ LARGEST_SIDE_PX = 1 << 16
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
+# Every format Pillow reads, but EPS: Pillow renders it by running Ghostscript
+# on the file's contents, an interpreter no untrusted input should reach.
+Image.init()
+OPENABLE_FORMATS = tuple(name for name in Image.OPEN if name != "EPS")
+
 # EXIF orientations that turn the stored image by 90° (width and height swap).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -97,7 +102,7 @@ def _decode(
         # Pillow only warns between its limit and twice it; treat that as an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=OPENABLE_FORMATS)
         except UnidentifiedImageError:
             raise DecodeError("not an image: unrecognised format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

@@ -86,6 +86,18 @@ def test_wide_range_and_float_images_are_spread_over_the_gray_levels(dtype, low,
     assert np.all(np.diff(gray.astype(int)) >= 0)  # the ramp's order kept
 
 
+def test_postscript_is_never_handed_to_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto showpage\n"
+    with pytest.raises(DecodeError, match="not an image: unrecognised format"):
+        decode_image(eps, **LIMITS)
+
+
 def test_exif_orientation_is_applied():
     data, _ = odd_files()["rotated.jpg"]
     assert decode_image(data, **LIMITS).rgb.shape[:2] == (80, 40)  # stored as 40×80
