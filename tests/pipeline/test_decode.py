@@ -82,7 +82,9 @@ def test_wide_range_and_float_images_are_spread_over_the_gray_levels(dtype, low,
     buffer = io.BytesIO()
     Image.fromarray(ramp).save(buffer, "TIFF")
     gray = decode_image(buffer.getvalue(), **LIMITS).rgb[:, :, 0].ravel()
-    assert gray.min() == 0 and gray.max() == 255  # not clipped, not darkened
+    assert gray.min() == 0 and gray.max() == 255  # not darkened
+    # Not clipped: a ramp spread over 256 levels leaves few pixels at either end.
+    assert max(np.count_nonzero(gray == 0), np.count_nonzero(gray == 255)) < 0.01 * gray.size
     assert np.all(np.diff(gray.astype(int)) >= 0)  # the ramp's order kept
 
 
