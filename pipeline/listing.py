@@ -391,6 +391,8 @@ def _manifest_rows(
         for entry in _manifest_entries(fs, manifest, input_config.uri_column):
             listing_error = _name_problem(entry)
             entry = printable_name(entry)
+            if entry.startswith("file:///"):  # a local path, as the input's own URI is taken
+                entry = entry.removeprefix("file://")
             if "://" not in entry:  # a path: ./a.jpg, a//a.jpg and a.jpg are one file
                 entry = posixpath.normpath(entry)
             is_relative = "://" not in entry and not entry.startswith("/")

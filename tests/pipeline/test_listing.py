@@ -124,12 +124,13 @@ def test_manifest_without_its_uri_column_names_the_key(tmp_path):
 
 def test_an_image_a_manifest_names_twice_or_spelt_two_ways_is_listed_once(tmp_path, caplog):
     _write(tmp_path, ("imgs/a.jpg", "imgs/b.jpg"))
-    spellings = ["imgs/a.jpg", "./imgs/a.jpg", "imgs//a.jpg", str(tmp_path / "imgs/a.jpg")]
+    absolute = str(tmp_path / "imgs/a.jpg")
+    spellings = ["imgs/a.jpg", "./imgs/a.jpg", "imgs//a.jpg", absolute, f"file://{absolute}"]
     (tmp_path / "list.txt").write_text("\n".join([*spellings, "imgs/b.jpg", "imgs/a.jpg"]))
     with caplog.at_level("WARNING", logger="pipeline.listing"):
         _, rows = _list(tmp_path / "list.txt")
     assert [row["source_key"] for row in rows] == ["imgs/a.jpg", "imgs/b.jpg"]
-    assert "4 manifest entries name an image an earlier entry named" in caplog.text
+    assert "5 manifest entries name an image an earlier entry named" in caplog.text
 
 
 def test_a_utf8_manifest_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
