@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpt_model import ModelLoadError
     from pipeline.listing import InputNotFoundError
+    from pipeline.predictions import is_stop
     from pipeline.progress import JobStalledError
     from pipeline.run import ClusterTooSmallError, OutputNotWritableError, run_annotation
     from pipeline.schema import strip_url_secrets
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_annotation(config)
     except (KeyboardInterrupt, SystemExit) as stop:
-        if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
+        if not is_stop(stop):
             raise
         print(
             "stopped: the rows committed so far are kept; "

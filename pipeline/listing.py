@@ -112,18 +112,18 @@ def iter_objects(
         subfolders.clear()
         subfolders.update(ordered)
         for name in sorted(files):
-            # A FIFO, socket or device holds no file to read: a read of a FIFO
-            # would wait for a writer, and stall the whole run.
             info = files[name]
             if info.get("type", "file") != "file":
                 # fsspec lists a link to a folder as "other": walking into links
-                # could loop, so they are named in the warning, not followed.
+                # could loop, so they are counted in a warning, not followed. A
+                # FIFO, socket or device holds no file: a read of a FIFO would
+                # wait for a writer and stall the whole run.
                 if info.get("islink") and os.path.isdir(info.get("destination", "")):
                     linked_folders += 1
                 else:
                     not_regular += 1
                 continue
-            yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(files[name]))
+            yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(info))
     if not_regular:
         logger.warning(
             "skipped %d entries under the input that are not regular files "

@@ -576,6 +576,14 @@ RUN_GOING_WITHIN_S = 3 * RUN_HEARTBEAT_S
 ENDED_RECORD_SUFFIX = ".ended.json"
 
 
+def is_stop(error: BaseException) -> bool:
+    """Whether ``error`` is a run being stopped rather than failing: Ctrl-C, or
+    SIGTERM, which ray.init's handler raises as ``SystemExit(SIGTERM)``."""
+    return isinstance(error, KeyboardInterrupt) or (
+        isinstance(error, SystemExit) and error.code == signal.SIGTERM
+    )
+
+
 class RunHeartbeat:
     """Within ``with``: rewrites a run's start record every ``every_s`` seconds.
 
@@ -607,10 +615,7 @@ class RunHeartbeat:
         self._thread.join()
         if kind is None or self._ended_path is None:
             return
-        # SystemExit(SIGTERM) is what ray.init's handler makes of a SIGTERM.
-        stopped = issubclass(kind, KeyboardInterrupt) or (
-            isinstance(error, SystemExit) and error.code == signal.SIGTERM
-        )
+        stopped = error is not None and is_stop(error)
         record = {
             "ended_at": datetime.now(UTC).isoformat(),
             "outcome": "stopped" if stopped else "failed",

@@ -323,31 +323,25 @@ def _checked_id(
 def _parquet_image(
     sample_id: str, value: object, image_column: str, max_bytes: int | None
 ) -> ShardImage:
-    if isinstance(value, dict):  # struct<bytes, path>
-        if value.get("bytes") is None:
-            # The path after the colon: errors are grouped by what comes before.
-            problem = (
-                f"column {image_column!r} holds a path, not image bytes (images stored "
-                f"by path are not read): {value['path']!r}"
-                if value.get("path")
-                else f"column {image_column!r} is a struct without image bytes"
-            )
-            return ShardImage(
-                sample_id=sample_id, name=sample_id, data=None, problem=problem, has_image=False
-            )
-        value = value["bytes"]
-    if isinstance(value, bytes) and max_bytes is not None and len(value) > max_bytes:
-        problem = too_large(len(value), max_bytes)
-        return ShardImage(
-            sample_id=sample_id, name=sample_id, data=None, problem=problem, has_image=False
-        )
-    if isinstance(value, bytes):
+    struct = value if isinstance(value, dict) else None  # struct<bytes, path>
+    if struct is not None:
+        value = struct.get("bytes")
+    if isinstance(value, bytes) and (max_bytes is None or len(value) <= max_bytes):
         return ShardImage(sample_id=sample_id, name=sample_id, data=value)
-    problem = (
-        f"column {image_column!r} is null"
-        if value is None
-        else f"column {image_column!r} holds {type(value).__name__}, not image bytes"
-    )
+    if isinstance(value, bytes):
+        problem = too_large(len(value), max_bytes)
+    elif value is None and struct is not None and struct.get("path"):
+        # The path after the colon: errors are grouped by what comes before.
+        problem = (
+            f"column {image_column!r} holds a path, not image bytes (images stored "
+            f"by path are not read): {struct['path']!r}"
+        )
+    elif value is None and struct is not None:
+        problem = f"column {image_column!r} is a struct without image bytes"
+    elif value is None:
+        problem = f"column {image_column!r} is null"
+    else:
+        problem = f"column {image_column!r} holds {type(value).__name__}, not image bytes"
     return ShardImage(
         sample_id=sample_id, name=sample_id, data=None, problem=problem, has_image=False
     )
