@@ -15,7 +15,7 @@ from jobs.sample_images import encoded, synthetic_photo
 from pipeline import read_predictions
 from tests.corpus import write_files
 
-IMAGES = 150
+IMAGES = 80
 
 
 def inference_actor_pids() -> list[int]:

@@ -205,7 +205,7 @@ def scrape(
 def test_ray_job_stop_keeps_what_was_committed_and_a_rerun_finishes(
     ray_head, checkpoints, tmp_path
 ):
-    images = 60
+    images = 36
     corpus, output = tmp_path / "images", tmp_path / "output"
     write_files(
         corpus,

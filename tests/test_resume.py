@@ -20,7 +20,7 @@ from tests.corpus import write_files
 from tests.processes import session_processes, stop_session
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-IMAGES = 80
+IMAGES = 48
 
 
 def depth_job(images: Path, output: Path, checkpoints, *settings: str) -> list[str]:

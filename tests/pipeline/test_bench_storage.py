@@ -20,6 +20,10 @@ def test_storage_benchmark_lists_every_key_and_reads_every_byte(tmp_path):
             "--object-kb=10",
             "--no-aws",
             "--latency-ms=5",
+            # One listing-concurrency run, on bare loopback: each run is a child process.
+            "--list-latency-ms=0",
+            "--list-concurrency",
+            "4",
             f"--out={tmp_path / 'storage.json'}",
         ]
     )
@@ -35,6 +39,11 @@ def test_storage_benchmark_lists_every_key_and_reads_every_byte(tmp_path):
     assert results["listing"]["without_ray"]["blocks"] == -(-KEYS // LISTING_BLOCK_ROWS)
     # With Ray the listing reaches the object store as many blocks, not one.
     assert results["listing"]["with_ray"]["blocks"] >= KEYS // LISTING_BLOCK_ROWS
+
+    [[concurrency, listed]] = results["listing_concurrency"]["0ms"].items()
+    assert concurrency == "4" and listed["list_concurrency"] == 4
+    assert listed["keys_listed"] == KEYS and listed["keys_per_s"] > 0
+    assert listed["server_requests"]["GET list-type=2"] >= -(-KEYS // 1000)
 
     for key, latency_ms in (("reads", 0), ("reads_with_latency", 5)):
         reads = results[key]

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from pipeline.bench import throughput
 from pipeline.bench.__main__ import main as run_benchmark
 from pipeline.bench.stages import STAGES
-from pipeline.bench.throughput import IMAGE_SIZES, _map_file_times
+from pipeline.bench.throughput import _map_file_times
 from pipeline.encode import decode_depth_png
 from tests.conftest import SEEDED_VIT_DEPTH_HW
 
@@ -19,26 +20,18 @@ def test_throughput_benchmark_measures_every_side(tmp_path):
             "--images=3",
             f"--work-dir={tmp_path}",
             f"--out={tmp_path / 'tp.json'}",
-            "--variant=output.depth_resolution=original",
         ]
     )
     results = json.loads(out.read_text())
     naive, job, ceiling = results["naive"], results["pipeline"], results["model_only"]
-    [full_size] = results["pipeline_variants"]
-    assert naive["images"] == job["images"] == full_size["images"] == 3
-    assert job["errors"] == full_size["errors"] == 0
+    assert naive["images"] == job["images"] == 3
+    assert job["errors"] == 0
     assert ceiling["images"] >= 3 and ceiling["images_per_s"] > 0
     assert 0 < job["time_to_first_map_s"] <= job["elapsed_s"]
 
     assert len(list((tmp_path / "naive-output").glob("*.png"))) == 3
-    for folder, expected in (
-        ("pipeline-output", lambda index: SEEDED_VIT_DEPTH_HW),
-        ("pipeline-output-1", lambda index: IMAGE_SIZES[index][::-1]),
-    ):
-        maps = sorted((tmp_path / folder / "depth").glob("*.png"))
-        assert [decode_depth_png(path.read_bytes()).shape for path in maps] == [
-            expected(index) for index in range(3)
-        ]
+    maps = sorted((tmp_path / "pipeline-output" / "depth").glob("*.png"))
+    assert [decode_depth_png(path.read_bytes()).shape for path in maps] == [SEEDED_VIT_DEPTH_HW] * 3
 
     ratios = results["ratios"]
     assert ratios["pipeline_over_naive"] == pytest.approx(
@@ -67,6 +60,57 @@ def test_throughput_benchmark_measures_every_side(tmp_path):
     model_png, full_png = (encodings[(size, "png16-level1")] for size in ("model", "original"))
     assert full_png["bytes_per_image"] > model_png["bytes_per_image"]
     assert any("InferenceActor" in stage for stage in job["stage_timings_s"])
+
+
+def test_each_variant_runs_the_job_again_with_its_overrides_into_its_own_output(
+    tmp_path, monkeypatch, capsys
+):
+    # The job itself is measured above; here only what main hands each pipeline run
+    # and how the runs' rates become ratios. Full-size maps are tested with the job.
+    calls = []
+
+    def fake_child(measurement, params):
+        calls.append((measurement, params))
+        if measurement == "naive":
+            return {"images_per_s": 1.0, "loop_s": 1.0}
+        rate = 2.0 + len(calls)
+        return {
+            "images_per_s": rate,
+            "elapsed_s": 1 / rate,
+            "time_to_first_map_s": 0.1,
+            "steady_images_per_s": rate,
+        }
+
+    monkeypatch.setattr(throughput, "_run_child", fake_child)
+    out = run_benchmark(
+        [
+            "throughput",
+            "--images=1",
+            "--only",
+            "naive",
+            f"--work-dir={tmp_path}",
+            f"--out={tmp_path / 'tp.json'}",
+            "--variant=output.depth_resolution=original",
+            "--variant=inference.segmentation_scales=[1,1.5],inference.batch_size=2",
+        ]
+    )
+    assert [
+        (measurement, params.get("overrides"), params.get("run")) for measurement, params in calls
+    ] == [
+        ("naive", None, None),
+        ("pipeline", ["output.depth_resolution=original"], 1),
+        ("pipeline", ["inference.segmentation_scales=[1,1.5]", "inference.batch_size=2"], 2),
+    ]
+    results = json.loads(out.read_text())
+    assert [variant["overrides"] for variant in results["pipeline_variants"]] == [
+        params["overrides"] for _, params in calls[1:]
+    ]
+    report = capsys.readouterr().out
+    assert "output.depth_resolution=original     4.00 images/s" in report
+    assert results["ratios"] == {
+        "output.depth_resolution=original_over_naive": 4.0,
+        "inference.segmentation_scales=[1,1.5]_inference.batch_size=2_over_naive": 5.0,
+    }
 
 
 def test_map_times_count_one_file_per_image_whichever_maps_the_job_wrote(tmp_path):
