@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +101,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# The quick loop (-m "not slow") starts no Python process: a CLI, a job or Ray
+# takes seconds to start. Quick tools (uname, envsubst) are fine. A test that
+# starts Python and is not marked slow fails, saying so, rather than slowing it.
+# In a virtual environment its bin folder holds Python programs only (ray, aws).
+_VENV_BIN = Path(sys.executable).parent if sys.prefix != sys.base_prefix else None
+_quick_test: list[str] = []  # node id of the unmarked test now running
+
+
+def _refuse_python_in_quick_tests(event: str, args: tuple) -> None:
+    if not _quick_test or event != "subprocess.Popen":
+        return
+    executable, argv = args[0], args[1]
+    program = executable or (argv if isinstance(argv, (str, bytes, os.PathLike)) else argv[0])
+    program = Path(os.fsdecode(program))
+    resolved = Path(shutil.which(program) or program).absolute()
+    in_venv = _VENV_BIN is not None and resolved.parent == _VENV_BIN
+    if in_venv or resolved.name.startswith("python"):
+        raise AssertionError(f"{_quick_test[0]} starts {program.name}: mark it @pytest.mark.slow")
+
+
+sys.addaudithook(_refuse_python_in_quick_tests)
+
+
+@pytest.fixture(autouse=True)
+def _python_processes_only_in_slow_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    _quick_test.append(request.node.nodeid)
+    try:
+        yield
+    finally:
+        _quick_test.clear()

@@ -219,6 +219,7 @@ def test_full_size_depth_maps_and_auto_batch_size(ray_cluster, mixed_corpus, che
         assert depth.shape == (row["height"], row["width"])
 
 
+@pytest.mark.slow
 def test_command_line_job_finishes_with_error_rows_and_exit_0(mixed_corpus, checkpoints, tmp_path):
     """Depth only, Dinov2 backbone (keep-aspect inputs), over good, odd and hostile files."""
     output = tmp_path / "cli-output"
@@ -244,6 +245,7 @@ def test_command_line_job_finishes_with_error_rows_and_exit_0(mixed_corpus, chec
     assert all(row["segmentation_uri"] is None for row in table)
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_naming_the_key(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jobs.run", "--set", "input.uri=x", "--set", "output.uri=y",

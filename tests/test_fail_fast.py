@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,6 +70,7 @@ def test_a_missing_bucket_and_a_missing_model_fail_before_ray(s3_endpoint, check
     assert "Started a local Ray instance" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_endpoint_fails_in_seconds_not_after_retries(checkpoints, tmp_path):
     from tests.s3_server import free_port
 
@@ -88,6 +91,7 @@ def test_an_unreachable_endpoint_fails_in_seconds_not_after_retries(checkpoints,
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_their_config_end_the_job_with_one_message(checkpoints, tmp_path):
     """Found only where the weights load, in an actor: Ray hands the driver the
     actor's death; the job still ends with the model's own message."""
@@ -117,6 +121,7 @@ def test_weights_that_do_not_fit_their_config_end_the_job_with_one_message(check
     )
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_after_it_started_is_not_taken_for_going(checkpoints, tmp_path):
     """A mistyped input under a reachable parent fails once the run has its start
     record; its end record stops later runs warning of it and compaction waiting."""

@@ -32,11 +32,13 @@ def _imported_after(module: str, watched: list[str]) -> list[str]:
     return result.stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", CPU_STAGE_MODULES)
 def test_cpu_stage_modules_do_not_import_torch(module):
     assert _imported_after(module, ["torch", "transformers"]) == []
 
 
+@pytest.mark.slow
 def test_dpt_model_does_not_import_ray_and_its_package_loads_torch_only_on_use():
     assert _imported_after("dpt_model.predictor", ["ray"]) == []
     assert _imported_after("dpt_model", ["torch"]) == []

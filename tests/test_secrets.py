@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pytest
 import s3fs
 
 from jobs.sample_images import encoded, synthetic_photo
@@ -81,6 +82,7 @@ def test_credentials_and_signed_urls_never_leak(s3_endpoint, checkpoints):
         fs.rm(bucket, recursive=True)
 
 
+@pytest.mark.slow
 def test_a_signed_input_or_model_url_is_not_quoted_in_errors(checkpoints, tmp_path):
     signature = "X-Amz-Credential=AKIAQUITESECRETKEYID7&X-Amz-Signature=5ec7e75ec7e7"
     unreachable = f"https://127.0.0.1:9/bucket/list.txt?{signature}"

@@ -1,6 +1,7 @@
 """``python -m jobs.compact``: few parts, the same view, and never while a run is going."""
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.predictions import read_predictions
 from tests.pipeline.test_predictions import row, write_part
@@ -11,6 +12,7 @@ def compact(*arguments: str):
     return run_module("jobs.compact", *arguments)
 
 
+@pytest.mark.slow
 def test_compacting_waits_for_a_run_that_has_not_finished(tmp_path):
     for index in range(3):
         write_part(tmp_path, f"r{index}_a.parquet", [row(f"i{index}", "ok", index)])

@@ -2,10 +2,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.storage import filesystem_for
 from tests.pipeline.test_report import write_output
 
 
+@pytest.mark.slow
 def test_export_without_a_segmentation_run_says_how_to_name_the_classes(tmp_path):
     fs, root = filesystem_for(str(tmp_path), {})
     write_output(fs, root, images=1)  # its run records name no segmentation model
@@ -20,6 +23,7 @@ def test_export_without_a_segmentation_run_says_how_to_name_the_classes(tmp_path
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_export_and_report_of_an_output_without_predictions_say_so_in_one_line(tmp_path):
     for command in (["jobs.export", "coco"], ["jobs.report"], ["jobs.compact"]):
         result = subprocess.run(
@@ -32,6 +36,7 @@ def test_export_and_report_of_an_output_without_predictions_say_so_in_one_line(t
         assert result.stderr.strip() == f"error: no predictions under {tmp_path / 'typo'}"
 
 
+@pytest.mark.slow
 def test_export_and_report_of_an_unreachable_store_fail_in_one_line(tmp_path):
     env = {
         **os.environ,

@@ -359,6 +359,7 @@ with listing_server("bucket", "p/", 20000) as server:
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_page_is_awaited_is_a_keyboard_interrupt():
     """Not the RuntimeError of closing a listing caught mid-step."""
     import subprocess

@@ -411,6 +411,7 @@ def test_the_report_command_rebuilds_a_report_on_s3(s3_endpoint, tmp_path):
     assert s3.info(f"{output}/report/{page.sources[0]}")["ContentType"] == "image/jpeg"
 
 
+@pytest.mark.slow
 def test_the_report_command_names_a_bad_argument_and_a_wrong_uri(tmp_path):
     result = report_command(str(tmp_path), "--samples", "-1")
     assert result.returncode == 2 and "--samples" in result.stderr

@@ -33,6 +33,7 @@ def test_local_parquet_parts_are_invisible_until_closed(tmp_path):
     assert sorted(pq.read_table(str(folder))["n"].to_pylist()) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_process_whose_last_work_is_a_parquet_read_exits_cleanly(tmp_path):
     # Arrow's threads can still be calling into Python just after a read through
     # fsspec returns; exiting then aborted the process (exit 134) in 6 of 10
