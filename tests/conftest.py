@@ -128,11 +128,7 @@ sys.addaudithook(_refuse_python_in_quick_tests)
 
 @pytest.fixture(autouse=True)
 def _python_processes_only_in_slow_tests(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.node.get_closest_marker("slow") is not None:
-        yield
-        return
-    _quick_test.append(request.node.nodeid)
-    try:
-        yield
-    finally:
-        _quick_test.clear()
+    if request.node.get_closest_marker("slow") is None:
+        _quick_test.append(request.node.nodeid)
+    yield
+    _quick_test.clear()

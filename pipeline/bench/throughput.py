@@ -322,7 +322,7 @@ def measure_pipeline(
     from jobs.config import load_config
     from pipeline.run import run_annotation
 
-    output = Path(work) / ("pipeline-output" if not run else f"pipeline-output-{run}")
+    output = pipeline_output(Path(work), run)
     config = load_config(
         None,
         [
@@ -364,6 +364,11 @@ def measure_pipeline(
         "stage_timings_s": summary.stage_timings_s,
         "bytes_written_per_image": sum(path.stat().st_size for path in written) / annotated,
     }
+
+
+def pipeline_output(work: Path, run: int) -> Path:
+    """Where pipeline run ``run`` writes: the plain job (0) and each variant apart."""
+    return work / ("pipeline-output" if not run else f"pipeline-output-{run}")
 
 
 def _map_file_times(output: Path) -> list[float]:

@@ -7,7 +7,7 @@ import pytest
 from pipeline.bench import throughput
 from pipeline.bench.__main__ import main as run_benchmark
 from pipeline.bench.stages import STAGES
-from pipeline.bench.throughput import _map_file_times
+from pipeline.bench.throughput import _map_file_times, pipeline_output
 from pipeline.encode import decode_depth_png
 from tests.conftest import SEEDED_VIT_DEPTH_HW
 
@@ -30,7 +30,7 @@ def test_throughput_benchmark_measures_every_side(tmp_path):
     assert 0 < job["time_to_first_map_s"] <= job["elapsed_s"]
 
     assert len(list((tmp_path / "naive-output").glob("*.png"))) == 3
-    maps = sorted((tmp_path / "pipeline-output" / "depth").glob("*.png"))
+    maps = sorted((pipeline_output(tmp_path, 0) / "depth").glob("*.png"))
     assert [decode_depth_png(path.read_bytes()).shape for path in maps] == [SEEDED_VIT_DEPTH_HW] * 3
 
     ratios = results["ratios"]
@@ -101,6 +101,9 @@ def test_each_variant_runs_the_job_again_with_its_overrides_into_its_own_output(
         ("pipeline", ["output.depth_resolution=original"], 1),
         ("pipeline", ["inference.segmentation_scales=[1,1.5]", "inference.batch_size=2"], 2),
     ]
+    runs = [params.get("run", 0) for _, params in calls[1:]]
+    outputs = {pipeline_output(tmp_path, run) for run in [0, *runs]}
+    assert len(outputs) == 3  # no variant writes over the plain job's maps or another's
     results = json.loads(out.read_text())
     assert [variant["overrides"] for variant in results["pipeline_variants"]] == [
         params["overrides"] for _, params in calls[1:]
