@@ -70,6 +70,7 @@ RUNS_SHOWN = 20
 # Reads of sources and maps overlap: on S3 each is a round trip.
 _READ_THREADS = 8
 _OVERLAY_ALPHA = 0.55
+_SHARD_NOT_READ = "input not shown: its shard was not read for the report"
 # Sampled images inside shards are shown from at most this many shards (each is
 # streamed until its sampled images are found); the rest show their maps only.
 MAX_SHARDS_READ = 3
@@ -117,7 +118,12 @@ def write_quality_report(
 
         def thumbnails_for(row: dict[str, Any]) -> tuple[Sample, dict[str, bytes]]:
             return _sample_thumbnails(
-                row, in_shards, storage_options, thumbnail_px, max_image_pixels, max_side_px
+                row,
+                in_shards if shard_input else None,
+                storage_options,
+                thumbnail_px,
+                max_image_pixels,
+                max_side_px,
             )
 
         pictures = list(pool.map(thumbnails_for, sampled))
@@ -216,7 +222,7 @@ def _images_in_shards(
 
 def _sample_thumbnails(
     row: dict[str, Any],
-    in_shards: dict[str, bytes | str],
+    in_shards: dict[str, bytes | str] | None,
     storage_options: dict[str, Any],
     thumbnail_px: int,
     max_image_pixels: int,
@@ -227,6 +233,7 @@ def _sample_thumbnails(
     A file that cannot be read any more (moved source, deleted map) leaves that
     thumbnail out and says why on the page; it never fails the report. Names
     carry the image id, so a page never shows another page's picture.
+    ``in_shards`` is None where the report reads no shards (image-file input).
     """
     sample, files = Sample(row=row), {}
     if not row.get("width") or not row.get("height"):
@@ -235,12 +242,14 @@ def _sample_thumbnails(
     size_wh = fit_within(row["width"], row["height"], thumbnail_px)
     stem = f"{THUMBNAILS_FOLDER}/{row['image_id'][:20]}"
     rgb = None
-    in_shard = in_shards.get(row["source_uri"])
+    in_shard = in_shards.get(row["source_uri"]) if in_shards is not None else None
+    # A webdataset sample or Parquet row: reading it means reading its shard. Where
+    # the report reads no shards, a name like "a.tar#1.jpg" may be a plain file.
+    in_unread_shard = in_shard is None and split_shard_member(row["source_uri"]) is not None
     if isinstance(in_shard, str):
         sample.problems.append(in_shard)
-    elif in_shard is None and split_shard_member(row["source_uri"]):
-        # A webdataset sample or Parquet row: reading it means reading its shard.
-        sample.problems.append("input not shown: its shard was not read for the report")
+    elif in_unread_shard and in_shards is not None:
+        sample.problems.append(_SHARD_NOT_READ)
     else:
         try:
             data = in_shard or read_bytes(row["source_uri"], storage_options)
@@ -248,6 +257,10 @@ def _sample_thumbnails(
             rgb = resize_rgb(decoded.rgb, size_wh)
             files[f"{stem}-input.jpg"] = encode_jpeg(rgb)
             sample.input_thumbnail = f"{stem}-input.jpg"
+        except FileNotFoundError as problem:
+            sample.problems.append(
+                _SHARD_NOT_READ if in_unread_shard else error_reason("input", problem)
+            )
         except Exception as problem:  # any unreadable file is reported on the page
             sample.problems.append(error_reason("input", problem))
     if row["depth_uri"]:

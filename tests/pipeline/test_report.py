@@ -461,6 +461,24 @@ def test_sampled_images_come_from_few_shards_read_once(tmp_path):
 
     write_quality_report(root, {}, samples=8)  # without knowing how the shards are laid out
     assert not [s for s in page_of(fs, root).sources if s.endswith("-input.jpg")]
+    html = (tmp_path / "report/index.html").read_text()
+    assert html.count("its shard was not read for the report") == 8
+
+
+def test_a_file_named_like_a_shard_member_is_shown_where_the_input_is_files(tmp_path):
+    fs, root = filesystem_for(str(tmp_path), {})
+    rows = write_output(fs, root, images=1)
+    fs.mv(f"{root}/src/img 0.jpg", f"{root}/src/clip.tar#0.jpg")
+    rows[0]["source_uri"] = fs.unstrip_protocol(f"{root}/src/clip.tar#0.jpg")
+    buffer = io.BytesIO()
+    pq.write_table(predictions(rows), buffer)
+    fs.pipe_file(f"{root}/predictions/part-0.parquet", buffer.getvalue())
+    write_quality_report(root, {}, {}, samples=4)
+    assert [source.rsplit("-", 1)[1] for source in page_of(fs, root).sources] == [
+        "input.jpg",
+        "depth.jpg",
+        "segmentation.jpg",
+    ]
 
 
 def test_unreadable_or_odd_run_records_hide_only_themselves(tmp_path):
