@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import posixpath
+import stat
 from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -96,6 +97,25 @@ def object_version(info: dict[str, Any]) -> str:
     return f"size:{size},mtime:{mtime}"
 
 
+def _link_target(path: str, info: dict[str, Any]) -> dict[str, Any]:
+    """A symbolic link's entry described by what it leads to.
+
+    fsspec describes the link itself (type "other", the link's own mtime). The
+    target's type, size and mtime are what the walk and the source version need:
+    an edit to a linked file must be seen as a change. A link that leads nowhere
+    stays a file: reading it fails, and it becomes an error row, not a gap.
+    """
+    try:
+        target = os.stat(path)  # follows the link, relative ones from their folder
+    except OSError:
+        return {**info, "type": "file"}
+    if stat.S_ISREG(target.st_mode):
+        kind = "file"
+    else:
+        kind = "directory" if stat.S_ISDIR(target.st_mode) else "other"
+    return {**info, "type": kind, "size": target.st_size, "mtime": target.st_mtime}
+
+
 def iter_objects(
     fs: fsspec.AbstractFileSystem, root: str, list_concurrency: int | None = 1
 ) -> Iterator[StoredObject]:
@@ -112,18 +132,19 @@ def iter_objects(
         subfolders.clear()
         subfolders.update(ordered)
         for name in sorted(files):
-            info = files[name]
+            path, info = f"{folder.rstrip('/')}/{name}", files[name]
+            if info.get("islink"):
+                info = _link_target(path, info)
             if info.get("type", "file") != "file":
-                # fsspec lists a link to a folder as "other": walking into links
-                # could loop, so they are counted in a warning, not followed. A
-                # FIFO, socket or device holds no file: a read of a FIFO would
-                # wait for a writer and stall the whole run.
-                if info.get("islink") and os.path.isdir(info.get("destination", "")):
+                # Walking into links to folders could loop, so they are counted in
+                # a warning, not followed. A FIFO, socket or device holds no file:
+                # a read of a FIFO would wait for a writer and stall the whole run.
+                if info.get("islink") and info.get("type") == "directory":
                     linked_folders += 1
                 else:
                     not_regular += 1
                 continue
-            yield StoredObject(f"{folder.rstrip('/')}/{name}", object_version(info))
+            yield StoredObject(path, object_version(info))
     if not_regular:
         logger.warning(
             "skipped %d entries under the input that are not regular files "

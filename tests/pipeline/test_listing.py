@@ -175,6 +175,39 @@ def test_a_link_to_a_folder_is_named_in_a_warning_not_followed(tmp_path, caplog)
     assert "not regular files" not in caplog.text
 
 
+def test_links_to_files_are_listed_with_their_targets_version(tmp_path, caplog):
+    _write(tmp_path, ("elsewhere/t.jpg", "elsewhere/folder/x.jpg"), data=b"first")
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "absolute.jpg").symlink_to(tmp_path / "elsewhere" / "t.jpg")
+    (tmp_path / "input" / "relative.jpg").symlink_to("../elsewhere/t.jpg")
+    (tmp_path / "input" / "relative-folder").symlink_to("../elsewhere/folder")
+    (tmp_path / "input" / "nowhere.jpg").symlink_to("missing.jpg")
+    with caplog.at_level("WARNING", logger="pipeline.listing"):
+        _, rows = _list(tmp_path / "input")
+    # A link that leads nowhere is listed, so its read failure is an error row.
+    assert [row["source_key"] for row in rows] == ["absolute.jpg", "nowhere.jpg", "relative.jpg"]
+    assert "skipped 1 symbolic links to folders under the input" in caplog.text
+    assert "not regular files" not in caplog.text
+
+    target = tmp_path / "elsewhere" / "t.jpg"
+    target.write_bytes(b"an edit of another size")
+    _, edited = _list(tmp_path / "input")
+    versions = {row["source_key"]: row["source_version"] for row in rows}
+    for row in edited:
+        changed = row["source_version"] != versions[row["source_key"]]
+        assert changed == (row["source_key"] != "nowhere.jpg"), row["source_key"]
+    assert f"size:{target.stat().st_size}," in edited[0]["source_version"]
+
+
+def test_a_linked_shard_is_listed(tmp_path):
+    _write(tmp_path, ("elsewhere/s0.tar",))
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "s0.tar").symlink_to("../elsewhere/s0.tar")
+    fmt, rows = _list(tmp_path / "input", format="webdataset")
+    assert fmt == "webdataset"
+    assert [row["shard_key"] for row in rows] == ["s0.tar"]
+
+
 def test_s3_listing_in_key_ranges_matches_the_walk(s3_endpoint, monkeypatch):
     """Pages of 7 keys: the walk's first pages, then ranges split off and listed at once."""
     import s3fs
