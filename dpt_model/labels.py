@@ -27,7 +27,7 @@ from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_uris
 from pipeline.predictions import iter_predictions
 from pipeline.schema import schema_for
-from pipeline.storage import read_bytes
+from pipeline.storage import filesystem_for, read_bytes
 
 _COLUMNS = [
     "image_id",
@@ -86,12 +86,11 @@ class PseudoLabelDataset(Dataset):
         # copied page by page as their reference counts change).
         self.rows = pa.Table.from_batches(chosen, schema=schema_for(_COLUMNS))
         if with_images:
-            in_shards = self.rows.filter(pc.is_valid(shard_uris(self.rows["source_uri"])))
-            if in_shards.num_rows:
+            named = self.rows["source_uri"].filter(pc.is_valid(shard_uris(self.rows["source_uri"])))
+            if member := _first_shard_member(named, self.storage_options):
                 # A webdataset sample or Parquet row is not an object of its own.
                 raise ValueError(
-                    f"{in_shards.num_rows} images come from shards "
-                    f"(e.g. {in_shards['source_uri'][0]}); "
+                    f"{len(named)} images come from shards (e.g. {member}); "
                     "read them from their shards, or pass with_images=False for maps only"
                 )
 
@@ -132,6 +131,25 @@ class PseudoLabelDataset(Dataset):
 
     def _read(self, uri: str) -> bytes:
         return read_bytes(uri, self.storage_options)
+
+
+def _first_shard_member(named: pa.ChunkedArray, storage_options: dict[str, Any]) -> str | None:
+    """The first of ``named`` (source URIs named like ``<shard>#<sample>``) that is
+    an image inside a shard, not a file of its own; None where all are files.
+
+    The name alone cannot tell: ``a.tar#1.jpg`` may be a plain file. Only such
+    names are looked up, and the first that is no file ends the search, so a
+    shard output costs one lookup.
+    """
+    for chunk in named.chunks:
+        for uri in chunk:
+            fs, path = filesystem_for(uri.as_py(), storage_options)
+            try:
+                if not fs.isfile(path):
+                    return uri.as_py()
+            except OSError:
+                return uri.as_py()
+    return None
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -78,7 +80,7 @@ def test_the_dataset_holds_ok_kept_rows_as_columns_and_indexes_like_a_sequence(t
             {**row("b", "ok", 0), "kept": False},  # weak
             {**row("c", "ok", 0), "kept": None},  # a run without pseudo-label mode
             {**row("d", "error", 0), "kept": False},
-            {**row("e", "ok", 0), "source_uri": "s3://b/set/a-000.tar#e"},
+            {**row("e", "ok", 0), "source_uri": f"{tmp_path}/set/a-000.tar#e"},
         ],
     )
     dataset = PseudoLabelDataset(str(tmp_path), with_images=False)
@@ -88,5 +90,10 @@ def test_the_dataset_holds_ok_kept_rows_as_columns_and_indexes_like_a_sequence(t
         dataset[3]
     everything = PseudoLabelDataset(str(tmp_path), kept_only=False, with_images=False)
     assert [item["image_id"] for item in everything] == ["a", "b", "c", "e"]
-    with pytest.raises(ValueError, match=r"1 images come from shards \(e.g. s3://b/set/a-000"):
+    member = re.escape(f"{tmp_path}/set/a-000.tar#e")
+    with pytest.raises(ValueError, match=rf"1 images come from shards \(e\.g\. {member}\)"):
         PseudoLabelDataset(str(tmp_path))
+    # Named like a shard member, but a file: an image-file input's output.
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set/a-000.tar#e").write_bytes(b"an image file")
+    assert len(PseudoLabelDataset(str(tmp_path))) == 3
