@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -180,9 +180,13 @@ class _SampleGrouper:
             return None
         if key in self.seen_keys:
             # Two samples under one id would be one image in the output; the
-            # first keeps it, this one is an error row of its own.
+            # first keeps it, this one is an error row of its own, under a name
+            # no earlier sample holds. A later sample whose key is that name is
+            # a repeat in its turn: an error row, not a silent replacement.
+            sample_id = unused_name(f"{key}@member-{self.first_member}", self.seen_keys)
+            self.seen_keys.add(sample_id)
             return ShardImage(
-                sample_id=f"{key}@member-{self.first_member}",
+                sample_id=sample_id,
                 name=members[0].name,
                 data=None,
                 problem=f"key {key!r} repeats an earlier sample's (a webdataset sample's "
@@ -288,15 +292,15 @@ def iter_parquet_images(
             )
     columns = [image_column] if id_column is None else [image_column, id_column]
     row = 0
-    seen: dict[str, int] = {}  # id → first row, per file: an id names one image
+    ids_checked = _IdChecker(parquet, id_column) if id_column is not None else None
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             values = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if id_column else range(row, row + len(values))
             for offset, (value, sample_id) in enumerate(zip(values, ids, strict=True)):
                 image = _parquet_image(str(sample_id), value, image_column, max_image_bytes)
-                if id_column is not None:
-                    image = _checked_id(image, sample_id, row + offset, id_column, seen)
+                if ids_checked is not None:
+                    image = ids_checked(image, sample_id, row + offset)
                 yield image
             row += len(values)
     except (pa.ArrowException, OSError) as error:
@@ -304,20 +308,42 @@ def iter_parquet_images(
         raise ShardError(message) from None
 
 
-def _checked_id(
-    image: ShardImage, sample_id: object, row: int, id_column: str, seen: dict[str, int]
-) -> ShardImage:
-    """A row whose id is null or repeats an earlier row's is an error row named by its
-    row number: under its id it would take the other row's place, or "None"'s."""
-    if sample_id is None:
-        problem = f"id column {id_column!r} is null"
-    elif (first := seen.setdefault(str(sample_id), row)) != row:
-        problem = f"id {str(sample_id)!r} (column {id_column!r}) repeats row {first}'s"
-    else:
-        return image
-    return ShardImage(
-        sample_id=f"row-{row}", name=f"row-{row}", data=None, problem=problem, has_image=False
-    )
+class _IdChecker:
+    """Ids of one Parquet file's rows, checked as they are read: an id names one image.
+
+    A row whose id is null or repeats an earlier row's is an error row named by
+    its row number (``row-<n>``): under its id it would take the other row's
+    place, or "None"'s. That name must be no row's id either, so the first such
+    row reads the file's id column (ids only, a few bytes a row) to pick one.
+    """
+
+    def __init__(self, parquet: pq.ParquetFile, id_column: str) -> None:
+        self.parquet, self.id_column = parquet, id_column
+        self.first_rows: dict[str, int] = {}  # id → its first row
+        self.taken: set[str] | None = None  # every id in the file, and the names given
+
+    def __call__(self, image: ShardImage, sample_id: object, row: int) -> ShardImage:
+        if sample_id is None:
+            problem = f"id column {self.id_column!r} is null"
+        elif (first := self.first_rows.setdefault(str(sample_id), row)) != row:
+            problem = f"id {str(sample_id)!r} (column {self.id_column!r}) repeats row {first}'s"
+        else:
+            return image
+        if self.taken is None:
+            ids = self.parquet.read(columns=[self.id_column]).column(0).drop_null()
+            self.taken = {str(sample_id) for sample_id in ids.to_pylist()}
+        name = unused_name(f"row-{row}", self.taken)
+        self.taken.add(name)
+        return ShardImage(sample_id=name, name=name, data=None, problem=problem, has_image=False)
+
+
+def unused_name(name: str, taken: Collection[str]) -> str:
+    """``name``, or the first of ``name~1``, ``name~2``, … that ``taken`` lacks."""
+    candidate, number = name, 0
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}~{number}"
+    return candidate
 
 
 def _parquet_image(

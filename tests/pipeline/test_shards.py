@@ -197,6 +197,27 @@ def test_parquet_rows_with_a_null_or_repeated_id_are_error_rows_by_row_number():
     assert images[2].problem == "id 'x' (column 'id') repeats row 0's"
 
 
+def test_a_row_number_name_never_takes_a_real_ids_place():
+    ids = ["row-1~1", None, "row-1", "row-2", "row-2", "7", "7"]
+    table = pa.table({"image": [bytes([n]) for n in range(7)], "id": ids})
+    images = list(iter_parquet_images(_parquet(table), "image", "id", batch_rows=2))
+    assert [(i.sample_id, i.data is not None) for i in images] == [
+        ("row-1~1", True),
+        ("row-1~2", False),  # row-1 and row-1~1 are ids of the file, one of them still to come
+        ("row-1", True),
+        ("row-2", True),
+        ("row-4", False),
+        ("7", True),
+        ("row-6", False),
+    ]
+    assert len({image.sample_id for image in images}) == len(images)
+    numbered = pa.table({"image": [b"a", b"b"], "id": pa.array([None, 5], pa.int64())})
+    assert [i.sample_id for i in iter_parquet_images(_parquet(numbered), "image", "id")] == [
+        "row-0",
+        "5",
+    ]
+
+
 def test_parquet_without_the_configured_column_names_the_key():
     table = pa.table({"pixels": [b"x"]})
     with pytest.raises(ShardError, match=r"no column 'image' \(input.image_column\).*pixels"):
@@ -285,3 +306,21 @@ def test_a_key_that_comes_back_later_in_the_tar_is_its_own_error_sample():
         ("c", b"c", True),
     ]
     assert "repeats an earlier sample's" in samples[2].problem
+
+
+def test_a_repeated_keys_name_is_no_other_samples_key():
+    members = [
+        ("a@member-3.jpg", b"1"),  # a real key the repeat's name would take
+        ("a.jpg", b"2"),
+        ("b.jpg", b"3"),
+        ("a.jpg", b"4"),  # repeats "a"
+        ("a@member-3~1.jpg", b"5"),  # a key equal to the name that repeat was given
+    ]
+    samples = list(iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS))
+    assert [(s.sample_id, s.data) for s in samples] == [
+        ("a@member-3", b"1"),
+        ("a", b"2"),
+        ("b", b"3"),
+        ("a@member-3~1", None),
+        ("a@member-3~1@member-4", None),
+    ]
