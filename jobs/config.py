@@ -7,9 +7,11 @@ starts; every problem is reported once, naming the key and the fix.
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import difflib
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -32,7 +34,16 @@ DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", 
 
 
 class ConfigError(ValueError):
-    """A config problem, phrased for the person who wrote the config."""
+    """A config problem, phrased for the person who wrote the config.
+
+    A value echoed back loses its URL credentials (``user:password@``, a query):
+    the message goes to the job's log.
+    """
+
+    def __init__(self, message: str) -> None:
+        from pipeline.schema import strip_url_secrets  # imported here: pipeline imports us
+
+        super().__init__(strip_url_secrets(message))
 
 
 class _Section(BaseModel):
@@ -63,6 +74,8 @@ class InputConfig(_Section):
     @field_validator("extensions")
     @classmethod
     def _lower_case_without_dots(cls, extensions: tuple[str, ...]) -> tuple[str, ...]:
+        if not extensions:
+            raise ValueError("give at least one extension: with none, nothing is annotated")
         return tuple(extension.lower().lstrip(".") for extension in extensions)
 
     limit: int | None = Field(
@@ -304,6 +317,19 @@ class JobConfig(_Section):
         "force: annotate everything again.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_take_defaults(cls, data: Any) -> Any:
+        # A section whose keys are all commented out is null in YAML: it means
+        # "the defaults", as an empty section does.
+        if isinstance(data, dict):
+            return {
+                key: value
+                for key, value in data.items()
+                if value is not None or _section(JobConfig, str(key)) is None
+            }
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         if self.models.depth is None and self.models.segmentation is None:
@@ -411,7 +437,9 @@ def _takes_text(parts: list[str]) -> bool:
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     node = data
     for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or a section left empty in the YAML
+            child = node[part] = {}
         if not isinstance(child, dict):
             dotted = ".".join(parts[: depth + 1])
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is not a section")
@@ -424,12 +452,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+            loaded = yaml.load(_config_text(path), Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            message = f"config file {path} is not valid YAML: {_yaml_problem(error)}"
+            raise ConfigError(message) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded or {}
@@ -438,13 +465,53 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(data)
 
 
+def _config_text(path: Path) -> str:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # What PowerShell's ">" writes.
+        raise ConfigError(f"config file {path} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}, line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the line: it may hold a
+    secret (an endpoint URL with a password), and the line number finds it."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return str(error)
+    mark = error.problem_mark or error.context_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    problem = error.problem or error.context or "cannot be read"
+    context = f"{error.context}: " if error.context and error.problem else ""
+    return f"{context}{problem}{where}"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults": keys given here override the merged ones
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a list or mapping", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark

@@ -152,3 +152,62 @@ def test_set_keeps_numbers_and_dates_as_text_where_the_key_takes_text():
     assert load_config(None, [*MINIMAL, "run_id=yes"]).run_id == "yes"  # YAML 1.1's true
     assert config.inference.batch_size == 8  # a number where the key takes one
     assert load_config(None, [*MINIMAL, "models.segmentation=null"]).models.segmentation is None
+
+
+def test_a_yaml_error_names_its_line_and_quotes_none(tmp_path):
+    path = write(tmp_path, "storage:\n  endpoint_url: http://admin:hunter2@minio:9000 region: x\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*\(line 2, column \d+\)") as raised:
+        load_config(path, MINIMAL)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_a_value_echoed_back_loses_its_credentials():
+    with pytest.raises(ConfigError, match=r"storage\.endpoint_url") as raised:
+        load_config(None, [*MINIMAL, "storage.endpoint_url=[http://admin:hunter2@minio:9000]"])
+    assert "hunter2" not in str(raised.value) and "http://minio:9000" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ("inference:\n  batch_size: 4\n".encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
+        (b"# caf\xe9\ninference:\n  batch_size: 4\n", r"is not UTF-8 text \(byte 5, line 1\)"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path, data, message):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, MINIMAL)
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_config(tmp_path, MINIMAL)
+
+
+def test_yaml_merge_keys_merge_and_a_list_as_key_is_named(tmp_path):
+    path = write(
+        tmp_path,
+        "defaults: &shared {batch_size: 4, dtype: float32}\n"
+        "inference:\n  <<: *shared\n  batch_size: 2\n",
+    )
+    with pytest.raises(ConfigError, match="unknown key 'defaults'"):
+        load_config(path, MINIMAL)  # the anchor's holder is a key like any other
+    path = write(tmp_path, "inference:\n  <<: {batch_size: 4, dtype: float32}\n  batch_size: 2\n")
+    config = load_config(path, MINIMAL)
+    assert (config.inference.batch_size, config.inference.dtype) == (2, "float32")
+    path = write(tmp_path, "inference:\n  ? [a, b]\n  : c\n")
+    with pytest.raises(ConfigError, match="a key must be a name, not a list or mapping"):
+        load_config(path, MINIMAL)
+
+
+def test_a_section_left_empty_takes_its_defaults_and_overrides(tmp_path):
+    path = write(tmp_path, "inference:\n  # batch_size: 8\nreport:\n")
+    config = load_config(path, MINIMAL)
+    assert config.inference == load_config(None, MINIMAL).inference
+    assert load_config(path, [*MINIMAL, "inference.batch_size=3"]).inference.batch_size == 3
+    with pytest.raises(ConfigError, match=r"missing key 'input\.uri'"):
+        load_config(write(tmp_path, "input:\n"), ["output.uri=o", "models.depth=m"])
+
+
+def test_no_extensions_at_all_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"key 'input\.extensions': .*at least one extension"):
+        load_config(None, [*MINIMAL, "input.extensions=[]"])
