@@ -71,6 +71,14 @@ def resolve_checkpoint_dir(
     """
     local = Path(model_uri).expanduser()
     if not is_fsspec_uri(model_uri) and local.is_dir():
+        # Checked here, on the driver, so that a folder of other weight formats
+        # fails the run before any actor starts.
+        if not any(local.glob("*.safetensors")):
+            found = ", ".join(sorted(path.name for path in local.iterdir())[:8]) or "nothing"
+            raise ModelLoadError(
+                f"model {model_uri} holds no .safetensors weights (found: {found};"
+                " other weight formats are refused)"
+            )
         return local
     cache_dir = Path(cache_dir).expanduser()
     suffixes = CHECKPOINT_FILE_SUFFIXES if with_weights else (".json",)
@@ -128,7 +136,13 @@ def _fetch_fsspec_checkpoint(
     expected_sizes = {name: entry.get("size") for name, entry in remote_files.items()}
     if _cache_is_complete(target, expected_sizes):
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelLoadError(
+            f"models.cache_dir {cache_dir} cannot be made ({error.strerror}): set "
+            "models.cache_dir to a writable folder to fetch model " + uri
+        ) from None
     # Several actors on one node may start at once: one downloads, the others wait.
     with FileLock(str(target) + ".lock"):
         if _cache_is_complete(target, expected_sizes):

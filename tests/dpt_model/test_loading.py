@@ -199,6 +199,18 @@ def test_a_card_without_weights_fetches_only_json_but_checks_weights_exist(check
         path.unlink()
     with pytest.raises(ModelLoadError, match=r"no \.safetensors weights"):
         ModelCard.fetch("depth", f"file://{unweighted}", tmp_path / "cache", with_weights=False)
+    # A local folder too: the driver's card, not the first actor, finds it out.
+    (unweighted / "pytorch_model.bin").write_bytes(b"pickled")
+    with pytest.raises(
+        ModelLoadError, match=r"holds no \.safetensors weights \(found: config\.json, p.*bin"
+    ):
+        ModelCard.fetch("depth", str(unweighted), tmp_path / "cache", with_weights=False)
+
+
+def test_a_cache_folder_that_cannot_be_made_names_the_key(checkpoints, tmp_path):
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"models\.cache_dir .*a-file/cache cannot be made"):
+        resolve_checkpoint_dir(f"file://{checkpoints['depth-vit']}", tmp_path / "a-file/cache")
 
 
 @pytest.mark.parametrize("checkpoint", ["depth-vit", "segmentation-vit", "depth-dinov2"])
