@@ -18,7 +18,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, labels: bool = True) -
             help="segmentation checkpoint whose id2label names the classes "
             "(default: the one the latest run used)",
         )
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
+    parser.add_argument(ENDPOINT_FLAG, help="S3-compatible endpoint (MinIO, Ceph, R2)")
 
 
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -26,6 +26,7 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
 
 
+ENDPOINT_FLAG = "--endpoint-url"
 EXIT_UNREACHABLE = 1
 EXIT_BAD_ARGUMENTS = 2
 
@@ -37,14 +38,14 @@ def output_problem(output_uri: str, options: dict[str, Any]) -> tuple[int, str] 
     not retries and a traceback.
     """
     try:
-        check_reachable("output", output_uri, options)
+        check_reachable("output", output_uri, options, ENDPOINT_FLAG)
         fs, root = filesystem_for(output_uri, options)
         if fs.exists(join(root, PREDICTIONS_FOLDER)):
             return None
     except StorageUnreachableError as error:
         return EXIT_UNREACHABLE, str(error)
     except OSError as error:
-        return EXIT_UNREACHABLE, storage_problem("output", output_uri, error)
+        return EXIT_UNREACHABLE, storage_problem("output", output_uri, error, ENDPOINT_FLAG)
     return EXIT_BAD_ARGUMENTS, f"no predictions under {strip_url_secrets(output_uri)}"
 
 

@@ -7,19 +7,45 @@ through the same code path as real checkpoints.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from dpt_model.seeded import build_seeded_checkpoint
-from jobs.config import load_config
-from jobs.run import format_summary
+from jobs.config import ConfigError, load_config
+from jobs.run import EXIT_CONFIG_ERROR, format_summary
 from jobs.sample_images import write_demo_images
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def main() -> int:
-    config = load_config(DEMO_CONFIG, sys.argv[1:])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.demo",
+        description="Annotate generated sample images with seeded tiny checkpoints, "
+        "as jobs/configs/demo.yaml says; models and images are made where missing.",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key of the demo config, e.g. --set output.uri=/tmp/demo (repeatable)",
+    )
+    parser.add_argument(
+        "bare_overrides", nargs="*", metavar="KEY=VALUE", help="the same, without --set"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(DEMO_CONFIG, [*args.bare_overrides, *args.overrides])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     images = Path(config.input.uri)
     if not images.exists():
         write_demo_images(images)

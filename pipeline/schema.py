@@ -88,14 +88,19 @@ _STORAGE_HINTS = (
     ("NoSuchBucket", "check the bucket name"),
     ("AccessDenied", "the credentials in use may not read or write there"),
     ("Forbidden", "the credentials in use may not read or write there"),
-    ("Could not connect", "check storage.endpoint_url and the network"),
-    ("Connect timeout", "check storage.endpoint_url and the network"),
+    ("Could not connect", "check {endpoint} and the network"),
+    ("Connect timeout", "check {endpoint} and the network"),
 )
+# Where a job's user sets the S3 endpoint; the commands that read an output take a flag.
+ENDPOINT_SETTING = "storage.endpoint_url"
 
 
-def storage_problem(key: str, uri: str, error: BaseException) -> str:
+def storage_problem(
+    key: str, uri: str, error: BaseException, endpoint_setting: str = ENDPOINT_SETTING
+) -> str:
     """One message for a storage failure before the job starts: what, where, likely fix."""
     reason = error_reason(key, error).removeprefix(f"{key}: ")  # the key leads already
     hint = next((fix for marker, fix in _STORAGE_HINTS if marker in reason), None)
+    hint = hint and hint.format(endpoint=endpoint_setting)
     where = strip_url_secrets(uri)
     return f"cannot reach {key} {where}: {reason}" + (f" ({hint})" if hint else "")

@@ -20,6 +20,7 @@ import pyarrow.fs
 
 from dpt_model.loading import storage_options_for
 from pipeline.retry import retry_transient
+from pipeline.schema import ENDPOINT_SETTING, storage_problem
 
 # Ten times the pause that was always enough (see _wait_for_arrow_at_exit).
 _EXIT_GRACE_S = 0.5
@@ -92,13 +93,16 @@ class StorageUnreachableError(OSError):
     """An object store that cannot be reached or authenticated against."""
 
 
-def check_reachable(key: str, uri: str, storage_options: dict[str, Any]) -> None:
+def check_reachable(
+    key: str, uri: str, storage_options: dict[str, Any], endpoint_setting: str = ENDPOINT_SETTING
+) -> None:
     """One request with a small retry budget, before anything else runs.
 
     The job's S3 settings retry hard (right for a million reads on a busy
     bucket), which makes a wrong endpoint or a dead network fail only after
-    minutes. This probe fails in seconds instead, naming ``key`` and the fix.
-    A missing path is fine here (an output prefix need not exist yet).
+    minutes. This probe fails in seconds instead, naming ``key`` and the fix
+    (``endpoint_setting``: where the caller's user sets the endpoint). A
+    missing path is fine here (an output prefix need not exist yet).
     """
     if fsspec.core.split_protocol(uri)[0] not in ("s3", "s3a"):
         return  # local paths and other stores fail quickly on their own
@@ -111,9 +115,8 @@ def check_reachable(key: str, uri: str, storage_options: dict[str, Any]) -> None
     except FileNotFoundError:
         pass
     except Exception as error:
-        from pipeline.schema import storage_problem
-
-        raise StorageUnreachableError(storage_problem(key, uri, error)) from None
+        problem = storage_problem(key, uri, error, endpoint_setting)
+        raise StorageUnreachableError(problem) from None
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:

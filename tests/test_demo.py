@@ -43,3 +43,15 @@ def test_the_demo_makes_pseudo_labels_an_export_and_a_report(tmp_path):
     thumbnails = list((output / "report/thumbs").iterdir())
     assert len(thumbnails) == 3 * len(ok)  # fewer images than report.samples: all shown
     assert all(path.stat().st_size > 500 for path in thumbnails)
+
+
+def test_the_demo_takes_set_and_help_and_names_a_bad_key(capsys):
+    from jobs import demo
+
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--help"])
+    assert exited.value.code == 0 and "--set KEY=VALUE" in capsys.readouterr().out
+    assert demo.main(["--set", "inference.batch_size=0"]) == 2
+    assert "key 'inference.batch_size'" in capsys.readouterr().err
+    assert demo.main(["bogus"]) == 2
+    assert "expected dotted.key=value" in capsys.readouterr().err
