@@ -88,7 +88,14 @@ def _bomb(error: Exception, max_image_pixels: int) -> Exception:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and max_image_pixels > limit:
         return _OverPillowsLimit()
-    return DecodeError(f"decompression bomb: {error}")
+    return DecodeError(f"decompression bomb: {error} (decode.max_image_pixels={max_image_pixels})")
+
+
+def _corrupt(error: Exception) -> DecodeError:
+    if "Decompressed data too large" in str(error):
+        # A PNG text chunk that inflates past Pillow's bound: a bomb of another kind.
+        return DecodeError(f"decompression bomb: {error}")
+    return DecodeError(f"truncated or corrupt image data: {error}")
 
 
 def _decode(
@@ -107,6 +114,9 @@ def _decode(
             raise DecodeError("not an image: unrecognised format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb(error, max_image_pixels) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            # A header that breaks off or lies: what a damaged file is, grouped as such.
+            raise _corrupt(error) from None
         width, height = image.size
         if width * height > max_image_pixels:
             raise DecodeError(
@@ -134,7 +144,7 @@ def _decode(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb(error, max_image_pixels) from None  # a later frame's size
         except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise DecodeError(f"truncated or corrupt image data: {error}") from None
+            raise _corrupt(error) from None
         return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), original_hw)
 
 

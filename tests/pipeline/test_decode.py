@@ -255,3 +255,23 @@ def test_reduce_to_px_decodes_a_large_jpeg_at_the_smallest_scale_that_keeps_the_
     # 1/4 scale keeps both sides at least 100 px (200×150); 1/8 would not (100×75).
     assert decode_image(data, 2**31, 1 << 16, reduce_to_px=100).rgb.shape == (150, 200, 3)
     assert decode_image(data, 2**31, 1 << 16).rgb.shape == (600, 800, 3)
+
+
+def test_a_file_that_breaks_in_its_header_is_corrupt_data_and_a_text_bomb_a_bomb():
+    import struct
+    import zlib
+
+    jpeg = encoded(synthetic_photo(120, 90, seed=3), "JPEG")
+    with pytest.raises(DecodeError, match=r"^truncated or corrupt image data: Truncated File"):
+        decode_image(jpeg[:100], **LIMITS)  # cut before its frame header
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    png = encoded(Image.new("RGB", (4, 4)), "PNG")
+    text_bomb = chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * (64 << 20)))  # 64 MiB of text
+    with pytest.raises(DecodeError, match=r"^decompression bomb: Decompressed data too large"):
+        decode_image(png[:33] + text_bomb + png[33:], **LIMITS)
+    with pytest.raises(DecodeError, match=r"\(decode\.max_image_pixels=89478485\)$"):
+        decode_image(png_declaring_size(30_000, 30_000), **LIMITS)  # Pillow's own refusal
