@@ -417,6 +417,14 @@ def _manifest_rows(
             if "://" not in entry:  # a path: ./a.jpg, a//a.jpg and a.jpg are one file
                 entry = posixpath.normpath(entry)
             is_relative = "://" not in entry and not entry.startswith("/")
+            if (
+                is_relative
+                and entry.split("/", 1)[0] == ".."
+                and (climbed := _climbed(folder_uri, entry))
+            ):
+                # Out of the manifest's folder: the file its full path names, with
+                # the id and key of that spelling.
+                entry, is_relative = climbed, False
             fetch_uri = f"{folder_uri}/{entry}" if is_relative else entry
             source_uri = source_uri_of(fetch_uri)
             # Entries from several buckets keep the bucket (or host) in the key,
@@ -446,6 +454,16 @@ def _manifest_rows(
             "annotated once",
             repeated,
         )
+
+
+def _climbed(folder_uri: str, entry: str) -> str | None:
+    """``../x.jpg`` from ``folder_uri``, resolved lexically; None where it would
+    climb above the filesystem's root or the bucket."""
+    protocol, folder = split_protocol(folder_uri)
+    joined = posixpath.normpath(f"{folder}/{entry}")
+    if joined.startswith(".."):
+        return None
+    return f"{protocol}://{joined}" if protocol else joined
 
 
 def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str) -> Iterator[str]:

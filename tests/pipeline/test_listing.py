@@ -133,6 +133,25 @@ def test_an_image_a_manifest_names_twice_or_spelt_two_ways_is_listed_once(tmp_pa
     assert "5 manifest entries name an image an earlier entry named" in caplog.text
 
 
+def test_an_entry_out_of_the_manifests_folder_is_the_file_its_full_path_names(tmp_path):
+    _write(tmp_path, ("imgs/a.jpg",))
+    (tmp_path / "lists").mkdir()
+    absolute = str(tmp_path / "imgs/a.jpg")
+    (tmp_path / "lists/list.txt").write_text(f"../imgs/a.jpg\n{absolute}\n")
+    _, rows = _list(tmp_path / "lists/list.txt")
+    assert [(row["fetch_uri"], row["source_key"]) for row in rows] == [
+        (absolute, absolute.lstrip("/"))
+    ]
+
+
+def test_a_manifest_entry_climbing_out_of_its_bucket_is_left_as_written():
+    from pipeline.listing import _climbed
+
+    assert _climbed("s3://bucket/lists", "../imgs/a.jpg") == "s3://bucket/imgs/a.jpg"
+    assert _climbed("s3://bucket/lists", "../../../a.jpg") is None
+    assert _climbed("/data/lists", "../../../a.jpg") == "/a.jpg"
+
+
 def test_a_utf8_manifest_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
     _write(tmp_path, ("a.jpg", "b.jpg"))
     (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.jpg\nb.jpg\n")
