@@ -28,6 +28,8 @@ SHARD_MEMBER_PATTERN = (
     + "))#(.*)$"
 )
 _SHARD_MEMBER = re.compile(SHARD_MEMBER_PATTERN)
+# The longest file name ext4, XFS, APFS and NTFS hold, in bytes (UTF-8 on disk).
+MAX_NAME_BYTES = 255
 # Under the output: one empty object per shard version read to its end.
 SHARDS_FOLDER = "_shards"
 _ENCODED_CHARACTERS = frozenset("%\\?#*[]") | {chr(code) for code in range(32)} | {"\x7f"}
@@ -92,9 +94,28 @@ def output_key_for(source_key: str) -> str:
 def map_file_key(kind: str, source_key: str, tag: str, suffix: str = ".png") -> str:
     """Key under the output prefix of one map file, e.g. ``depth/a/x.jpg.3f9c2a1b.png``.
 
-    ``tag`` is the row's :func:`annotation_tag`.
+    ``tag`` is the row's :func:`annotation_tag`. A segment over a file name's
+    255 bytes (a long source name plus the tag, or one that percent-encoding
+    grew) is cut short and named by its hash, so the map can be written to a
+    local disk as well as to S3.
     """
-    return f"{kind}/{output_key_for(source_key)}.{tag}{suffix}"
+    folders, _, name = output_key_for(source_key).rpartition("/")
+    fitted = [_fit_name(folder) for folder in folders.split("/")] if folders else []
+    return "/".join([kind, *fitted, _fit_name(name, f".{tag}{suffix}")])
+
+
+def _fit_name(name: str, ending: str = "") -> str:
+    """``name + ending``, or where that is over :data:`MAX_NAME_BYTES`, the start of
+    ``name``, ``~``, 8 hex digits of its hash, and ``ending``: distinct names stay
+    distinct, and the ending (the tag and suffix) is kept whole."""
+    whole = name + ending
+    if len(whole.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES:
+        return whole
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    tail = f"~{digest}{ending}"
+    budget = MAX_NAME_BYTES - len(tail.encode())
+    start = name.encode("utf-8", "surrogatepass")[:budget]
+    return start.decode("utf-8", "ignore") + tail  # "ignore": a character cut in two is left out
 
 
 def annotation_tag(image_id: str, source_version: str | None, config_hash: str) -> str:

@@ -102,3 +102,28 @@ def test_shard_uris_is_split_shard_member_for_a_column():
     expected = [(split_shard_member(uri) or (None,))[0] for uri in uris]
     assert shard_uris(pa.array(uris)).to_pylist() == expected
     assert expected[:2] == ["s3://b/set#1/a-000.tar", "s3://b/d/train.PARQUET"]
+
+
+def test_a_name_over_255_bytes_is_cut_keeping_its_tag_and_its_distinctness():
+    long_name = "é" * 120 + ".jpg"  # 244 bytes: with its tag and suffix, over 255
+    key = map_file_key("depth", f"photos/{long_name}", TAG)
+    folder, name = key.rsplit("/", 1)
+    assert folder == "depth/photos"
+    assert len(name.encode()) <= 255 and name.endswith(f".{TAG}.png")
+    assert name.startswith("é" * 100) and "\ufffd" not in name  # no character cut in two
+    other = map_file_key("depth", f"photos/{'é' * 120}.png", TAG)
+    assert other != key
+    # A folder that percent-encoding grew past the limit: cut and hashed, kept distinct.
+    folders = {map_file_key("depth", f"{'#' * 90}{end}/x.jpg", TAG) for end in "ab"}
+    assert len(folders) == 2
+    assert all(len(part.encode()) <= 255 for key in folders for part in key.split("/"))
+    # Names that fit are as before.
+    assert map_file_key("depth", "a/x.jpg", TAG) == f"depth/a/x.jpg.{TAG}.png"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.text(alphabet="ab%#é", min_size=80, max_size=300), min_size=2, max_size=2))
+def test_map_keys_of_long_names_are_injective_and_fit(names):
+    keys = [map_file_key("segmentation", f"d/{name}", TAG) for name in names]
+    assert all(len(part.encode()) <= 255 for key in keys for part in key.split("/"))
+    assert (keys[0] == keys[1]) == (names[0] == names[1])
