@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dpt_model.labels import coco_annotations
+from dpt_model.loading import ModelLoadError
 from jobs.arguments import (
     EXIT_BAD_ARGUMENTS,
     add_output_arguments,
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             args.labels_from,
             storage_options(args),
         )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, ModelLoadError) as error:  # no labels, or --labels-from unusable
+        print(f"error: {strip_url_secrets(str(error))}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     print(f"wrote {len(written)} COCO part(s)" + (f", first {written[0]}" if written else ""))
     return 0

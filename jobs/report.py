@@ -4,8 +4,8 @@ Every run writes the report; this rebuilds it from what an output already holds
 (after a run whose report failed, or with another sample size) without running
 the models. Class names come from the segmentation checkpoint the latest run
 used, or ``--labels-from``. Exit codes: 0 written; 1 the output cannot be
-reached, or the report could not be built; 2 bad arguments or no predictions
-at that URI.
+reached, or the report could not be built; 2 bad arguments (a ``--labels-from``
+that is no usable segmentation checkpoint) or no predictions at that URI.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import sys
 
 from pydantic import ValidationError
 
-from jobs.arguments import add_output_arguments, output_problem, storage_options
+from dpt_model.loading import ModelLoadError
+from jobs.arguments import EXIT_BAD_ARGUMENTS, add_output_arguments, output_problem, storage_options
 from jobs.config import ReportConfig
-from pipeline.predictions import run_records
+from pipeline.predictions import run_records, segmentation_class_names
 from pipeline.report import ShardInput, class_names_or_ids, write_quality_report
+from pipeline.schema import strip_url_secrets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         exit_code, message = problem
         print(f"error: {message}", file=sys.stderr)
         return exit_code
-    class_names = class_names_or_ids(args.output_uri, options, args.labels_from)
+    if args.labels_from:
+        # Asked for by name: a checkpoint that cannot name the classes is an error
+        # here, where the latest run's merely leaves them as ids.
+        try:
+            class_names = segmentation_class_names(args.output_uri, options, args.labels_from)
+        except (ModelLoadError, OSError, ValueError) as error:
+            print(f"error: --labels-from: {strip_url_secrets(str(error))}", file=sys.stderr)
+            return EXIT_BAD_ARGUMENTS
+    else:
+        class_names = class_names_or_ids(args.output_uri, options)
     latest_run = run_records(args.output_uri, options, newest=1)
     uri = write_quality_report(
         args.output_uri,

@@ -52,3 +52,26 @@ def test_export_and_report_of_an_unreachable_store_fail_in_one_line(tmp_path):
         assert result.returncode == 1
         [line] = result.stderr.strip().splitlines()
         assert line.startswith("error: cannot reach output s3://bucket/out")
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_a_labels_from_that_names_no_classes_is_one_line_and_exit_2(
+    tmp_path, checkpoints, capsys, command
+):
+    from jobs import export, report
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    write_output(fs, root, images=1)
+    main = export.main if command == "export" else report.main
+    prefix = ["coco"] if command == "export" else []
+    for labels_from, says in (
+        (str(tmp_path / "nowhere"), "does not exist"),
+        (
+            str(checkpoints["depth-vit"]),
+            "is a DPTForDepthEstimation checkpoint, not a segmentation",
+        ),
+    ):
+        assert main([*prefix, root, "--labels-from", labels_from]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and says in error and error.count("\n") == 1
+    assert not (tmp_path / "export").exists() and not (tmp_path / "report").exists()
