@@ -7,6 +7,7 @@ starts; every problem is reported once, naming the key and the fix.
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import datetime
 import difflib
@@ -397,6 +398,18 @@ def _redact(value: Any) -> Any:
 
         return strip_url_secrets(value)
     return value
+
+
+def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, for :func:`load_config`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one config key, e.g. --set {example} (repeatable)",
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dpt_model.seeded import build_seeded_checkpoint
-from jobs.config import ConfigError, load_config
+from jobs.config import ConfigError, add_override_argument, load_config
 from jobs.run import EXIT_CONFIG_ERROR, format_summary
 from jobs.sample_images import write_demo_images
 
@@ -25,14 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Annotate generated sample images with seeded tiny checkpoints, "
         "as jobs/configs/demo.yaml says; models and images are made where missing.",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key of the demo config, e.g. --set output.uri=/tmp/demo (repeatable)",
-    )
+    add_override_argument(parser, "output.uri=/tmp/demo")
     parser.add_argument(
         "bare_overrides", nargs="*", metavar="KEY=VALUE", help="the same, without --set"
     )

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from jobs.config import ConfigError, load_config
+from jobs.config import ConfigError, add_override_argument, load_config
 
 if TYPE_CHECKING:
     from pipeline.run import RunSummary
@@ -45,14 +45,7 @@ def stop_on_sigterm() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML job config (only what differs from defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set inference.batch_size=16 (repeatable)",
-    )
+    add_override_argument(parser, "inference.batch_size=16")
     parser.add_argument(
         "--force",
         action="store_true",
