@@ -392,13 +392,16 @@ def test_an_object_without_an_etag_has_the_same_version_listed_either_way():
     assert "size:123," in listing.object_version(listed)
 
 
+# SIGINT gets Python's handler first: a child of a shell that ran the suite in
+# the background inherits SIGINT ignored, and interrupt_main then does nothing.
 _INTERRUPTED_LISTING = """
-import _thread, threading
+import _thread, signal, threading
 import s3fs
 from pipeline import listing
 from pipeline.bench.fault_proxy import FaultInjectingProxy
 from pipeline.bench.listing_server import endpoint_of, listing_server
 
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with listing_server("bucket", "p/", 20000) as server:
     with FaultInjectingProxy(endpoint_of(server), delay_s=1.0) as proxy:
         fs = s3fs.S3FileSystem(anon=True, client_kwargs={"endpoint_url": proxy.endpoint})
@@ -424,4 +427,7 @@ def test_ctrl_c_while_a_page_is_awaited_is_a_keyboard_interrupt():
         timeout=120,
         check=False,
     )
-    assert done.stdout.strip().splitlines()[-1:] == ["KeyboardInterrupt"], done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1:] == ["KeyboardInterrupt"], (
+        done.returncode,
+        done.stderr[-2000:],
+    )
