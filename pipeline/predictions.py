@@ -18,6 +18,7 @@ import json
 import logging
 import signal
 import threading
+import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -185,7 +186,9 @@ def compact_predictions(
     parts = _committed_parts(fs, root)
     if len(parts) < 2:
         return Compaction(len(parts), len(parts), None)  # nothing to gain
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    # Unique per compaction: a second one within the same second must not
+    # write over (and then delete) a part it is reading.
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     written: list[str] = []
     pending: list[pa.RecordBatch] = []
     pending_rows = rows_after = 0
@@ -208,7 +211,7 @@ def compact_predictions(
             write_part()
     if pending_rows:
         write_part()
-    remove_files(fs, parts)
+    remove_files(fs, sorted(set(parts) - set(written)))
     return Compaction(len(parts), len(written), rows_after)
 
 

@@ -409,6 +409,27 @@ def test_compaction_keeps_ok_rows_that_a_later_config_failed_on(tmp_path):
     assert set(read_predictions(str(tmp_path))["status"].to_pylist()) == {"error"}  # the view
 
 
+def test_two_compactions_within_one_second_keep_every_row(tmp_path, monkeypatch):
+    import pipeline.predictions
+    from pipeline.predictions import compact_predictions
+
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 1, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(pipeline.predictions, "datetime", FrozenClock)
+    for part in range(3):
+        rows = [row(f"i{part}{n}", "ok", part) for n in range(10)]
+        write_part(tmp_path, f"r{part}_a.parquet", rows)
+    compact_predictions(str(tmp_path), rows_per_part=10)
+    first = sorted(path.name for path in (tmp_path / "predictions").iterdir())
+    compact_predictions(str(tmp_path), rows_per_part=10)
+    second = sorted(path.name for path in (tmp_path / "predictions").iterdir())
+    assert len(first) == len(second) == 3 and not set(first) & set(second)
+    assert read_predictions(str(tmp_path)).num_rows == 30
+
+
 def test_compaction_leaves_a_single_part_alone(tmp_path):
     from pipeline.predictions import compact_predictions
 
