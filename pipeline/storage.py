@@ -36,7 +36,7 @@ def filesystem_for(
     options = storage_options_for(uri, storage_options)
     if protocol in ("file", "local"):
         options["auto_mkdir"] = True
-        fs, path = fsspec.core.url_to_fs(uri, **options)
+        fs, path = _unchained_filesystem(protocol, uri, options)
         # One spelling per folder ("a//b", "a/./b", "x/../a/b" are "a/b"): image
         # ids come from these paths, and a resumed run must find its images done.
         return fs, os.path.normpath(path)
@@ -46,7 +46,17 @@ def filesystem_for(
         # (Checkpoints, large, are fetched by dpt_model.loading with the default.)
         options.setdefault("max_concurrency", 1)
         _parse_s3_timestamps_fast()
-    return fsspec.core.url_to_fs(uri, **options)
+    return _unchained_filesystem(protocol, uri, options)
+
+
+def _unchained_filesystem(
+    protocol: str, uri: str, options: dict[str, Any]
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs`` without its URL chains: there ``a::b`` is two URLs,
+    and ``::`` is an ordinary part of an S3 key or a file name."""
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **options})
+    return fs, cls._strip_protocol(uri)
 
 
 def _parse_s3_timestamps_fast() -> None:

@@ -70,6 +70,29 @@ def test_over_the_byte_limit_s3_fetches_only_up_to_it(s3_endpoint):
     assert "over decode.max_image_bytes" in batch["error"][2]
 
 
+def test_names_with_double_colons_are_names_not_url_chains(tmp_path, s3_endpoint):
+    # fsspec reads "a::b" as two chained URLs; here it is one S3 key or file name.
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("colons")
+    fs.pipe_file("colons/in/a::b.jpg", b"colons")
+    fs.pipe_file("colons/in/b.jpg", b"plain")
+    (tmp_path / "run::1").mkdir()
+    (tmp_path / "run::1" / "c.jpg").write_bytes(b"local")
+    uris = ["s3://colons/in/a::b.jpg", "s3://colons/in/b.jpg"]
+    batch = read_batch(_rows(source_uri=uris), options)
+    assert batch["status"].tolist() == ["ok", "ok"]
+    assert batch["image_bytes"].tolist() == [b"colons", b"plain"]
+    batch = read_batch(_rows(source_uri=[str(tmp_path / "run::1" / "c.jpg")]), {})
+    assert batch["image_bytes"].tolist() == [b"local"]
+    shard = tmp_path / "x::y.tar"
+    shard.write_bytes(tar_bytes(SAMPLES))
+    [rows] = _read_shards([str(shard)], ["x::y.tar"], "webdataset")
+    assert rows["status"] == ["ok", "ok", "error", "ok"]  # the third sample has no image
+
+
 @pytest.mark.parametrize("honours_ranges", [True, False])
 def test_http_images_over_the_byte_limit_are_error_rows(honours_ranges):
     """A server that ignores Range sends the whole file; the limit holds all the same."""
