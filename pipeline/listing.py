@@ -229,7 +229,7 @@ def list_input(
         objects: Iterator[StoredObject] = iter([StoredObject(root, object_version(info))])
         base = root.rsplit("/", 1)[0]
     else:
-        objects = iter_objects(fs, root, input_config.list_concurrency)
+        objects = _not_hidden(iter_objects(fs, root, input_config.list_concurrency))
         base = root
         if output_uri is not None:
             objects = _outside_of(objects, fs, root, output_uri, storage_options)
@@ -272,6 +272,28 @@ def _missing_bucket_hint(fs: fsspec.AbstractFileSystem, root: str) -> str:
     return (
         "" if exists else f" (bucket {bucket} does not exist, or these credentials cannot see it)"
     )
+
+
+def _not_hidden(objects: Iterator[StoredObject]) -> Iterator[StoredObject]:
+    """``objects`` less files whose name starts with a dot.
+
+    macOS's ``._photo.jpg`` resource forks (Finder and bsdtar copies write one
+    beside every file) carry an image's extension but hold no image: each would
+    be an error row, read again by every run. Folders are not judged by their
+    names: a dataset may well sit below one that starts with a dot.
+    """
+    hidden = 0
+    for stored in objects:
+        if stored.path.rpartition("/")[2].startswith("."):
+            hidden += 1
+            continue
+        yield stored
+    if hidden:
+        logger.warning(
+            "skipped %d files under the input whose name starts with '.' (such as macOS's "
+            "._photo.jpg resource forks); list one in a manifest to annotate it",
+            hidden,
+        )
 
 
 def _outside_of(

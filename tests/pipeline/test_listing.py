@@ -40,6 +40,18 @@ def test_lists_images_of_any_letter_case_with_relative_keys(tmp_path):
     assert len({row["image_id"] for row in rows}) == 5
 
 
+def test_files_whose_name_starts_with_a_dot_are_skipped_and_counted(tmp_path, caplog):
+    # What Finder and bsdtar leave beside each file copied from a Mac.
+    _write(tmp_path, ("a.jpg", "._a.jpg", "b/.x.png", "b/y.png", "shards/._000.tar"))
+    with caplog.at_level("WARNING", logger="pipeline.listing"):
+        fmt, rows = _list(tmp_path, extensions=("jpg", "png"))
+    assert fmt == "files"
+    assert [row["source_key"] for row in rows] == ["a.jpg", "b/y.png"]
+    assert "skipped 3 files under the input whose name starts with '.'" in caplog.text
+    # Named on its own, such a file is what the user asked for.
+    assert [row["source_key"] for row in _list(tmp_path / "._a.jpg")[1]] == ["._a.jpg"]
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputNotFoundError, match="not a folder, prefix or file"):
         _list(tmp_path / "missing")
