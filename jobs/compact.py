@@ -4,8 +4,8 @@ Every run appends parts, and every later run, report and export opens all of
 them: on an object store a request each, so an output of months of scheduled
 runs spends minutes on them (3,000 parts at 30 ms a request: about 30 s per
 pass, several passes per run). Compacting keeps each image's row in the
-committed view (``read_predictions``), and its latest ok row under each other
-config, and drops the rows they supersede. Run it between runs: it refuses
+committed view (``read_predictions``), which is all a run's resume check
+reads, and drops the rows they supersede. Run it between runs: it refuses
 while a run is going (one renews its start record every 5 minutes). Exit codes:
 0 compacted (or nothing to do); 1 the output cannot be reached, or a run is
 going; 2 bad arguments or no predictions at that URI.

@@ -122,17 +122,13 @@ def _iter_view(
     parts: list[str],
     columns: list[str],
     output_uri: str,
-    with_done_rows: bool = False,
 ) -> Iterator[pa.RecordBatch]:
-    """:func:`iter_predictions` over the given ``parts``; ``with_done_rows`` adds the
-    latest ok row of each (image, source version, config) the view does not show."""
+    """:func:`iter_predictions` over the given ``parts``."""
     choice_columns = list(_ROW_CHOICE_COLUMNS)
     choice = pa.Table.from_batches(
         list(_scan_parts(fs, parts, choice_columns)), schema=schema_for(choice_columns)
     )
     keep = _without_healed_shard_errors(choice, latest_rows(choice), fs, root)
-    if with_done_rows:
-        keep = np.union1d(keep, _latest_ok_rows(choice))
     total = choice.num_rows
     del choice
     picked = None
@@ -163,7 +159,7 @@ def _iter_view(
 class Compaction:
     parts_before: int
     parts_after: int
-    rows: int | None  # rows after (one per image, and its ok rows under other configs)
+    rows: int | None  # rows after: one per image
 
 
 def compact_predictions(
@@ -173,11 +169,10 @@ def compact_predictions(
 
     Scheduled runs each add parts, and every run, report and export opens every
     part (on an object store, a request each). Kept: each image's row in
-    :func:`read_predictions`, and the latest ok row of each (source version,
-    config) it was annotated under, so every run finds done what it found done
-    before (a later error under another config does not cost the ok rows of the
-    first). Gone: older duplicates, retried errors, and shard error rows a later
-    read healed.
+    :func:`read_predictions`, which is also all that :func:`load_done_images`
+    reads as done, so the view and every run's skips stay as they were. Gone:
+    older duplicates, rows of earlier versions and configs, retried errors, and
+    shard error rows a later read healed.
     Safe to stop at any point: the new parts are complete before any old one
     is deleted, and until then the view holds each row twice, which it
     collapses. Not while a run writes to the output: it may find parts gone.
@@ -203,7 +198,7 @@ def compact_predictions(
         pending, pending_rows = [], 0
 
     columns = list(PREDICTION_SCHEMA.names)
-    for batch in _iter_view(fs, root, parts, columns, output_uri, with_done_rows=True):
+    for batch in _iter_view(fs, root, parts, columns, output_uri):
         pending.append(batch)
         pending_rows += batch.num_rows
         rows_after += batch.num_rows
@@ -223,21 +218,42 @@ def latest_rows(table: pa.Table) -> np.ndarray:
     row of the same source version and config with only such errors between
     them: then that ok row stands.
     """
-    count = table.num_rows
-    if count == 0:
+    if table.num_rows == 0:
         return np.empty(0, dtype=np.int64)
-    image = _codes(table["image_id"])
     # One code per (source_version, config_hash) pair.
     version, config = _codes(table["source_version"]), _codes(table["config_hash"])
-    key = version * (int(config.max()) + 2) + config
+    pair = version * (int(config.max()) + 2) + config
+    return _view_rows(
+        _codes(table["image_id"]), pair, *_row_times(table["written_at"]), _is_ok(table["status"])
+    )
+
+
+def _row_times(written_at: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """``written_at`` as int64 microseconds (0 for null), and where it is null."""
     # Nulls filled before numpy sees them: with nulls it would give float64,
     # which loses microseconds past 2^53.
-    written = pc.fill_null(table["written_at"].cast(pa.int64()), 0).to_numpy()
-    written_null = pc.is_null(table["written_at"]).to_numpy(zero_copy_only=False)
-    is_ok = pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
+    written = pc.fill_null(written_at.cast(pa.int64()), 0).to_numpy()
+    return written, pc.is_null(written_at).to_numpy(zero_copy_only=False)
 
+
+def _is_ok(status: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
+
+
+def _view_rows(
+    image: np.ndarray,
+    pair: np.ndarray,
+    written: np.ndarray,
+    written_null: np.ndarray,
+    is_ok: np.ndarray,
+) -> np.ndarray:
+    """:func:`latest_rows` over rows given as an image code and a (source version,
+    config) code per row, with their times and whether each is ok."""
+    count = len(image)
+    if count == 0:
+        return np.empty(0, dtype=np.int64)
     order = np.lexsort((np.arange(count), written, written_null, image))
-    image, key, is_ok = image[order], key[order], is_ok[order]
+    image, key, is_ok = image[order], pair[order], is_ok[order]
     last = np.flatnonzero(np.r_[image[1:] != image[:-1], True])
     first = np.r_[0, last[:-1] + 1]
     group = np.repeat(np.arange(len(last)), last - first + 1)
@@ -285,24 +301,6 @@ def _without_healed_shard_errors(
     return keep[~np.isin(keep, healed)]
 
 
-def _latest_ok_rows(table: pa.Table) -> np.ndarray:
-    """Indices (ascending) of the latest ok row of each (image, source version, config):
-    the rows :func:`load_done_images` needs, for any config, to find what is done."""
-    ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
-    if not len(ok):
-        return ok
-    ok_rows = table.take(pa.array(ok))
-    image, version = _codes(ok_rows["image_id"]), _codes(ok_rows["source_version"])
-    config = _codes(ok_rows["config_hash"])
-    written = pc.fill_null(ok_rows["written_at"].cast(pa.int64()), 0).to_numpy()
-    # Sorted by (image, version, config, written, position): the last of each group.
-    order = np.lexsort((np.arange(len(ok)), written, config, version, image))
-    key = np.stack([image[order], version[order], config[order]])
-    last = np.ones(len(ok), dtype=bool)
-    last[:-1] = (key[:, 1:] != key[:, :-1]).any(axis=0)
-    return np.sort(ok[order[last]])
-
-
 def _codes(column: pa.ChunkedArray) -> np.ndarray:
     """An int64 code per distinct value (-1 for null)."""
     encoded = pc.dictionary_encode(column).combine_chunks()
@@ -347,48 +345,133 @@ class DoneImages:
 
 
 def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str) -> DoneImages:
-    """What the committed parts say is done: ok rows written with ``config_hash``.
+    """What the committed view says is done: images whose row in :func:`read_predictions`
+    is ok and was written with ``config_hash`` (each under its source version).
 
-    Streamed a record batch at a time: the driver keeps 8 bytes per done image
-    (and a count per shard); rows, and the Python strings hashed into keys,
-    live only as long as their batch.
+    Only the view counts, not every ok row ever written: an image annotated
+    under this config, then under another (or from another version of its
+    source), and then listed again as it was, is annotated again, so that the
+    view shows what this config makes of it. Streamed a record batch at a
+    time: while it picks each image's row the driver keeps 31 bytes per
+    committed row (the table in docs/benchmarks.md has what it measured), then
+    8 bytes per done image and a count per shard; rows, and the Python strings
+    hashed into keys, live only as long as their batch.
     """
-    done_rows = (pc.field("status") == "ok") & (pc.field("config_hash") == config_hash)
-    keys: list[np.ndarray] = []
-    # Shard members, counted once each per (shard, version) even where a
-    # forced run wrote a second row: whole shards are skipped on that count.
-    shard_numbers: dict[tuple[str, str], int] = {}
-    member_keys: list[np.ndarray] = []
-    member_shards: list[np.ndarray] = []
-    for batch in scan_committed(fs, root, ["image_id", "source_uri", "source_version"], done_rows):
-        versions = pc.fill_null(batch["source_version"], "")
-        batch_keys = np.fromiter(
-            map(done_key, batch["image_id"].to_pylist(), versions.to_pylist()),
-            dtype=np.uint64,
-            count=batch.num_rows,
-        )
-        keys.append(batch_keys)
-        # Only shard members name a shard; plain images cost no Python objects here.
-        shards = shard_uris(batch["source_uri"])
-        in_shards = pc.is_valid(shards)
-        if pc.any(in_shards).as_py():
-            pairs = zip(
-                pc.filter(shards, in_shards).to_pylist(),
-                pc.filter(versions, in_shards).to_pylist(),
-                strict=True,
+    rows = _DoneCheckRows()
+    for batch in scan_committed(fs, root, list(_DoneCheckRows.COLUMNS)):
+        rows.add(batch, config_hash)
+    return rows.done_images()
+
+
+class _DoneCheckRows:
+    """What :func:`load_done_images` keeps of each committed row, in numpy arrays."""
+
+    COLUMNS = ("image_id", "source_uri", "source_version", "config_hash", "status", "written_at")
+    # Rows are picked a sixteenth at a time: all of an image's rows share its
+    # key's top bits, and a sort's temporaries are several times the arrays.
+    BUCKET_BITS = 4
+
+    def __init__(self) -> None:
+        self.image: list[np.ndarray] = []  # 64 bits of the image id
+        self.pair: list[np.ndarray] = []  # done_key under this config, 0 under any other
+        self.written: list[np.ndarray] = []
+        self.written_null: list[np.ndarray] = []
+        self.is_ok: list[np.ndarray] = []
+        self.here: list[np.ndarray] = []  # written under this config
+        self.shard: list[np.ndarray] = []  # number of a member's (shard, version), else -1
+        # Shard members' (shard, version), numbered: only they cost Python objects.
+        self.shard_numbers: dict[tuple[str, str], int] = {}
+        self.batches = 0
+
+    def add(self, batch: pa.RecordBatch, config_hash: str) -> None:
+        count = batch.num_rows
+        ids = batch["image_id"].to_pylist()
+        here = pc.fill_null(pc.equal(batch["config_hash"], config_hash), False)
+        here_rows = np.flatnonzero(here.to_numpy(zero_copy_only=False))
+        pairs = np.zeros(count, dtype=np.uint64)
+        shards = np.full(count, -1, dtype=np.int32)
+        if len(here_rows):
+            taken = pa.array(here_rows)
+            versions = pc.fill_null(pc.take(batch["source_version"], taken), "")
+            pairs[here_rows] = np.fromiter(
+                map(done_key, (ids[row] for row in here_rows), versions.to_pylist()),
+                dtype=np.uint64,
+                count=len(here_rows),
             )
-            numbers = [shard_numbers.setdefault(pair, len(shard_numbers)) for pair in pairs]
-            member_shards.append(np.array(numbers, dtype=np.uint64))
-            member_keys.append(batch_keys[in_shards.to_numpy(zero_copy_only=False)])
-    all_keys = np.unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
-    per_shard: collections.Counter = collections.Counter()
-    if member_keys:
-        pairs = np.unique(
-            np.stack([np.concatenate(member_shards), np.concatenate(member_keys)]), axis=1
+            shard_uri = shard_uris(pc.take(batch["source_uri"], taken))
+            in_shards = pc.is_valid(shard_uri)
+            if pc.any(in_shards).as_py():
+                members = zip(
+                    pc.filter(shard_uri, in_shards).to_pylist(),
+                    pc.filter(versions, in_shards).to_pylist(),
+                    strict=True,
+                )
+                numbers = self.shard_numbers
+                member_rows = here_rows[in_shards.to_numpy(zero_copy_only=False)]
+                shards[member_rows] = [numbers.setdefault(m, len(numbers)) for m in members]
+        written, written_null = _row_times(batch["written_at"])
+        self.image.append(np.fromiter(map(_image_key, ids), dtype=np.uint64, count=count))
+        self.pair.append(pairs)
+        self.written.append(written)
+        self.written_null.append(written_null)
+        self.is_ok.append(_is_ok(batch["status"]))
+        self.here.append(here.to_numpy(zero_copy_only=False))
+        self.shard.append(shards)
+        self.batches += 1
+        if self.batches % 256 == 0:
+            # Batches are a part each (1,000 rows by default): thousands of small
+            # arrays would leave the heap fragmented once they are joined.
+            for column in self._columns():
+                column[-256:] = [np.concatenate(column[-256:])]
+
+    def _columns(self) -> list[list[np.ndarray]]:
+        return [
+            self.image,
+            self.pair,
+            self.written,
+            self.written_null,
+            self.is_ok,
+            self.here,
+            self.shard,
+        ]
+
+    def done_images(self) -> DoneImages:
+        if not self.image:
+            return DoneImages()
+        joined = []
+        for column in self._columns():  # one at a time: each list goes as it is joined
+            joined.append(np.concatenate(column))
+            column.clear()
+        image, pair, written, written_null, is_ok, here, shard = joined
+        del joined
+        bucket_of = (image >> np.uint64(64 - self.BUCKET_BITS)).astype(np.uint8)
+        done_rows = []
+        for bucket in range(1 << self.BUCKET_BITS):
+            rows = np.flatnonzero(bucket_of == bucket)
+            # Rows under other configs share one pair code: whichever of them is
+            # an image's row, the image is not done under this one.
+            view = _view_rows(
+                image[rows], pair[rows], written[rows], written_null[rows], is_ok[rows]
+            )
+            picked = rows[view]
+            done_rows.append(picked[is_ok[picked] & here[picked]])
+        done = np.concatenate(done_rows)
+        shard_of = shard[done]
+        counts = np.bincount(shard_of[shard_of >= 0], minlength=len(self.shard_numbers))
+        per_shard = collections.Counter(
+            {
+                key: int(counts[number])
+                for key, number in self.shard_numbers.items()
+                if counts[number]
+            }
         )
-        counts = np.bincount(pairs[0].astype(np.int64), minlength=len(shard_numbers))
-        per_shard.update({shard: int(counts[n]) for shard, n in shard_numbers.items()})
-    return DoneImages(keys=all_keys, per_shard=per_shard)
+        return DoneImages(keys=np.unique(pair[done]), per_shard=per_shard)
+
+
+def _image_key(image_id: str) -> int:
+    """64 bits of an image id: how the resume check tells images apart."""
+    digest = hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:

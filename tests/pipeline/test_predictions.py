@@ -375,38 +375,91 @@ def test_compaction_keeps_the_view_in_fewer_parts_and_drops_superseded_rows(tmp_
     marker.write_bytes(b"")
     view_before = read_predictions(str(tmp_path)).sort_by("image_id")
     assert view_before["image_id"].to_pylist() == ["w", "x", "y", "z"]
+    fs, root = filesystem_for(str(tmp_path), {})
+    # The view's rows are what is done: y's row is its c2 one.
+    expected = {"c1": [True, True, False, True], "c2": [False, False, True, False]}
+    for config, done_images in expected.items():
+        done = load_done_images(fs, root, config)
+        assert [done.has(image, "v1") for image in ("w", "x", "y", "z")] == done_images, config
 
     result = compact_predictions(str(tmp_path), rows_per_part=3)
 
     parts = sorted((tmp_path / "predictions").iterdir())
     assert [part.name.split("_")[0].startswith("compacted-") for part in parts] == [True, True]
-    # Each image's row, and y's ok row under its other config: x's error and
-    # ok duplicates, z's retried error and the healed shard error are gone.
-    assert (result.parts_before, result.parts_after, result.rows) == (4, 2, 5)
+    # Each image's row: x's error and ok duplicates, y's c1 row, z's retried
+    # error and the healed shard error are gone.
+    assert (result.parts_before, result.parts_after, result.rows) == (4, 2, 4)
     assert read_predictions(str(tmp_path)).sort_by("image_id").equals(view_before)
     # Every config finds done what it found done before.
-    fs, root = filesystem_for(str(tmp_path), {})
-    for config, expected in (("c1", [True, True, True, True]), ("c2", [False, False, True, False])):
+    for config, done_images in expected.items():
         done = load_done_images(fs, root, config)
-        assert [done.has(image, "v1") for image in ("w", "x", "y", "z")] == expected, config
+        assert [done.has(image, "v1") for image in ("w", "x", "y", "z")] == done_images, config
 
 
-def test_compaction_keeps_ok_rows_that_a_later_config_failed_on(tmp_path):
+@pytest.mark.parametrize(
+    ("rows", "done_under_c1"),
+    [
+        # Back to config c1 after c2: the view shows c2's rows, so c1 redoes x.
+        ([row("x", "ok", 0), row("x", "ok", 5, config="c2")], False),
+        ([row("x", "ok", 0), row("x", "error", 5, config="c2")], False),
+        # Back to v1 of the source after v2 (a restored file, a re-uploaded object).
+        ([row("x", "ok", 0), row("x", "ok", 5, version="v2")], False),
+        # A failed forced rerun under c1 leaves the ok row the view's, and done.
+        ([row("x", "ok", 0), row("x", "error", 5)], True),
+        # An error under c2 between them: the view is the last c1 error.
+        ([row("x", "ok", 0), row("x", "error", 5, config="c2"), row("x", "error", 9)], False),
+        ([row("x", "ok", 0, version="v2"), row("x", "ok", 5)], True),
+    ],
+)
+def test_an_image_is_done_when_its_row_in_the_view_is_ok_under_the_config(
+    tmp_path, rows, done_under_c1
+):
     from pipeline.predictions import compact_predictions, load_done_images
 
-    write_part(
-        tmp_path, "a_x.parquet", [row("x", "ok", 0, config="A"), row("y", "ok", 0, config="A")]
-    )
-    write_part(
-        tmp_path,
-        "b_x.parquet",
-        [row("x", "error", 5, config="B"), row("y", "error", 5, config="B")],
-    )
-    compact_predictions(str(tmp_path))
+    for index, one in enumerate(rows):
+        write_part(tmp_path, f"r{index}_a.parquet", [one])
     fs, root = filesystem_for(str(tmp_path), {})
-    done = load_done_images(fs, root, "A")  # going back to config A redoes nothing
-    assert done.has("x", "v1") and done.has("y", "v1")
-    assert set(read_predictions(str(tmp_path))["status"].to_pylist()) == {"error"}  # the view
+    view = read_predictions(str(tmp_path)).to_pylist()
+    assert bool(load_done_images(fs, root, "c1").has("x", "v1")) is done_under_c1
+    [shown] = view
+    shown_as = (shown["status"], shown["config_hash"], shown["source_version"])
+    assert (shown_as == ("ok", "c1", "v1")) is done_under_c1
+    # Compaction keeps the view, and with it what is done.
+    compact_predictions(str(tmp_path))
+    assert read_predictions(str(tmp_path)).to_pylist() == view
+    assert bool(load_done_images(fs, root, "c1").has("x", "v1")) is done_under_c1
+
+
+def test_done_images_are_the_views_ok_rows_under_the_config(tmp_path):
+    """Against the view itself, over many runs' parts of random rows (more parts than
+    the resume check joins its arrays after, and images in every bucket)."""
+    from pipeline.predictions import load_done_images
+
+    generator = np.random.default_rng(7)
+    for part in range(300):
+        write_part(
+            tmp_path,
+            f"r{part:03d}_a.parquet",
+            [
+                row(
+                    f"i{generator.integers(60)}",
+                    "ok" if generator.random() < 0.7 else "error",
+                    int(generator.integers(1000)),
+                    version=f"v{generator.integers(2)}",
+                    config=f"c{generator.integers(2)}",
+                )
+                for _ in range(3)
+            ],
+        )
+    view = read_predictions(str(tmp_path)).to_pylist()
+    fs, root = filesystem_for(str(tmp_path), {})
+    done = load_done_images(fs, root, "c1")
+    expected = sorted(
+        done_key(r["image_id"], r["source_version"])
+        for r in view
+        if r["status"] == "ok" and r["config_hash"] == "c1"
+    )
+    assert 5 < len(expected) < 55 and done.keys.tolist() == expected
 
 
 def test_two_compactions_within_one_second_keep_every_row(tmp_path, monkeypatch):
