@@ -304,8 +304,12 @@ def _outside_of(
     storage_options: dict[str, Any],
 ) -> Iterator[StoredObject]:
     output_fs, output_root = filesystem_for(output_uri, storage_options)
+    if output_fs.protocol != fs.protocol:
+        return objects
+    if "file" in fs.protocol:
+        output_root = _as_listed_under(root, output_root)
     output_prefix = output_root.rstrip("/") + "/"
-    if output_fs.protocol != fs.protocol or not output_prefix.startswith(root.rstrip("/") + "/"):
+    if not output_prefix.startswith(root.rstrip("/") + "/"):
         return objects
     if output_prefix == root.rstrip("/") + "/":
         raise InputNotFoundError(
@@ -313,6 +317,16 @@ def _outside_of(
             "folder of its own (one inside the input is fine)"
         )
     return (stored for stored in objects if not stored.path.startswith(output_prefix))
+
+
+def _as_listed_under(root: str, path: str) -> str:
+    """A local ``path`` as the walk of ``root`` names it, where links put it below
+    ``root`` though its name does not say so (an input folder given by a link,
+    an output that is one); else ``path``."""
+    real_root, real_path = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real_path]) != real_root:
+        return path
+    return os.path.normpath(os.path.join(root, os.path.relpath(real_path, real_root)))
 
 
 def _detect_format(

@@ -291,6 +291,22 @@ def test_an_output_inside_the_input_is_not_listed(tmp_path):
         list_input(InputConfig(uri=str(tmp_path)), {}, output_uri=f"file://{tmp_path}//")
 
 
+def test_an_output_inside_the_input_through_a_link_is_not_listed(tmp_path):
+    _write(tmp_path, ("data/a.jpg", "data/out/depth/a.jpg.0123abcd.png"))
+    (tmp_path / "by-link").symlink_to(tmp_path / "data")
+    (tmp_path / "out-link").symlink_to(tmp_path / "data" / "out")
+    for input_uri, output_uri in (
+        (tmp_path / "by-link", tmp_path / "data" / "out"),
+        (tmp_path / "data", tmp_path / "out-link"),
+    ):
+        listing = list_input(InputConfig(uri=str(input_uri)), {}, output_uri=str(output_uri))
+        assert [row["source_key"] for row in listing.rows] == ["a.jpg"], (input_uri, output_uri)
+    with pytest.raises(InputNotFoundError, match=r"output\.uri is input\.uri"):
+        list_input(
+            InputConfig(uri=str(tmp_path / "by-link")), {}, output_uri=str(tmp_path / "data")
+        )
+
+
 def test_one_folder_spelt_two_ways_gives_the_same_ids(tmp_path):
     _write(tmp_path, ("images/a.jpg",))
     plain = _list(tmp_path / "images")[1]
