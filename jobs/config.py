@@ -72,6 +72,14 @@ class InputConfig(_Section):
     )
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
 
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _words_of_a_string(cls, extensions: Any) -> Any:
+        # `--set input.extensions=jpg,png` (or "jpg png", or one "jpg") as a list.
+        if isinstance(extensions, str):
+            return tuple(extensions.replace(",", " ").split())
+        return extensions
+
     @field_validator("extensions")
     @classmethod
     def _lower_case_without_dots(cls, extensions: tuple[str, ...]) -> tuple[str, ...]:

@@ -107,6 +107,13 @@ def test_extensions_are_normalised_to_lower_case_without_dots():
     assert config.input.extensions == ("jpg", "png")
 
 
+@pytest.mark.parametrize("written", ["jpg,PNG", "jpg png", "jpg, .png"])
+def test_extensions_may_be_one_string_of_several(written):
+    config = load_config(None, [*MINIMAL, f"input.extensions={written}"])
+    assert config.input.extensions == ("jpg", "png")
+    assert load_config(None, [*MINIMAL, "input.extensions=tif"]).input.extensions == ("tif",)
+
+
 def test_pseudo_labels_without_a_segmentation_model_are_refused():
     with pytest.raises(ConfigError, match=r"pseudo_labels\.enabled needs models\.segmentation"):
         load_config(None, [*MINIMAL, "pseudo_labels.enabled=true"])
@@ -211,3 +218,5 @@ def test_a_section_left_empty_takes_its_defaults_and_overrides(tmp_path):
 def test_no_extensions_at_all_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"key 'input\.extensions': .*at least one extension"):
         load_config(None, [*MINIMAL, "input.extensions=[]"])
+    with pytest.raises(ConfigError, match=r"key 'input\.extensions': .*at least one extension"):
+        load_config(None, [*MINIMAL, "input.extensions=' , '"])
