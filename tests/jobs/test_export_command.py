@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from pipeline.storage import filesystem_for
@@ -75,3 +76,27 @@ def test_a_labels_from_that_names_no_classes_is_one_line_and_exit_2(
         error = capsys.readouterr().err
         assert error.startswith("error: ") and says in error and error.count("\n") == 1
     assert not (tmp_path / "export").exists() and not (tmp_path / "report").exists()
+
+
+def test_an_export_of_weak_images_only_says_how_to_include_them(tmp_path, checkpoints, capsys):
+    import pyarrow.parquet as pq
+
+    from jobs import export
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    write_output(fs, root, images=2)
+    part = tmp_path / "predictions" / "part-0.parquet"
+    table = pq.read_table(part)
+    weak = table.set_column(
+        table.schema.get_field_index("kept"), "kept", pa.array([False] * table.num_rows)
+    )
+    pq.write_table(weak, part)
+    labels = ["--labels-from", str(checkpoints["segmentation-vit"])]
+    assert export.main(["coco", root, *labels]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "wrote 0 COCO part(s)",
+        "all 2 images with a segmentation map are weak (kept = false): "
+        "--include-weak exports them too",
+    ]
+    assert export.main(["coco", root, *labels, "--include-weak"]) == 0
+    assert capsys.readouterr().out.startswith("wrote 1 COCO part(s), first ")
