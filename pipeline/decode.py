@@ -31,6 +31,7 @@ _PILLOW_LIMIT_LOCK = threading.Lock()
 # on the file's contents, an interpreter no untrusted input should reach.
 Image.init()
 OPENABLE_FORMATS = tuple(name for name in Image.OPEN if name != "EPS")
+_LOOKS_LIKE_EPS = Image.OPEN["EPS"][1]  # the plugin's test of a file's first bytes
 
 # EXIF orientations that turn the stored image by 90° (width and height swap).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -111,6 +112,10 @@ def _decode(
         try:
             image = Image.open(io.BytesIO(data), formats=OPENABLE_FORMATS)
         except UnidentifiedImageError:
+            if _LOOKS_LIKE_EPS(data[:16]):
+                raise DecodeError(
+                    "not an image: EPS is refused (Pillow would run Ghostscript on it)"
+                ) from None
             raise DecodeError("not an image: unrecognised format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb(error, max_image_pixels) from None

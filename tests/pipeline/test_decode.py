@@ -96,7 +96,7 @@ def test_postscript_is_never_handed_to_ghostscript(monkeypatch):
 
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto showpage\n"
-    with pytest.raises(DecodeError, match="not an image: unrecognised format"):
+    with pytest.raises(DecodeError, match=r"not an image: EPS is refused \(Pillow would run"):
         decode_image(eps, **LIMITS)
 
 
