@@ -6,7 +6,6 @@ picks the rows that decoded, runs the predictors and adds their outputs.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ from dpt_model.loading import DEFAULT_CACHE_DIR
 from dpt_model.predictor import DepthEncoding, DepthResolution
 from pipeline.metrics import record_inference_batch, record_model_load
 from pipeline.schema import error_reason
-
-logger = logging.getLogger(__name__)
 
 EMPTY_DEPTH = np.zeros((0, 0), dtype=np.uint16)
 EMPTY_CLASSES = np.zeros((0, 0), dtype=np.uint8)
@@ -98,7 +95,9 @@ class InferenceActor:
                     settings.batch_time_budget_s,
                     device_share=min(1.0, settings.gpus_per_actor),
                 )
-                logger.info("%s model: batch size %d (auto)", predictor.task, chosen)
+                # Printed: Ray forwards an actor's output to the driver's log, but
+                # not its logging below WARNING, which it leaves unconfigured.
+                print(f"{predictor.task} model: batch size {chosen} (auto)", flush=True)
             else:
                 predictor.batch_size = settings.batch_size
 

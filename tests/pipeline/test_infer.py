@@ -93,10 +93,15 @@ def test_auto_batch_size_is_a_power_of_two_within_the_maximum_and_splits_larger_
     assert out["depth_levels"][7].size == 0 and out["seg_class_ids"][7].size == 0
 
 
-def test_auto_batch_size_respects_the_cpu_time_budget(checkpoints):
+def test_auto_batch_size_respects_the_cpu_time_budget(checkpoints, capsys):
     # No pass takes a nanosecond: the search keeps the one image that always fits.
     actor = actor_for(checkpoints, batch_size="auto", max_batch_size=8, batch_time_budget_s=1e-9)
     assert actor.depth.batch_size == actor.segmentation.batch_size == 1
+    # What the job's log shows of the choice.
+    assert capsys.readouterr().out.splitlines() == [
+        "depth model: batch size 1 (auto)",
+        "segmentation model: batch size 1 (auto)",
+    ]
 
 
 def test_a_fixed_batch_size_is_kept_not_searched(checkpoints):
