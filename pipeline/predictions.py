@@ -674,7 +674,9 @@ class RunHeartbeat:
     """Within ``with``: rewrites a run's start record every ``every_s`` seconds.
 
     Left by an exception (an interrupt included), it writes the run's end record,
-    ``ended_path``, naming the outcome and the exception's type.
+    ``ended_path``, naming the outcome and the exception's type. A run calls
+    :meth:`stop_renewing` before it writes its finish record: a renewal after
+    that would make the finished run look going again for 15 minutes.
     """
 
     def __init__(
@@ -694,11 +696,16 @@ class RunHeartbeat:
         self._thread.start()
         return self
 
+    def stop_renewing(self) -> None:
+        """Renew no more; returns once a renewal under way is written."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, _: object
     ) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.stop_renewing()
         if kind is None or self._ended_path is None:
             return
         stopped = error is not None and is_stop(error)

@@ -166,7 +166,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         _start_record_path(out_root, run_id),
         start_record,
         ended_path=_ended_record_path(out_root, run_id),
-    ):
+    ) as heartbeat:
         incremental = config.mode == "incremental" and not config.output.overwrite
         done = load_done_images(out_fs, out_root, config_hash) if incremental else DoneImages()
         if incremental and not len(done):
@@ -278,6 +278,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             report_started = time.perf_counter()
             summary.quality_report_uri = _write_quality_report(config, cards, summary)
             summary.timings_s["report"] = round(time.perf_counter() - report_started, 3)
+        heartbeat.stop_renewing()
         _write_run_report(out_fs, report_path, config, summary, started_at)
         return summary
 

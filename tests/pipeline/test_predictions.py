@@ -340,6 +340,23 @@ def test_a_going_run_renews_its_start_record(tmp_path):
     assert (tmp_path / "_runs" / "r.started.json").read_bytes() == b'{"run_id": "r"}'
 
 
+def test_a_run_that_stopped_renewing_is_not_renewed_after_its_finish_record(tmp_path):
+    from pipeline.predictions import RunHeartbeat, runs_going
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    start, finish = f"{root}/_runs/r.started.json", f"{root}/_runs/r.json"
+    fs.pipe_file(start, b"{}")
+    with RunHeartbeat(fs, start, b"{}", every_s=0.01) as heartbeat:
+        time.sleep(0.05)
+        heartbeat.stop_renewing()
+        fs.pipe_file(finish, b"{}")
+        os.utime(finish, (time.time() + 1, time.time() + 1))  # past any coarse mtime tie
+        renewed = os.stat(start).st_mtime_ns
+        time.sleep(0.1)  # ten beats' time, inside the block
+        assert os.stat(start).st_mtime_ns == renewed
+    assert runs_going(fs, root, within_s=900, now_s=time.time()) == []
+
+
 def test_the_latest_segmentation_model_is_found_without_reading_every_run_record(tmp_path, caplog):
     from pipeline.predictions import _latest_segmentation_model
 
