@@ -621,5 +621,7 @@ def _suggestion(location: tuple[Any, ...]) -> str:
             return ""
     known = sorted(model.model_fields)
     close = difflib.get_close_matches(str(location[-1]), known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    # The whole key, as the user would write it in --set.
+    section = "".join(f"{part}." for part in location[:-1])
+    hint = f"; did you mean '{section}{close[0]}'?" if close else ""
     return f"{hint} (known keys here: {', '.join(known)})"

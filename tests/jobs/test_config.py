@@ -24,7 +24,9 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(ConfigError) as raised:
         load_config(path, MINIMAL)
     assert "unknown key 'inference.batchsize'" in str(raised.value)
-    assert "did you mean 'batch_size'" in str(raised.value)
+    assert "did you mean 'inference.batch_size'" in str(raised.value)
+    with pytest.raises(ConfigError, match="did you mean 'output'"):
+        load_config(None, [*MINIMAL, "outputs.uri=o"])
 
 
 def test_wrong_type_names_the_key_and_value():
