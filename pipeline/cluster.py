@@ -67,6 +67,11 @@ def actors_per_node(shape: NodeShape, request: PoolRequest) -> int:
     return math.floor(min(fits) + _EPSILON)
 
 
+def _counted(number: float, noun: str) -> str:
+    """``1 GPU``, ``2 GPUs``, ``0.5 GPUs``."""
+    return f"{number:g} {noun}" + ("" if number == 1 else "s")
+
+
 def capacity_problem(request: PoolRequest, capacity: ClusterCapacity) -> str | None:
     """Why the cluster can never run ``request``, or None when it can."""
     actors = sum(
@@ -75,8 +80,9 @@ def capacity_problem(request: PoolRequest, capacity: ClusterCapacity) -> str | N
         if (per_node := actors_per_node(shape, request)) > 0
     )
     wanted = (
-        f"{request.actors_min} inference actors of {request.cpus_per_actor:g} CPUs"
-        + (f", {request.gpus_per_actor:g} GPUs" if request.gpus_per_actor else "")
+        f"{_counted(request.actors_min, 'inference actor')} of "
+        f"{_counted(request.cpus_per_actor, 'CPU')}"
+        + (f", {_counted(request.gpus_per_actor, 'GPU')}" if request.gpus_per_actor else "")
         + (
             f", {request.memory_per_actor_bytes / GIB:g} GiB of memory"
             if request.memory_per_actor_bytes
@@ -87,8 +93,8 @@ def capacity_problem(request: PoolRequest, capacity: ClusterCapacity) -> str | N
     )
     if actors < request.actors_min:
         largest = [
-            f"{max((shape.cpus for shape in capacity.shapes), default=0):g} CPUs",
-            f"{max((shape.gpus for shape in capacity.shapes), default=0):g} GPUs",
+            _counted(max((shape.cpus for shape in capacity.shapes), default=0), "CPU"),
+            _counted(max((shape.gpus for shape in capacity.shapes), default=0), "GPU"),
         ]
         memory = max((shape.memory_bytes for shape in capacity.shapes), default=0)
         if request.memory_per_actor_bytes and memory < math.inf:

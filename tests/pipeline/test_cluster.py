@@ -51,7 +51,8 @@ def test_an_actor_must_fit_on_one_node_not_across_nodes():
     # 16 CPUs and 2 GPUs in total, but no single node has 8 CPUs next to a GPU.
     nodes = cluster(NodeShape(cpus=4, gpus=1), NodeShape(cpus=4, gpus=1), NodeShape(cpus=8, gpus=0))
     problem = capacity_problem(request(cpus=8, gpus=1), nodes)
-    assert problem is not None and "largest node has 8 CPUs, 1 GPUs" in problem
+    assert problem is not None and "largest node has 8 CPUs, 1 GPU" in problem
+    assert problem.startswith("the job needs 1 inference actor of 8 CPUs, 1 GPU each")
 
 
 def test_actors_are_placed_by_the_memory_they_reserve():
