@@ -729,7 +729,10 @@ def _warn_if_done_under_other_configs(fs, root: str, config_hash: str) -> None:
     Then every image is annotated again, which a user who changed only, say, a
     model's path may not expect: the reason belongs in the log, before the cost.
     """
-    ok_rows = scan_committed(fs, root, ["config_hash"], pc.field("status") == "ok")
+    # Rows of this very config may be there too, out of the view (another's
+    # came after them): the one to name is another.
+    others = (pc.field("status") == "ok") & (pc.field("config_hash") != config_hash)
+    ok_rows = scan_committed(fs, root, ["config_hash"], others)
     other = next((batch["config_hash"][0] for batch in ok_rows if batch.num_rows), None)
     if other is not None:
         logger.warning(

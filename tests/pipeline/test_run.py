@@ -123,6 +123,8 @@ def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(
         write_part(tmp_path, "r_a.parquet", [row("x", "error", 0, config="old")])
         _warn_if_done_under_other_configs(fs, root, "new")  # errors are redone anyway
         assert not caplog.records
+        # Back to "new" after "old": its own earlier rows are not the other config.
+        write_part(tmp_path, "r_0.parquet", [row("x", "ok", -1, config="new")])
         write_part(tmp_path, "r_b.parquet", [row("x", "ok", 1, config="old")])
         _warn_if_done_under_other_configs(fs, root, "new")
     [warning] = caplog.records
