@@ -158,6 +158,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
     config_hash = config_hash_for(cards, config)
     out_fs, out_root = filesystem_for(config.output.uri, storage_options)
     _warn_of_runs_going(out_fs, out_root, run_id)
+    if config.run_id is not None:
+        _warn_if_run_id_finished(out_fs, out_root, run_id)
     start_record = _record_start(out_fs, out_root, config, run_id, started_at)
     # The start record is rewritten while the run goes on: how others (a later
     # run, jobs.compact) tell a run that is going from one that crashed.
@@ -763,6 +765,26 @@ def _warn_of_runs_going(fs, root: str, run_id: str) -> None:
                 other,
                 age_s / 60,
             )
+
+
+def _warn_if_run_id_finished(fs, root: str, run_id: str) -> None:
+    """Say so where a run_id the config sets has a finish record here already.
+
+    Going on under the same id is how a stopped run is resumed, but the finish
+    record of one that ended is replaced: the report's table of runs loses it.
+    """
+    finished = join(root, f"{RUNS_FOLDER}/{run_id}.json")
+    try:
+        exists = fs.exists(finished)
+    except OSError:  # a courtesy, as above
+        return
+    if exists:
+        logger.warning(
+            "run_id %s has already finished on this output: its record %s is replaced by "
+            "this run's (leave run_id unset for a new one per run)",
+            run_id,
+            strip_url_secrets(full_uri(fs, finished)),
+        )
 
 
 def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: datetime) -> bytes:

@@ -145,3 +145,17 @@ def test_a_long_listing_says_how_far_it_has_got(caplog):
         "listing: 2 images so far, 1 images already done",
         "listing: 3 images so far, 1 images already done",
     ]
+
+
+def test_a_run_id_used_again_after_its_run_finished_is_named_in_a_warning(tmp_path, caplog):
+    from pipeline.run import _warn_if_run_id_finished
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    fs.pipe_file(f"{root}/_runs/nightly.started.json", b"{}")
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        _warn_if_run_id_finished(fs, root, "nightly")  # stopped, not finished: resumed
+        assert not caplog.records
+        fs.pipe_file(f"{root}/_runs/nightly.json", b"{}")
+        _warn_if_run_id_finished(fs, root, "nightly")
+    [warning] = caplog.records
+    assert warning.getMessage().startswith("run_id nightly has already finished on this output")
