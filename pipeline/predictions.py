@@ -710,6 +710,9 @@ class RunHeartbeat:
             return
         stopped = error is not None and is_stop(error)
         record = {
+            # The start record's own time: what ties this record to that run where
+            # file times cannot (a copied output's are all the copy's).
+            "started_at": _started_at(self._data),
             "ended_at": datetime.now(UTC).isoformat(),
             "outcome": "stopped" if stopped else "failed",
             # The type only: messages can quote URIs.
@@ -745,17 +748,34 @@ def runs_going(
         if run_id == name:
             continue
         renewed_s = _modified(info)
-        ended_s = max(
-            (
-                _modified(names[end])
-                for end in (f"{run_id}.json", run_id + ENDED_RECORD_SUFFIX)
-                if end in names
-            ),
-            default=None,
-        )
-        if (ended_s is None or ended_s < renewed_s) and now_s - renewed_s < within_s:
+        ends = [
+            names[end] for end in (f"{run_id}.json", run_id + ENDED_RECORD_SUFFIX) if end in names
+        ]
+        ended_s = max((_modified(end) for end in ends), default=None)
+        recent = (ended_s is None or ended_s < renewed_s) and now_s - renewed_s < within_s
+        # File times can be the copy's (cp -r, aws s3 sync): a finish or end
+        # record of the same start is an ended run whatever they say.
+        if recent and not any(_ends_that_start(fs, info["name"], end["name"]) for end in ends):
             going.append((run_id, now_s - renewed_s))
     return sorted(going, key=lambda run: run[1])
+
+
+def _ends_that_start(fs: fsspec.AbstractFileSystem, start_path: str, end_path: str) -> bool:
+    """Whether the finish or end record at ``end_path`` is of the run that wrote the
+    start record at ``start_path`` (a run id used again starts at another time)."""
+    try:
+        started = _started_at(fs.cat_file(start_path))
+        return started is not None and started == _started_at(fs.cat_file(end_path))
+    except OSError:
+        return False
+
+
+def _started_at(record: bytes) -> str | None:
+    try:
+        value = json.loads(record)
+    except ValueError:
+        return None
+    return value.get("started_at") if isinstance(value, dict) else None
 
 
 def _modified(info: dict[str, Any]) -> float:

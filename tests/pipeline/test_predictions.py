@@ -325,6 +325,39 @@ def test_runs_going_have_a_start_record_renewed_lately_and_no_newer_finish_recor
     assert 59 <= found[1][1] < 62
 
 
+def test_runs_of_a_copied_output_are_told_by_their_records_not_their_file_times(tmp_path):
+    """cp -r and aws s3 sync give every record the copy's time, in any order."""
+    from pipeline.predictions import RunHeartbeat, runs_going
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    runs = tmp_path / "_runs"
+
+    def start(run, at):
+        return json.dumps({"run_id": run, "started_at": at}).encode()
+
+    fs.pipe_file(f"{root}/_runs/a.started.json", start("a", "2026-01-01T00:00:00"))
+    fs.pipe_file(f"{root}/_runs/a.json", json.dumps({"started_at": "2026-01-01T00:00:00"}).encode())
+    # Ended by a stop: its end record names the same start.
+    b_start = start("b", "2026-01-02T00:00:00")
+    fs.pipe_file(f"{root}/_runs/b.started.json", b_start)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        RunHeartbeat(
+            fs, f"{root}/_runs/b.started.json", b_start, ended_path=f"{root}/_runs/b.ended.json"
+        ),
+    ):
+        raise KeyboardInterrupt
+    # An id used again: its finish record is of an earlier start.
+    fs.pipe_file(f"{root}/_runs/c.started.json", start("c", "2026-01-03T00:00:00"))
+    fs.pipe_file(f"{root}/_runs/c.json", json.dumps({"started_at": "2025-12-01T00:00:00"}).encode())
+    now = time.time()
+    for name in ("a.json", "b.ended.json", "c.json"):  # the copy wrote finish records first
+        os.utime(runs / name, (now - 20, now - 20))
+    for name in ("a.started.json", "b.started.json", "c.started.json"):
+        os.utime(runs / name, (now - 10, now - 10))
+    assert [run_id for run_id, _ in runs_going(fs, root, 900, now)] == ["c"]
+
+
 def test_a_going_run_renews_its_start_record(tmp_path):
     from pipeline.predictions import RunHeartbeat
 
