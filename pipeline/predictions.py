@@ -357,9 +357,9 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     8 bytes per done image and a count per shard; rows, and the Python strings
     hashed into keys, live only as long as their batch.
     """
-    rows = _DoneCheckRows()
+    rows = _DoneCheckRows(config_hash)
     for batch in scan_committed(fs, root, list(_DoneCheckRows.COLUMNS)):
-        rows.add(batch, config_hash)
+        rows.add(batch)
     return rows.done_images()
 
 
@@ -371,7 +371,8 @@ class _DoneCheckRows:
     # key's top bits, and a sort's temporaries are several times the arrays.
     BUCKET_BITS = 4
 
-    def __init__(self) -> None:
+    def __init__(self, config_hash: str) -> None:
+        self.config_hash = config_hash
         self.image: list[np.ndarray] = []  # 64 bits of the image id
         self.pair: list[np.ndarray] = []  # done_key under this config, 0 under any other
         self.written: list[np.ndarray] = []
@@ -383,10 +384,10 @@ class _DoneCheckRows:
         self.shard_numbers: dict[tuple[str, str], int] = {}
         self.batches = 0
 
-    def add(self, batch: pa.RecordBatch, config_hash: str) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
         count = batch.num_rows
         ids = batch["image_id"].to_pylist()
-        here = pc.fill_null(pc.equal(batch["config_hash"], config_hash), False)
+        here = pc.fill_null(pc.equal(batch["config_hash"], self.config_hash), False)
         here_rows = np.flatnonzero(here.to_numpy(zero_copy_only=False))
         pairs = np.zeros(count, dtype=np.uint64)
         shards = np.full(count, -1, dtype=np.int32)
