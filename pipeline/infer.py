@@ -21,7 +21,12 @@ from dpt_model.predictor import DepthEncoding, DepthResolution
 from pipeline.metrics import record_inference_batch, record_model_load
 from pipeline.schema import error_reason
 
-EMPTY_DEPTH = np.zeros((0, 0), dtype=np.uint16)
+# An error row's map, of the dtype of the encoding's maps: a batch that mixes
+# dtypes becomes a column Ray cannot join with an all-ok batch of the same block.
+EMPTY_DEPTH = {
+    "levels": np.zeros((0, 0), dtype=np.uint16),
+    "float16": np.zeros((0, 0), dtype=np.float16),
+}
 EMPTY_CLASSES = np.zeros((0, 0), dtype=np.uint8)
 
 
@@ -109,7 +114,7 @@ class InferenceActor:
         out = {key: value for key, value in batch.items() if not key.endswith("_input")}
 
         if self.depth is not None:
-            maps = _filled(count, EMPTY_DEPTH)  # 16-bit levels or float16 values
+            maps = _filled(count, EMPTY_DEPTH[self.depth.encoding])  # levels or float16
             depth_min = np.full(count, np.nan)
             depth_max = np.full(count, np.nan)
             inputs = [batch["depth_input"][i] for i in ready]

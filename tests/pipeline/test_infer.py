@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.infer import InferenceActor, InferenceSettings
@@ -109,6 +110,18 @@ def test_a_fixed_batch_size_is_kept_not_searched(checkpoints):
     assert actor.depth.batch_size == actor.segmentation.batch_size == 3
     unset = actor_for(checkpoints, batch_size=None)
     assert unset.depth.batch_size is None and unset.segmentation.batch_size is None
+
+
+@pytest.mark.parametrize(("encoding", "column", "dtype"), [
+    ("levels", "depth_levels", np.uint16),
+    ("float16", "depth_float16", np.float16),
+])  # fmt: skip
+def test_an_error_rows_empty_map_has_the_dtype_of_the_others(checkpoints, encoding, column, dtype):
+    # Mixed dtypes in one batch make a column Ray cannot join with an all-ok
+    # batch of the same block: the job failed on npz_float16 with one bad image.
+    actor = actor_for(checkpoints, batch_size=2, depth_encoding=encoding)
+    maps = actor(ok_batch(2))[column]
+    assert [m.dtype for m in maps] == [dtype] * 3 and maps[2].size == 0
 
 
 def test_an_image_whose_depth_failed_is_not_segmented_and_keeps_its_first_reason(checkpoints):
