@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import tarfile
+import zlib
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -21,6 +23,11 @@ from pipeline.keys import printable_name
 
 # webdataset side members carried into the output as passthrough metadata.
 METADATA_EXTENSIONS = ("json", "txt", "cls")
+
+
+# What a corrupt compressed stream raises: zlib's and lzma's errors are neither
+# OSError nor ValueError (bz2 raises OSError).
+_DECOMPRESSION_ERRORS = (zlib.error, lzma.LZMAError)
 
 
 class ShardError(ValueError):
@@ -99,7 +106,7 @@ def iter_webdataset(
                 if member_key != samples.key and (sample := samples.finish()):
                     yield sample
                 samples.add(member_key, _read_member(archive, member, extension, max_member_bytes))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+    except (tarfile.TarError, EOFError, OSError, ValueError, *_DECOMPRESSION_ERRORS) as error:
         raise ShardError(f"tar shard is truncated or corrupt: {error}") from None
     if sample := samples.finish():
         yield sample

@@ -112,6 +112,26 @@ def test_a_cut_after_a_long_name_header_says_where_in_the_tar():
         list(iter_webdataset(io.BytesIO(data), EXTENSIONS))
 
 
+def test_a_corrupt_compressed_shard_is_a_shard_error_wherever_the_damage_is():
+    # zlib and lzma raise errors of their own (neither OSError nor ValueError):
+    # one had stopped the job instead of becoming the shard's error row.
+    import lzma
+
+    members = [(f"{i}.jpg", b"abc%d" % i * 5000) for i in range(6)]
+    plain = tar_bytes(members)
+    for whole in (gzip.compress(plain), lzma.compress(plain)):
+        outcomes = set()
+        for position in range(10, len(whole) - 10):
+            damaged = bytearray(whole)
+            damaged[position : position + 8] = b"\xa5\x5a" * 4
+            try:
+                list(iter_webdataset(io.BytesIO(bytes(damaged)), EXTENSIONS))
+                outcomes.add("read")
+            except ShardError:
+                outcomes.add("shard error")
+        assert "shard error" in outcomes
+
+
 def test_a_gzip_of_several_members_is_read_to_its_end():
     # bgzip writes such files, as does joining gzipped pieces; gzip(1) reads them whole.
     whole = tar_bytes([(f"{i:03d}.jpg", bytes(1000)) for i in range(4)])
