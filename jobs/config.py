@@ -97,6 +97,16 @@ class InputConfig(_Section):
         default=None, description="parquet: column of per-row ids; None uses the row number."
     )
     uri_column: str = Field(default="uri", description="Parquet manifest: column of URIs.")
+
+    @field_validator("id_column")
+    @classmethod
+    def _not_the_image_column(cls, id_column: str | None, info: ValidationInfo) -> str | None:
+        if id_column is not None and id_column == info.data.get("image_column"):
+            raise ValueError(
+                f"{id_column!r} is input.image_column too: ids come from a column of their own"
+            )
+        return id_column
+
     # Measured (docs/benchmarks.md, listing): a million keys behind 100 ms a
     # page list 2.8x faster with 8 requests at once, what one core parses.
     # botocore's pool holds 10 connections.
@@ -562,8 +572,10 @@ def _describe(error: ValidationError) -> str:
             lines.append(f"missing key '{_required_key(problem['loc'])}': it is required")
         else:
             reasons, _ = unfit.setdefault(_key_of(problem["loc"]), ([], problem.get("input")))
-            if problem["msg"] not in reasons:
-                reasons.append(problem["msg"])
+            # Our own validators' messages, without pydantic's "Value error, ".
+            reason = problem["msg"].removeprefix("Value error, ")
+            if reason not in reasons:
+                reasons.append(reason)
     for key, (reasons, given) in unfit.items():
         where = f"key '{key}'" if key else "config"
         shown = "" if isinstance(given, dict) else f" (got {given!r})"

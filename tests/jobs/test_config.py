@@ -222,3 +222,11 @@ def test_no_extensions_at_all_is_refused_naming_the_key():
         load_config(None, [*MINIMAL, "input.extensions=[]"])
     with pytest.raises(ConfigError, match=r"key 'input\.extensions': .*at least one extension"):
         load_config(None, [*MINIMAL, "input.extensions=' , '"])
+
+
+def test_an_id_column_that_is_the_image_column_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"key 'input\.id_column': 'image' is input\.image_c"):
+        load_config(None, [*MINIMAL, "input.id_column=image"])
+    settings = ["input.image_column=jpeg", "input.id_column=jpeg"]
+    with pytest.raises(ConfigError, match=r"key 'input\.id_column'"):
+        load_config(None, [*MINIMAL, *settings])
