@@ -176,8 +176,14 @@ class _SampleGrouper:
     def add(self, key: str, member: _Member) -> None:
         if not self.members:
             self.key, self.first_member = key, self.member_count
-        self.members.append(member)
         self.member_count += 1
+        for index, earlier in enumerate(self.members):
+            if earlier.name == member.name:
+                # `tar -rf` appends an updated file under its old name; as tar
+                # extracts, the last copy stands (in the first one's place).
+                self.members[index] = member
+                return
+        self.members.append(member)
 
     def finish(self) -> ShardImage | None:
         """The sample of the members added since the last call; None if there are none."""
@@ -230,7 +236,7 @@ def _side_value(extension: str, data: bytes) -> Any:
     """A side member as a JSON value: a ``.json`` member's own value where it parses
     (readers then parse the metadata once), else the text."""
     text = data.decode("utf-8", "replace")
-    if extension.endswith("json"):
+    if extension.rpartition(".")[2] == "json":
         try:
             return json.loads(text, parse_constant=_not_json)  # NaN is no JSON to others
         except (ValueError, RecursionError):  # RecursionError: nested past Python's stack
@@ -242,6 +248,12 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
+def _is_metadata(extension: str) -> bool:
+    """``json``, ``txt``, ``cls``, or ending in one after a dot (``seg.json``), not ``geojson``."""
+    last = extension.rpartition(".")[2]
+    return last in METADATA_EXTENSIONS
+
+
 def _sample(key: str | None, members: list[_Member], image_extensions: set[str]) -> ShardImage:
     images = [m for m in members if m.extension in image_extensions]
     # A member read before one that was not (a link, too large): the latter is
@@ -250,7 +262,7 @@ def _sample(key: str | None, members: list[_Member], image_extensions: set[str])
     side = {
         m.extension: _side_value(m.extension, m.data)
         for m in members
-        if m.extension.endswith(METADATA_EXTENSIONS) and m.data is not None
+        if _is_metadata(m.extension) and m.data is not None
     }
     metadata = json.dumps(side, sort_keys=True) if side else None
     if image is None:

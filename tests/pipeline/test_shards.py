@@ -59,6 +59,32 @@ def test_webdataset_groups_members_into_samples(compress):
     assert (last.name, last.data) == ("003.JPG", b"jpeg-3")
 
 
+def test_a_member_appended_again_under_its_name_replaces_the_first_copy():
+    # What `tar -rf` leaves when it adds an updated file: tar extracts the last copy.
+    members = [
+        ("000.jpg", b"stale"),
+        ("000.png", b"other image"),
+        ("000.json", b'{"v": 1}'),
+        ("000.jpg", b"updated"),
+        ("000.json", b'{"v": 2}'),
+    ]
+    [sample] = iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS)
+    assert (sample.name, sample.data) == ("000.jpg", b"updated")  # first image member's place
+    assert json.loads(sample.metadata) == {"json": {"v": 2}}
+
+
+def test_side_members_are_json_txt_and_cls_not_names_ending_so():
+    members = [
+        ("0.jpg", b"jpeg"),
+        ("0.seg.json", b"{}"),
+        ("0.geojson", b"{}"),
+        ("0.notxt", b"x"),
+        ("0.txt", b"caption"),
+    ]
+    [sample] = iter_webdataset(io.BytesIO(tar_bytes(members)), EXTENSIONS)
+    assert json.loads(sample.metadata) == {"seg.json": {}, "txt": "caption"}
+
+
 def test_hidden_members_such_as_macos_resource_forks_are_not_samples():
     # What bsdtar on macOS writes beside each file, unless COPYFILE_DISABLE=1.
     members = [
