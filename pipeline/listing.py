@@ -253,6 +253,13 @@ def list_input(
         rows = _manifest_rows(fs, manifests, input_config, relative)
     else:
         suffixes = WEBDATASET_SUFFIXES if fmt == "webdataset" else PARQUET_SUFFIXES
+        if is_file and not root.lower().endswith(suffixes):
+            # Its images' URIs are "<shard>#<id>", and every reader (the resume
+            # check, the report, PseudoLabelDataset) knows a shard by its suffix.
+            raise InputNotFoundError(
+                f"input.uri {strip_url_secrets(uri)} is one {fmt} shard without a shard's "
+                f"suffix ({', '.join(suffixes)}): rename it, or give its folder"
+            )
         rows = (
             _shard_row(fs, stored, relative)
             for stored in objects

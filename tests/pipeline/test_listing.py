@@ -52,6 +52,15 @@ def test_files_whose_name_starts_with_a_dot_are_skipped_and_counted(tmp_path, ca
     assert [row["source_key"] for row in _list(tmp_path / "._a.jpg")[1]] == ["._a.jpg"]
 
 
+@pytest.mark.parametrize(("name", "fmt"), [("shard", "webdataset"), ("rows.bin", "parquet")])
+def test_one_shard_without_a_shards_suffix_is_refused_naming_the_suffixes(tmp_path, name, fmt):
+    _write(tmp_path, (name,))
+    with pytest.raises(InputNotFoundError, match=rf"one {fmt} shard without a shard's suffix"):
+        _list(tmp_path / name, format=fmt)
+    _write(tmp_path, ("_x.TAR",))  # a shard's name, whatever else it holds
+    assert _list(tmp_path / "_x.TAR", format="webdataset")[1][0]["shard_key"] == "_x.TAR"
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputNotFoundError, match="not a folder, prefix or file"):
         _list(tmp_path / "missing")
