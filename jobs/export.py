@@ -226,23 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_ARGUMENTS
     print(f"wrote {len(written)} COCO part(s)" + (f", first {written[0]}" if written else ""))
     if not written and not args.include_weak:
-        weak = _weak_images(args.output_uri, storage_options(args))
+        # Nothing kept was exported: every row an export with weak ones holds is weak.
+        weak = sum(1 for _ in _exported_rows(args.output_uri, storage_options(args), True))
         if weak:
             print(
                 f"all {weak} images with a segmentation map are weak (kept = false): "
                 "--include-weak exports them too"
             )
     return 0
-
-
-def _weak_images(output_uri: str, storage_options: dict[str, Any]) -> int:
-    """Ok images with a segmentation map that pseudo-labelling did not keep."""
-    return sum(
-        1
-        for batch in iter_predictions(output_uri, _EXPORT_COLUMNS, storage_options)
-        for row in batch.to_pylist()
-        if row["status"] == "ok" and row["segmentation_uri"] and row["kept"] is False
-    )
 
 
 if __name__ == "__main__":

@@ -352,7 +352,7 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     under this config, then under another (or from another version of its
     source), and then listed again as it was, is annotated again, so that the
     view shows what this config makes of it. Streamed a record batch at a
-    time: while it picks each image's row the driver keeps 31 bytes per
+    time: while it picks each image's row the driver keeps 30 bytes per
     committed row (the table in docs/benchmarks.md has what it measured), then
     8 bytes per done image and a count per shard; rows, and the Python strings
     hashed into keys, live only as long as their batch.
@@ -378,7 +378,6 @@ class _DoneCheckRows:
         self.written: list[np.ndarray] = []
         self.written_null: list[np.ndarray] = []
         self.is_ok: list[np.ndarray] = []
-        self.here: list[np.ndarray] = []  # written under this config
         self.shard: list[np.ndarray] = []  # number of a member's (shard, version), else -1
         # Shard members' (shard, version), numbered: only they cost Python objects.
         self.shard_numbers: dict[tuple[str, str], int] = {}
@@ -416,7 +415,6 @@ class _DoneCheckRows:
         self.written.append(written)
         self.written_null.append(written_null)
         self.is_ok.append(_is_ok(batch["status"]))
-        self.here.append(here.to_numpy(zero_copy_only=False))
         self.shard.append(shards)
         self.batches += 1
         if self.batches % 256 == 0:
@@ -432,7 +430,6 @@ class _DoneCheckRows:
             self.written,
             self.written_null,
             self.is_ok,
-            self.here,
             self.shard,
         ]
 
@@ -443,7 +440,7 @@ class _DoneCheckRows:
         for column in self._columns():  # one at a time: each list goes as it is joined
             joined.append(np.concatenate(column))
             column.clear()
-        image, pair, written, written_null, is_ok, here, shard = joined
+        image, pair, written, written_null, is_ok, shard = joined
         del joined
         bucket_of = (image >> np.uint64(64 - self.BUCKET_BITS)).astype(np.uint8)
         done_rows = []
@@ -455,7 +452,8 @@ class _DoneCheckRows:
                 image[rows], pair[rows], written[rows], written_null[rows], is_ok[rows]
             )
             picked = rows[view]
-            done_rows.append(picked[is_ok[picked] & here[picked]])
+            # A row under this config has its done_key as its pair, never 0.
+            done_rows.append(picked[is_ok[picked] & (pair[picked] != 0)])
         done = np.concatenate(done_rows)
         shard_of = shard[done]
         counts = np.bincount(shard_of[shard_of >= 0], minlength=len(self.shard_numbers))
@@ -765,8 +763,8 @@ def _ends_that_start(fs: fsspec.AbstractFileSystem, start_path: str, end_path: s
     """Whether the finish or end record at ``end_path`` is of the run that wrote the
     start record at ``start_path`` (a run id used again starts at another time)."""
     try:
-        started = _started_at(fs.cat_file(start_path))
-        return started is not None and started == _started_at(fs.cat_file(end_path))
+        started = _started_at(fs.cat_file(end_path))
+        return started is not None and started == _started_at(fs.cat_file(start_path))
     except OSError:
         return False
 

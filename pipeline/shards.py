@@ -236,7 +236,7 @@ def _side_value(extension: str, data: bytes) -> Any:
     """A side member as a JSON value: a ``.json`` member's own value where it parses
     (readers then parse the metadata once), else the text."""
     text = data.decode("utf-8", "replace")
-    if extension.rpartition(".")[2] == "json":
+    if _last_extension(extension) == "json":
         try:
             return json.loads(text, parse_constant=_not_json)  # NaN is no JSON to others
         except (ValueError, RecursionError):  # RecursionError: nested past Python's stack
@@ -248,10 +248,13 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
+def _last_extension(extension: str) -> str:
+    """``seg.json`` → ``json``: what a side member is (``geojson`` is not json)."""
+    return extension.rpartition(".")[2]
+
+
 def _is_metadata(extension: str) -> bool:
-    """``json``, ``txt``, ``cls``, or ending in one after a dot (``seg.json``), not ``geojson``."""
-    last = extension.rpartition(".")[2]
-    return last in METADATA_EXTENSIONS
+    return _last_extension(extension) in METADATA_EXTENSIONS
 
 
 def _sample(key: str | None, members: list[_Member], image_extensions: set[str]) -> ShardImage:
