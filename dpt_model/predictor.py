@@ -32,6 +32,7 @@ from dpt_model.loading import (
 )
 from dpt_model.quantize import quantize_depth
 from dpt_model.tensor_processing import to_model_tensor, upsample_depth, upsample_segmentation
+from dpt_model.weights import check_weights_fit
 
 # Class id of pixels left unlabelled in pseudo-label mode: training losses'
 # usual ignore_index.
@@ -82,6 +83,8 @@ class _Predictor:
         flip_tta: bool = False,
     ) -> None:
         card = ModelCard.fetch(self.task, model_uri, cache_dir, storage_options)
+        # The driver checked local and object-store weights; a hub model's are here first.
+        check_weights_fit(card)
         # Test-time augmentation: average each output with the mirrored image's
         # output mirrored back (two forward passes per batch).
         self.flip_tta = flip_tta

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR, depth_kind
+from dpt_model.weights import check_weights_fit
 from jobs.config import JobConfig
 from pipeline.cluster import (
     GIB,
@@ -716,13 +717,26 @@ def _fetch_model_cards(
     config: JobConfig, cache_dir: str | None, storage_options: dict[str, Any]
 ) -> dict[str, ModelCard]:
     uris = {"depth": config.models.depth, "segmentation": config.models.segmentation}
-    return {
+    cards = {
         task: ModelCard.fetch(
             task, uri, Path(cache_dir or DEFAULT_CACHE_DIR), storage_options, with_weights=False
         )
         for task, uri in uris.items()
         if uri is not None
     }
+    for card in cards.values():
+        lacking = check_weights_fit(card, storage_options)
+        if lacking:
+            logger.warning(
+                "model %s: its weights lack %d of the network's tensors, which transformers "
+                "starts at random (%s%s); check that it is a trained %s checkpoint",
+                card.uri,
+                len(lacking),
+                ", ".join(lacking[:3]),
+                ", …" if len(lacking) > 3 else "",
+                card.task,
+            )
+    return cards
 
 
 def _warn_if_done_under_other_configs(fs, root: str, config_hash: str) -> None:
