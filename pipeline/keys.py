@@ -130,16 +130,20 @@ def annotation_tag(image_id: str, source_version: str | None, config_hash: str) 
     return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
-def shard_marker_key(shard_uri: str, shard_version: str, images: int) -> str:
-    """``_shards/<shard id>.<version tag>.<images>``: an empty object saying that
-    this version of the shard was read to its end and held that many images.
+def shard_marker_key(
+    shard_uri: str, shard_version: str, images: int, read_settings_tag: str = ""
+) -> str:
+    """``_shards/<shard id>.<version tag>[.<read settings tag>].<images>``: an empty
+    object saying that this version of the shard was read to its end and held
+    that many images, read under those settings.
 
     The facts are in the name, so one listing tells the driver which shards a
     run can skip: those whose every image is already done.
     """
-    return f"{shard_marker_stem(shard_uri, shard_version)}.{images}"
+    return f"{shard_marker_stem(shard_uri, shard_version, read_settings_tag)}.{images}"
 
 
-def shard_marker_stem(shard_uri: str, shard_version: str) -> str:
+def shard_marker_stem(shard_uri: str, shard_version: str, read_settings_tag: str = "") -> str:
     version_tag = hashlib.sha256(shard_version.encode()).hexdigest()[:8]
-    return f"{SHARDS_FOLDER}/{image_id_for(shard_uri)}.{version_tag}"
+    settings = f".{read_settings_tag}" if read_settings_tag else ""
+    return f"{SHARDS_FOLDER}/{image_id_for(shard_uri)}.{version_tag}{settings}"

@@ -476,9 +476,10 @@ def _image_key(image_id: str) -> int:
 def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     """:func:`~pipeline.keys.shard_marker_stem` → images, for every shard version read whole.
 
-    Where one version has markers with different counts (read under other
-    ``input.extensions``, or by an older release that counted samples without
-    an image), the latest read's count stands.
+    Markers of other read settings have stems of their own
+    (:func:`~pipeline.read.read_settings_tag`). Where one stem has markers of
+    different counts (an older release counted samples without an image, or
+    read other extensions under one stem), the latest read's count stands.
     """
     markers = sorted(_shard_markers(fs, root), key=lambda marker: marker.written)
     return {marker.stem: marker.images for marker in markers}

@@ -7,6 +7,8 @@ Image objects (``files``, ``manifest``) are fetched a batch at a time; shards
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -118,6 +120,9 @@ class ShardInput:
     image_column: str  # parquet
     id_column: str | None  # parquet; None: the row number
     max_image_bytes: int | None = None  # larger images are error rows
+    # Names the settings above in shard markers where they are not the
+    # defaults (:func:`read_settings_tag`); empty: the defaults, or no markers.
+    marker_tag: str = ""
 
     @classmethod
     def from_run_record(cls, record: dict[str, Any]) -> ShardInput | None:
@@ -132,6 +137,28 @@ class ShardInput:
             settings.get("image_column", "image"),
             settings.get("id_column"),
         )
+
+
+def read_settings_tag(shard_input: ShardInput, defaults: ShardInput) -> str:
+    """8 hex digits naming the settings that decide a shard's images and their
+    ids; empty where they are ``defaults``'s.
+
+    A shard marker counts the images one read found, and the driver skips a
+    shard once that many are done. Read under other extensions, another id
+    column or a larger ``max_image_bytes``, a shard can hold other images than
+    its marker counts: a marker under these settings' tag says nothing of them.
+    Markers of the default settings have no tag, so those written before tags
+    keep skipping their shards.
+    """
+    if shard_input.format == "webdataset":
+        fields = ("extensions", "max_image_bytes")
+    else:
+        fields = ("image_column", "id_column", "max_image_bytes")
+    settings = {name: getattr(shard_input, name) for name in fields}
+    if settings == {name: getattr(defaults, name) for name in fields}:
+        return ""
+    basis = json.dumps({"format": shard_input.format, **settings}, sort_keys=True)
+    return "r" + hashlib.sha256(basis.encode()).hexdigest()[:8]
 
 
 def read_shard(
@@ -174,7 +201,12 @@ def read_shard(
         # Here only once every row of the shard was taken downstream.
         if output_uri is not None and read.to_the_end:
             _leave_shard_marker(
-                output_uri, storage_options, str(shard_uri), str(shard_version), read.images
+                output_uri,
+                storage_options,
+                shard_marker_key(
+                    str(shard_uri), str(shard_version), read.images, shard_input.marker_tag
+                ),
+                str(shard_uri),
             )
 
 
@@ -185,10 +217,10 @@ class _ShardRead:
 
 
 def _leave_shard_marker(
-    output_uri: str, storage_options: dict[str, Any], shard_uri: str, version: str, images: int
+    output_uri: str, storage_options: dict[str, Any], marker_key: str, shard_uri: str
 ) -> None:
     fs, root = filesystem_for(output_uri, storage_options)
-    path = join(root, shard_marker_key(shard_uri, version, images))
+    path = join(root, marker_key)
     try:
         retry_transient(lambda: fs.pipe_file(path, b""))
     except OSError as error:  # a later run reads the shard again; nothing is lost

@@ -14,7 +14,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR, depth_kind
 from dpt_model.weights import check_weights_fit
-from jobs.config import JobConfig
+from jobs.config import DecodeConfig, InputConfig, JobConfig
 from pipeline.cluster import (
     GIB,
     PoolRequest,
@@ -53,7 +53,7 @@ from pipeline.predictions import (
     scan_committed,
 )
 from pipeline.progress import ProgressBeacon, StallWatchdog
-from pipeline.read import ShardInput, read_batch, read_shard
+from pipeline.read import ShardInput, read_batch, read_settings_tag, read_shard
 from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
 from pipeline.schema import error_reason, reason_group, storage_problem, strip_url_secrets
@@ -190,7 +190,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
         listed_rows = _with_listing_progress(
             listing.rows, "shards" if sharded else "images", skipped
         )
-        to_annotate = _not_done(listed_rows, done, sharded, skipped, shard_markers)
+        marker_tag = _shard_input(config, listing.format).marker_tag if sharded else ""
+        to_annotate = _not_done(listed_rows, done, sharded, skipped, shard_markers, marker_tag)
         if config.input.limit is not None and not sharded:
             # Counted after the done images, as for shards (limited once read below),
             # so a repeated smoke run annotates the next N.
@@ -287,13 +288,21 @@ def run_annotation(config: JobConfig) -> RunSummary:
 
 
 def _shard_input(config: JobConfig, input_format: str) -> ShardInput:
-    return ShardInput(
+    shard_input = ShardInput(
         input_format,
         config.input.extensions,
         config.input.image_column,
         config.input.id_column,
         config.decode.max_image_bytes,
     )
+    defaults = ShardInput(
+        input_format,
+        InputConfig.model_fields["extensions"].default,
+        InputConfig.model_fields["image_column"].default,
+        InputConfig.model_fields["id_column"].default,
+        DecodeConfig.model_fields["max_image_bytes"].default,
+    )
+    return replace(shard_input, marker_tag=read_settings_tag(shard_input, defaults))
 
 
 def inference_settings(config: JobConfig, cache_dir: str | None) -> InferenceSettings:
@@ -574,19 +583,21 @@ def _not_done(
     sharded: bool,
     skipped: _SkipCount,
     shard_markers: dict[str, int] | None = None,
+    marker_tag: str = "",
 ) -> Iterator[dict[str, str]]:
     """Listed rows minus images already done.
 
     A shard is left out when its marker (``shard_markers``, from
-    :func:`read_shard_markers`) says how many images this version of it holds
-    and all of them are done; other shards pass and are filtered once read.
+    :func:`read_shard_markers`) says how many images this version of it holds,
+    read under these settings (``marker_tag``, :func:`read_settings_tag`), and
+    all of them are done; other shards pass and are filtered once read.
     """
     for row in rows:
         if sharded:
             shard = (row["shard_uri"], row["shard_version"])
             images_done = done.per_shard.get(shard, 0)
             skipped.images += images_done
-            images = (shard_markers or {}).get(shard_marker_stem(*shard))
+            images = (shard_markers or {}).get(shard_marker_stem(*shard, marker_tag))
             if images is None or images_done < images:
                 yield row
         elif len(done) and done.has(row["image_id"], row["source_version"]):

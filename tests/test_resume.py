@@ -191,3 +191,41 @@ def test_an_incremental_run_skips_shards_whose_images_are_all_done(
     rows = read_predictions(str(tmp_path / "output")).to_pylist()
     assert sorted(row["status"] for row in rows) == ["error"] + ["ok"] * 7
     assert [row["source_uri"] for row in rows if row["status"] == "error"] == [f"{done_shard}#003"]
+
+
+def test_shards_read_under_other_settings_are_read_again_for_the_images_they_left_out(
+    ray_cluster, checkpoints, tmp_path
+):
+    """A marker counts the images of one read's settings: under others (here a
+    PNG taken as an image too) the shard holds images it never counted."""
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    members = [
+        ("000.jpg", encoded(synthetic_photo(64, 48, seed=0), "JPEG")),
+        ("001.jpg", encoded(synthetic_photo(64, 48, seed=1), "JPEG")),
+        ("002.png", encoded(synthetic_photo(64, 48, seed=2), "PNG")),
+    ]
+    (shards / "000.tar").write_bytes(tar_bytes(members))
+    settings = depth_job(shards, tmp_path / "output", checkpoints, "report.enabled=false")
+
+    jpeg_only = run_annotation(load_config(None, [*settings, "input.extensions=jpg"]))
+    assert (jpeg_only.images_ok, jpeg_only.images_error) == (2, 1)  # 002: no jpg member
+    again = run_annotation(load_config(None, [*settings, "input.extensions=jpg"]))
+    assert (again.images_skipped_done, again.images_ok, again.images_error) == (2, 0, 0)
+
+    every_kind = run_annotation(load_config(None, settings))
+    assert (every_kind.images_skipped_done, every_kind.images_ok) == (2, 1)
+    rows = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert sorted(row["source_uri"].rsplit("#", 1)[-1] for row in rows) == ["000", "001", "002"]
+    assert {row["status"] for row in rows} == {"ok"}  # 002's error row replaced
+    markers = sorted(path.name for path in (tmp_path / "output" / "_shards").iterdir())
+    assert len(markers) == 2 and markers[0].split(".")[:2] == markers[1].split(".")[:2]
+    assert sorted(name.rsplit(".", 1)[1] for name in markers) == ["2", "3"]
+    # Under the defaults the marker has no settings tag: markers written
+    # before tags existed still skip their shards.
+    assert sorted(name.count(".") for name in markers) == [2, 3]
+    last = run_annotation(load_config(None, settings))
+    assert (last.images_skipped_done, last.images_ok, last.images_error) == (3, 0, 0)

@@ -1,5 +1,6 @@
 import errno
 import io
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -234,3 +235,27 @@ def test_retry_gives_up_on_permanent_errors_at_once_and_on_transient_after_attem
     with pytest.raises(FileNotFoundError):
         retry_transient(flaky(5, FileNotFoundError()), attempts=3)
     assert len(calls) == 1
+
+
+def test_a_read_settings_tag_names_only_the_settings_that_decide_a_shards_images():
+    from pipeline.read import ShardInput, read_settings_tag
+
+    webdataset = ShardInput("webdataset", ("jpg", "png"), "image", None, 100)
+    parquet = ShardInput("parquet", ("jpg", "png"), "image", None, 100)
+    assert read_settings_tag(webdataset, webdataset) == ""
+    assert read_settings_tag(parquet, parquet) == ""
+    # webdataset reads no columns, Parquet no extensions: changing them changes nothing
+    assert read_settings_tag(replace(webdataset, id_column="uid"), webdataset) == ""
+    assert read_settings_tag(replace(parquet, extensions=("jpg",)), parquet) == ""
+    changed = [
+        read_settings_tag(replace(webdataset, extensions=("jpg",)), webdataset),
+        read_settings_tag(replace(webdataset, extensions=("png", "jpg")), webdataset),  # order
+        read_settings_tag(replace(webdataset, max_image_bytes=200), webdataset),
+        read_settings_tag(replace(parquet, id_column="uid"), parquet),
+        read_settings_tag(replace(parquet, image_column="img"), parquet),
+        read_settings_tag(replace(parquet, max_image_bytes=200), parquet),
+    ]
+    assert all(len(tag) == 9 and tag.startswith("r") for tag in changed)
+    assert len(set(changed)) == len(changed)
+    # the same settings give the same tag in every run
+    assert read_settings_tag(replace(parquet, id_column="uid"), parquet) == changed[3]
