@@ -28,6 +28,12 @@ SHARD_MEMBER_PATTERN = (
     + "))#(.*)$"
 )
 _SHARD_MEMBER = re.compile(SHARD_MEMBER_PATTERN)
+# A shard's own URI (its error row's, where it could not be read), not a member's.
+SHARD_URI_PATTERN = (
+    "(?is)(?:"
+    + "|".join(re.escape(suffix) for suffix in WEBDATASET_SUFFIXES + PARQUET_SUFFIXES)
+    + ")$"
+)
 # The longest file name ext4, XFS, APFS and NTFS hold, in bytes (UTF-8 on disk).
 MAX_NAME_BYTES = 255
 # Under the output: one empty object per shard version read to its end.

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from dpt_model import ModelCard
 from dpt_model.loading import DEFAULT_CACHE_DIR
-from pipeline.keys import SHARDS_FOLDER, shard_uris
+from pipeline.keys import SHARD_URI_PATTERN, SHARDS_FOLDER, shard_uris
 from pipeline.schema import PREDICTION_SCHEMA, schema_for, strip_url_secrets
 from pipeline.storage import (
     arrow_filesystem,
@@ -281,9 +281,7 @@ def _without_healed_shard_errors(
     is_error = pc.equal(table["status"], "error")
     if not len(keep) or not pc.any(is_error).as_py():
         return keep  # no error rows: the markers need not be listed
-    read_whole: dict[str, float] = {}
-    for marker in _shard_markers(fs, root):
-        read_whole[marker.shard_id] = max(read_whole.get(marker.shard_id, 0.0), marker.written)
+    read_whole = read_shard_markers(fs, root).last_read
     if not read_whole:
         return keep
     shard_ids = pa.array(list(read_whole), pa.string())
@@ -324,6 +322,11 @@ class DoneImages:
 
     keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
     per_shard: collections.Counter = field(default_factory=collections.Counter)
+    # Shards' own error rows (shard id → written_at, seconds) that are their
+    # ids' rows in the view, under any config: until a read of the shard to its
+    # end retires such a row (:meth:`ShardMarkers.error_stands`), the shard is
+    # read, even with all its images done.
+    shard_errors: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -381,6 +384,10 @@ class _DoneCheckRows:
         self.shard: list[np.ndarray] = []  # number of a member's (shard, version), else -1
         # Shard members' (shard, version), numbered: only they cost Python objects.
         self.shard_numbers: dict[tuple[str, str], int] = {}
+        # Error rows of whole shards: their row numbers, ids and times (few).
+        self.shard_error_rows: list[int] = []
+        self.shard_error_ids: list[str] = []
+        self.rows = 0
         self.batches = 0
 
     def add(self, batch: pa.RecordBatch) -> None:
@@ -410,11 +417,21 @@ class _DoneCheckRows:
                 member_rows = here_rows[in_shards.to_numpy(zero_copy_only=False)]
                 shards[member_rows] = [numbers.setdefault(m, len(numbers)) for m in members]
         written, written_null = _row_times(batch["written_at"])
+        is_ok = _is_ok(batch["status"])
+        if not is_ok.all():
+            errors = pa.array(np.flatnonzero(~is_ok & ~written_null))
+            whole_shard = pc.match_substring_regex(
+                pc.take(batch["source_uri"], errors), SHARD_URI_PATTERN
+            )
+            for row in errors.filter(whole_shard).to_pylist():
+                self.shard_error_rows.append(self.rows + row)
+                self.shard_error_ids.append(ids[row])
+        self.rows += count
         self.image.append(np.fromiter(map(_image_key, ids), dtype=np.uint64, count=count))
         self.pair.append(pairs)
         self.written.append(written)
         self.written_null.append(written_null)
-        self.is_ok.append(_is_ok(batch["status"]))
+        self.is_ok.append(is_ok)
         self.shard.append(shards)
         self.batches += 1
         if self.batches % 256 == 0:
@@ -443,7 +460,7 @@ class _DoneCheckRows:
         image, pair, written, written_null, is_ok, shard = joined
         del joined
         bucket_of = (image >> np.uint64(64 - self.BUCKET_BITS)).astype(np.uint8)
-        done_rows = []
+        done_rows, view_rows = [], []
         for bucket in range(1 << self.BUCKET_BITS):
             rows = np.flatnonzero(bucket_of == bucket)
             # Rows under other configs share one pair code: whichever of them is
@@ -454,7 +471,19 @@ class _DoneCheckRows:
             picked = rows[view]
             # A row under this config has its done_key as its pair, never 0.
             done_rows.append(picked[is_ok[picked] & (pair[picked] != 0)])
+            if self.shard_error_rows:
+                view_rows.append(picked[~is_ok[picked]])
         done = np.concatenate(done_rows)
+        shard_errors = {}
+        if self.shard_error_rows:
+            standing = np.isin(self.shard_error_rows, np.concatenate(view_rows))
+            shard_errors = {
+                shard_id: float(written[row]) / 1e6
+                for row, shard_id, stands in zip(
+                    self.shard_error_rows, self.shard_error_ids, standing, strict=True
+                )
+                if stands
+            }
         shard_of = shard[done]
         counts = np.bincount(shard_of[shard_of >= 0], minlength=len(self.shard_numbers))
         per_shard = collections.Counter(
@@ -464,7 +493,7 @@ class _DoneCheckRows:
                 if counts[number]
             }
         )
-        return DoneImages(keys=np.unique(pair[done]), per_shard=per_shard)
+        return DoneImages(np.unique(pair[done]), per_shard, shard_errors)
 
 
 def _image_key(image_id: str) -> int:
@@ -473,20 +502,38 @@ def _image_key(image_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
-    """:func:`~pipeline.keys.shard_marker_stem` → images, for every shard version read whole.
+@dataclass
+class ShardMarkers:
+    """What the shard markers under an output say (:func:`~pipeline.keys.shard_marker_key`)."""
+
+    # marker stem (shard, version, read settings) → images it held
+    images: dict[str, int] = field(default_factory=dict)
+    # shard id → when a version of it was last read whole (seconds since the epoch)
+    last_read: dict[str, float] = field(default_factory=dict)
+
+    def error_stands(self, shard_id: str, error_written: float | None) -> bool:
+        """Whether a shard's error row written then is still its row in the view:
+        no read of the shard to its end came after it."""
+        return error_written is not None and error_written >= self.last_read.get(shard_id, 0.0)
+
+
+def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> ShardMarkers:
+    """The markers under ``root``, one listing.
 
     Markers of other read settings have stems of their own
     (:func:`~pipeline.read.read_settings_tag`). Where one stem has markers of
     different counts (an older release counted samples without an image, or
     read other extensions under one stem), the latest read's count stands.
     """
-    markers = sorted(_shard_markers(fs, root), key=lambda marker: marker.written)
-    return {marker.stem: marker.images for marker in markers}
+    markers = ShardMarkers()
+    for marker in sorted(_shard_markers(fs, root), key=lambda marker: marker.written):
+        markers.images[marker.stem] = marker.images
+        markers.last_read[marker.shard_id] = marker.written
+    return markers
 
 
 class _ShardMarker(NamedTuple):
-    stem: str  # _shards/<shard id>.<version tag>
+    stem: str  # _shards/<shard id>.<version tag>[.<read settings tag>]
     shard_id: str
     images: int
     written: float  # seconds since the epoch

@@ -36,7 +36,7 @@ from pipeline.cluster import (
 )
 from pipeline.decode import decode_batch
 from pipeline.infer import InferenceActor, InferenceSettings
-from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, shard_marker_stem
+from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, image_id_for, shard_marker_stem
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.predictions import (
@@ -46,6 +46,7 @@ from pipeline.predictions import (
     RUNS_FOLDER,
     DoneImages,
     RunHeartbeat,
+    ShardMarkers,
     drop_done_rows,
     load_done_images,
     read_shard_markers,
@@ -582,7 +583,7 @@ def _not_done(
     done: DoneImages,
     sharded: bool,
     skipped: _SkipCount,
-    shard_markers: dict[str, int] | None = None,
+    shard_markers: ShardMarkers | None = None,
     marker_tag: str = "",
 ) -> Iterator[dict[str, str]]:
     """Listed rows minus images already done.
@@ -590,15 +591,24 @@ def _not_done(
     A shard is left out when its marker (``shard_markers``, from
     :func:`read_shard_markers`) says how many images this version of it holds,
     read under these settings (``marker_tag``, :func:`read_settings_tag`), and
-    all of them are done; other shards pass and are filtered once read.
+    all of them are done, unless the shard's own error row is its row in the
+    view: a shard restored to a version read whole before it broke is read
+    again, and its new marker retires that row. Other shards pass and are
+    filtered once read.
     """
+    markers = shard_markers or ShardMarkers()
     for row in rows:
         if sharded:
             shard = (row["shard_uri"], row["shard_version"])
             images_done = done.per_shard.get(shard, 0)
             skipped.images += images_done
-            images = (shard_markers or {}).get(shard_marker_stem(*shard, marker_tag))
-            if images is None or images_done < images:
+            images = markers.images.get(shard_marker_stem(*shard, marker_tag))
+            shard_id = image_id_for(row["shard_uri"])
+            if (
+                images is None
+                or images_done < images
+                or markers.error_stands(shard_id, done.shard_errors.get(shard_id))
+            ):
                 yield row
         elif len(done) and done.has(row["image_id"], row["source_version"]):
             skipped.images += 1

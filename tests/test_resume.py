@@ -229,3 +229,43 @@ def test_shards_read_under_other_settings_are_read_again_for_the_images_they_lef
     assert sorted(name.count(".") for name in markers) == [2, 3]
     last = run_annotation(load_config(None, settings))
     assert (last.images_skipped_done, last.images_ok, last.images_error) == (3, 0, 0)
+
+
+def test_a_shard_restored_after_it_broke_is_read_again_to_retire_its_error_row(
+    ray_cluster, checkpoints, tmp_path
+):
+    """Read whole, broken (its error row is its id's row in the view), then put
+    back as it was: its images are all done and its old marker counts them, but
+    skipped, nothing would ever retire the error row."""
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shard = shards / "000.tar"
+    members = [(f"{i:03d}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(2)]
+    shard.write_bytes(tar_bytes(members))
+    intact, stat = shard.read_bytes(), shard.stat()
+    settings = depth_job(shards, tmp_path / "output", checkpoints, "report.enabled=false")
+    assert run_annotation(load_config(None, settings)).images_ok == 2
+
+    shard.write_bytes(b"not a tar at all")
+    broken = run_annotation(load_config(None, settings))
+    assert (broken.images_ok, broken.images_error) == (0, 1)
+    view = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert [row["source_uri"] for row in view if row["status"] == "error"] == [str(shard)]
+
+    shard.write_bytes(intact)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the version read whole
+    restored = run_annotation(load_config(None, settings))
+    assert (restored.images_skipped_done, restored.images_ok, restored.images_error) == (2, 0, 0)
+    view = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert sorted((row["source_uri"], row["status"]) for row in view) == [
+        (f"{shard}#000", "ok"),
+        (f"{shard}#001", "ok"),
+    ]
+    # Retired, the error row no longer holds the shard: the next run skips it unread.
+    shard.write_bytes(b"unreadable, " * (stat.st_size // 12) + b"!" * (stat.st_size % 12))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    last = run_annotation(load_config(None, settings))
+    assert (last.images_skipped_done, last.images_ok, last.images_error) == (2, 0, 0)

@@ -256,20 +256,29 @@ def test_the_streamed_view_stops_if_a_part_changes_between_its_passes(tmp_path, 
 
 
 def test_shard_markers_name_the_shard_version_and_its_image_count(tmp_path):
-    from pipeline.keys import shard_marker_key, shard_marker_stem
+    from pipeline.keys import image_id_for, shard_marker_key, shard_marker_stem
     from pipeline.predictions import read_shard_markers
 
     fs, _ = filesystem_for(str(tmp_path), {})
-    assert read_shard_markers(fs, str(tmp_path)) == {}
+    assert read_shard_markers(fs, str(tmp_path)).images == {}
     fs.pipe_file(f"{tmp_path}/{shard_marker_key('s3://b/a.tar', 'etag:1', 12)}", b"")
-    markers = read_shard_markers(fs, str(tmp_path))
+    markers = read_shard_markers(fs, str(tmp_path)).images
     assert markers == {shard_marker_stem("s3://b/a.tar", "etag:1"): 12}
     assert shard_marker_stem("s3://b/a.tar", "etag:2") not in markers
     # A later read of the same version counted otherwise: its count stands.
     later = f"{tmp_path}/{shard_marker_key('s3://b/a.tar', 'etag:1', 9)}"
     fs.pipe_file(later, b"")
     os.utime(later, (time.time() + 10, time.time() + 10))
-    assert read_shard_markers(fs, str(tmp_path)) == {shard_marker_stem("s3://b/a.tar", "etag:1"): 9}
+    markers = read_shard_markers(fs, str(tmp_path))
+    assert markers.images == {shard_marker_stem("s3://b/a.tar", "etag:1"): 9}
+    assert markers.last_read == {image_id_for("s3://b/a.tar"): pytest.approx(time.time() + 10, 1)}
+    # Another read's settings: a stem of its own, and the same shard read
+    tagged = shard_marker_key("s3://b/a.tar", "etag:1", 4, "r0123abcd")
+    fs.pipe_file(f"{tmp_path}/{tagged}", b"")
+    assert read_shard_markers(fs, str(tmp_path)).images == {
+        shard_marker_stem("s3://b/a.tar", "etag:1"): 9,
+        shard_marker_stem("s3://b/a.tar", "etag:1", "r0123abcd"): 4,
+    }
 
 
 def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
@@ -301,6 +310,34 @@ def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
     assert image_id_for(shard) in view_ids()  # read whole, but before it failed
     os.utime(marker, None)  # now: after the error row
     assert view_ids() == {"z", member["image_id"]}
+
+
+def test_the_done_check_names_shards_whose_own_error_row_stands_in_the_view(tmp_path):
+    import fsspec
+
+    from pipeline.keys import image_id_for
+
+    def shard_row(shard, status, minutes, **fields):
+        return {**row(image_id_for(shard), status, minutes, **fields), "source_uri": shard}
+
+    write_part(
+        tmp_path,
+        "a.parquet",
+        [
+            shard_row("s3://b/broken.tar", "error", 5, config="other"),  # any config's
+            shard_row("s3://b/fixed.tar.gz", "error", 5),
+            shard_row("s3://b/fixed.tar.gz", "ok", 9),  # a newer row of the id: not the view's
+            shard_row("s3://b/table.PARQUET", "error", 7),  # suffixes in any case
+            row("plain", "error", 5),  # an image file's error
+            {**row("member", "error", 5), "source_uri": "s3://b/broken.tar#0"},  # a member's
+        ],
+    )
+    done = load_done_images(fsspec.filesystem("file"), str(tmp_path), "c1")
+    at = (T0 + timedelta(minutes=5)).timestamp(), (T0 + timedelta(minutes=7)).timestamp()
+    assert done.shard_errors == {
+        image_id_for("s3://b/broken.tar"): pytest.approx(at[0]),
+        image_id_for("s3://b/table.PARQUET"): pytest.approx(at[1]),
+    }
 
 
 def test_runs_going_have_a_start_record_renewed_lately_and_no_newer_finish_record(tmp_path):
