@@ -59,10 +59,14 @@ class PreprocessSpec:
             height_px = width_px = size
         elif isinstance(size, Mapping) and "height" in size and "width" in size:
             height_px, width_px = int(size["height"]), int(size["width"])
+        elif isinstance(size, list | tuple) and len(size) == 2:
+            # Feature-extractor configs from before transformers 4.26: (height, width),
+            # as transformers' get_size_dict reads them.
+            height_px, width_px = int(size[0]), int(size[1])
         else:
             raise ValueError(
-                f"preprocessor config 'size' must be an int or have 'height' and 'width'; "
-                f"got {size!r}"
+                "preprocessor config 'size' must be an int, [height, width] or have "
+                f"'height' and 'width'; got {size!r}"
             )
         return cls(
             height_px=height_px,

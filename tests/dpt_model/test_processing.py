@@ -65,6 +65,22 @@ def test_spec_reads_every_value_from_the_processor_config():
 
 
 @pytest.mark.parametrize(
+    "size, height_width",
+    [(384, (384, 384)), ({"height": 300, "width": 400}, (300, 400)), ([300, 400], (300, 400))],
+)
+def test_a_size_reads_as_transformers_reads_it(size, height_width):
+    """[height, width] is how feature-extractor configs from before transformers 4.26 say it."""
+    spec = PreprocessSpec.from_processor_config({"size": size})
+    reference = DPTImageProcessorPil(size=size).size
+    assert (spec.height_px, spec.width_px) == height_width == (reference.height, reference.width)
+
+
+def test_a_size_of_no_fixed_shape_is_refused():
+    with pytest.raises(ValueError, match=r"must be an int, \[height, width\] or have"):
+        PreprocessSpec.from_processor_config({"size": {"shortest_edge": 384}})
+
+
+@pytest.mark.parametrize(
     ("size", "budget_bytes"),
     [
         ((203, 157), 10**12),  # one band
