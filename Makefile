@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[test]' 2>&1 | { grep -v "is ignored" || true; }
-	$(BIN)/python -c "import torch, transformers, ray, pyarrow, s3fs, PIL, moto, kubernetes_validate"
+	$(BIN)/python -c "import torch, transformers, ray, pyarrow, s3fs, PIL, moto, kubernetes_validate, pycocotools"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,7 +25,7 @@ from dpt_model.tensor_processing import upsample_depth
 from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_uris
-from pipeline.predictions import iter_predictions
+from pipeline.predictions import MapLocator, iter_predictions
 from pipeline.schema import schema_for
 from pipeline.storage import filesystem_for, read_bytes
 
@@ -41,6 +41,7 @@ _COLUMNS = [
     "depth_kind",
     "segmentation_uri",
     "kept",
+    "label_coverage",
 ]
 
 
@@ -59,6 +60,8 @@ class PseudoLabelDataset(Dataset):
 
     Rows are the ok ones; with ``kept_only`` (the default) also only those with
     ``kept`` true, or null (runs without pseudo-label mode keep everything).
+    ``kept`` was judged by the ``min_coverage`` of the run that annotated the
+    image; ``min_coverage=`` judges every row by one bar, from ``label_coverage``.
     ``transform`` is called on each item dict.
     """
 
@@ -70,16 +73,22 @@ class PseudoLabelDataset(Dataset):
         with_images: bool = True,
         depth: Literal["raw", "normalized"] = "raw",
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        min_coverage: float | None = None,
     ) -> None:
         self.storage_options = storage_options or {}
+        self.maps = MapLocator(output_uri, self.storage_options)
         self.depth = depth
         self.with_images = with_images
         self.transform = transform
         chosen = []
         for batch in iter_predictions(output_uri, _COLUMNS, self.storage_options):
             wanted = pc.equal(batch["status"], "ok")
-            if kept_only:  # kept null: a run without pseudo-label mode, which keeps all
+            # Nulls: a run without pseudo-label mode, which keeps all (as is_kept).
+            if kept_only and min_coverage is None:
                 wanted = pc.and_(wanted, pc.fill_null(batch["kept"], True))
+            elif kept_only:
+                covered = pc.greater_equal(batch["label_coverage"], min_coverage)
+                wanted = pc.and_(wanted, pc.fill_null(covered, True))
             chosen.append(batch.filter(wanted))
         # Arrow columns, not a list of dicts: a few hundred bytes a row, and
         # DataLoader workers share them after fork (Python objects would be
@@ -108,10 +117,19 @@ class PseudoLabelDataset(Dataset):
         if self.with_images:
             data = self._read(row["source_uri"])
             rgb = decode_image(data, LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX).rgb
-            item["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-        if row["depth_uri"]:
-            stored = decode_depth_map(row["depth_uri"], self._read(row["depth_uri"]))
-            if row["depth_uri"].endswith(".npz"):  # output.depth_format: npz_float16
+            if rgb.shape[:2] != size_hw:
+                raise ValueError(
+                    f"{row['source_uri']} is {rgb.shape[1]}×{rgb.shape[0]} now and was "
+                    f"{row['width']}×{row['height']} when annotated: it changed since, and its "
+                    "maps are of the image it was (run the job again to annotate it anew)"
+                )
+            # Writable, for in-place transforms: decoded arrays are read-only, and
+            # a 1×1 image's is contiguous already, so not copied by transposing.
+            chw = np.require(rgb.transpose(2, 0, 1), requirements=["C", "W"])
+            item["image"] = torch.from_numpy(chw)
+        if depth_uri := self.maps(row["depth_uri"], "depth"):
+            stored = decode_depth_map(depth_uri, self._read(depth_uri))
+            if depth_uri.endswith(".npz"):  # output.depth_format: npz_float16
                 values = torch.from_numpy(stored).float()
                 same_size = tuple(values.shape) == size_hw
                 depth = (values if same_size else upsample_depth(values, size_hw)).numpy()
@@ -123,14 +141,22 @@ class PseudoLabelDataset(Dataset):
                 depth = (depth - low) / ((high - low) or 1.0)
             item["depth"] = torch.from_numpy(depth)
             item["depth_kind"] = row["depth_kind"]
-        if row["segmentation_uri"]:
-            label = decode_segmentation_png(self._read(row["segmentation_uri"]))
+        if segmentation_uri := self.maps(row["segmentation_uri"], "segmentation"):
+            label = decode_segmentation_png(self._read(segmentation_uri))
             item["label"] = torch.from_numpy(label.astype(np.int64))
             item["mask"] = item["label"] != IGNORE_LABEL
         return self.transform(item) if self.transform else item
 
     def _read(self, uri: str) -> bytes:
         return read_bytes(uri, self.storage_options)
+
+
+def is_kept(kept: bool | None, label_coverage: float | None, min_coverage: float | None) -> bool:
+    """Whether an ok row is a training target: by its ``kept``, or with
+    ``min_coverage`` by that bar; rows of runs without pseudo-labels (nulls) always are."""
+    if min_coverage is None:
+        return kept is not False
+    return label_coverage is None or label_coverage >= min_coverage
 
 
 def _first_shard_member(named: pa.ChunkedArray, storage_options: dict[str, Any]) -> str | None:

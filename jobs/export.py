@@ -1,9 +1,9 @@
 """``python -m jobs.export coco OUTPUT_URI``: segmentation pseudo-labels as COCO masks.
 
-For correcting pseudo-labels in a labelling tool (CVAT, Label Studio's COCO
-import, FiftyOne) or training with COCO loaders. One annotation per class
-present in an image, its mask as COCO's uncompressed RLE, the image's mean
-confidence as ``score``. Large runs are written in parts of
+For training with COCO loaders (pycocotools' masks) or correcting pseudo-labels
+in a tool that imports COCO RLE masks. One annotation per class present in an
+image, its mask as COCO's uncompressed RLE, the image's mean confidence as
+``score``. Large runs are written in parts of
 ``--images-per-file`` images, never as one file, to ``<output>/export/coco/``
 unless ``--dest`` says otherwise.
 """
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from dpt_model.labels import coco_annotations
+from dpt_model.labels import coco_annotations, is_kept
 from dpt_model.loading import ModelLoadError
 from jobs.arguments import (
     EXIT_BAD_ARGUMENTS,
@@ -31,7 +31,7 @@ from jobs.arguments import (
     storage_options,
 )
 from pipeline.encode import decode_segmentation_png
-from pipeline.predictions import iter_predictions, segmentation_class_names
+from pipeline.predictions import MapLocator, iter_predictions, segmentation_class_names
 from pipeline.schema import strip_url_secrets
 from pipeline.storage import (
     files_in,
@@ -45,6 +45,7 @@ from pipeline.storage import (
 )
 
 _STAGING_PREFIX = ".export-"
+EXIT_FAILED = 1
 _EXPORT_COLUMNS = [
     "image_id",
     "source_uri",
@@ -58,6 +59,10 @@ _EXPORT_COLUMNS = [
 ]
 
 
+class MissingMapError(FileNotFoundError):
+    """A row's map file is gone (an output copied in part, a map deleted by hand)."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.export", description=__doc__.split("\n")[0]
@@ -67,7 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dest", help="folder for the parts (default: <output>/export/coco)")
     parser.add_argument("--images-per-file", type=positive_integer, default=1000)
     parser.add_argument("--include-weak", action="store_true", help="also images with kept = false")
+    parser.add_argument(
+        "--min-coverage",
+        type=coverage_fraction,
+        help="judge every image by this label_coverage bar instead of its row's kept, "
+        "which was judged by the bar of the run that annotated it",
+    )
     return parser.parse_args(argv)
+
+
+def coverage_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction from 0 to 1")
+    return value
 
 
 def export_coco(
@@ -77,6 +95,7 @@ def export_coco(
     include_weak: bool = False,
     labels_from: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    min_coverage: float | None = None,
 ) -> list[str]:
     """Write COCO parts for an output's segmentation maps; returns their URIs.
 
@@ -85,7 +104,14 @@ def export_coco(
     images holds one part's rows and masks, not the output.
     """
     storage_options = storage_options or {}
-    class_names = segmentation_class_names(output_uri, storage_options, labels_from)
+    try:
+        class_names = segmentation_class_names(output_uri, storage_options, labels_from)
+    except ModelLoadError as error:
+        if labels_from is not None:
+            raise
+        # A run recorded before runs kept their classes, naming its model by a
+        # path relative to where it ran, say.
+        raise ModelLoadError(f"{error}; name the run's checkpoint with --labels-from") from None
     if class_names is None:
         raise ValueError(
             f"no finished run under {strip_url_secrets(output_uri)} used a segmentation model; "
@@ -102,7 +128,7 @@ def export_coco(
     }
     for leftover in _staging_folders(dest_fs, dest_root):  # of an export that crashed
         _remove_folder(dest_fs, leftover)
-    rows = _exported_rows(output_uri, storage_options, include_weak)
+    rows = _exported_rows(output_uri, storage_options, include_weak, min_coverage)
     # Parts are written to a hidden folder first and put in place only once all
     # are written: an export that fails while writing leaves the earlier one
     # whole. (One that fails while putting them in place leaves a mix; run it
@@ -159,11 +185,19 @@ def _write_coco_parts(
     storage_options: dict[str, Any],
 ) -> list[str]:
     written: list[str] = []
+    maps = MapLocator(output_uri, storage_options)
+    named = {category["id"] for category in categories}
     image_id, annotation_id = 1, 1
     while part_rows := list(itertools.islice(rows, images_per_file)):
         images, annotations = [], []
         for row in part_rows:
-            label = decode_segmentation_png(read_bytes(row["segmentation_uri"], storage_options))
+            segmentation_uri = maps(row["segmentation_uri"], "segmentation")
+            try:
+                label = decode_segmentation_png(read_bytes(segmentation_uri, storage_options))
+            except FileNotFoundError:
+                raise MissingMapError(
+                    f"the segmentation map of {row['source_uri']} is missing: {segmentation_uri}"
+                ) from None
             images.append(
                 {
                     "id": image_id,
@@ -175,6 +209,12 @@ def _write_coco_parts(
                 }
             )
             found = coco_annotations(label, image_id, annotation_id, row["seg_confidence_mean"])
+            if unnamed := sorted({a["category_id"] for a in found} - named):
+                raise ValueError(
+                    f"{row['source_uri']} has class ids {[i - 1 for i in unnamed]}, which the "
+                    f"class names ({len(named)} classes) lack: with --labels-from, name the "
+                    "checkpoint the run used"
+                )
             annotations.extend(found)
             image_id, annotation_id = image_id + 1, annotation_id + len(found)
         document = {
@@ -193,7 +233,10 @@ def _write_coco_parts(
 
 
 def _exported_rows(
-    output_uri: str, storage_options: dict[str, Any], include_weak: bool
+    output_uri: str,
+    storage_options: dict[str, Any],
+    include_weak: bool,
+    min_coverage: float | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The rows an export holds: ok images with a segmentation map (kept ones unless weak too)."""
     for batch in iter_predictions(output_uri, _EXPORT_COLUMNS, storage_options):
@@ -201,7 +244,7 @@ def _exported_rows(
             if (
                 row["status"] == "ok"
                 and row["segmentation_uri"]
-                and (include_weak or row["kept"] is not False)
+                and (include_weak or is_kept(row["kept"], row["label_coverage"], min_coverage))
             ):
                 yield row
 
@@ -220,10 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             args.include_weak,
             args.labels_from,
             storage_options(args),
+            args.min_coverage,
         )
     except (ValueError, ModelLoadError) as error:  # no labels, or --labels-from unusable
         print(f"error: {strip_url_secrets(str(error))}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
+    except OSError as error:  # the store, after its retries; an earlier export stays whole
+        said = error if isinstance(error, MissingMapError) else f"{type(error).__name__}: {error}"
+        print(f"error: {strip_url_secrets(str(said))}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"wrote {len(written)} COCO part(s)" + (f", first {written[0]}" if written else ""))
     if not written and not args.include_weak:
         # Nothing kept was exported: every row an export with weak ones holds is weak.

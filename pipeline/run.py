@@ -48,6 +48,7 @@ from pipeline.predictions import (
     RunHeartbeat,
     ShardMarkers,
     drop_done_rows,
+    iter_run_records,
     load_done_images,
     read_shard_markers,
     runs_going,
@@ -175,6 +176,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
         done = load_done_images(out_fs, out_root, config_hash) if incremental else DoneImages()
         if incremental and not len(done):
             _warn_if_done_under_other_configs(out_fs, out_root, config_hash)
+        if len(done) and config.pseudo_labels.enabled:
+            _warn_if_min_coverage_changed(config)
         listing = list_input(config.input, storage_options, config.output.uri)
         logger.info("input.format %s (%s)", listing.format, listing.reason)
         timings["prepare"] = time.perf_counter() - started
@@ -284,7 +287,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             summary.quality_report_uri = _write_quality_report(config, cards, summary)
             summary.timings_s["report"] = round(time.perf_counter() - report_started, 3)
         heartbeat.stop_renewing()
-        _write_run_report(out_fs, report_path, config, summary, started_at)
+        _write_run_report(out_fs, report_path, config, cards, summary, started_at)
         return summary
 
 
@@ -782,6 +785,28 @@ def _warn_if_done_under_other_configs(fs, root: str, config_hash: str) -> None:
         )
 
 
+def _warn_if_min_coverage_changed(config: JobConfig) -> None:
+    """Say so where the latest pseudo-label run judged ``kept`` by another bar.
+
+    ``min_coverage`` is not part of ``config_hash`` (it decides no pixel), so
+    images already done keep the ``kept`` of the bar they were judged by.
+    """
+    for record in iter_run_records(config.output.uri, config.storage_options()):
+        earlier = (record.get("config") or {}).get("pseudo_labels") or {}
+        if not earlier.get("enabled"):
+            continue
+        if earlier.get("min_coverage") != config.pseudo_labels.min_coverage:
+            logger.warning(
+                "pseudo_labels.min_coverage is %s here and was %s in run %s: images already "
+                "done keep the kept of the bar they were judged by; to judge every image by "
+                "one, give jobs.export --min-coverage or PseudoLabelDataset min_coverage=",
+                config.pseudo_labels.min_coverage,
+                earlier.get("min_coverage"),
+                (record.get("summary") or {}).get("run_id", "?"),
+            )
+        return
+
+
 def _warn_of_runs_going(fs, root: str, run_id: str) -> None:
     """Say so where another run on this output is going.
 
@@ -938,7 +963,12 @@ def _class_names(config: JobConfig, cards: dict[str, ModelCard]) -> dict[int, st
 
 
 def _write_run_report(
-    fs, path: str, config: JobConfig, summary: RunSummary, started_at: datetime
+    fs,
+    path: str,
+    config: JobConfig,
+    cards: dict[str, ModelCard],
+    summary: RunSummary,
+    started_at: datetime,
 ) -> None:
     report = {
         "summary": asdict(summary),
@@ -949,4 +979,8 @@ def _write_run_report(
         },
         "finished_at": datetime.now(UTC).isoformat(),
     }
+    if "segmentation" in cards:
+        # Read by jobs.export and the report from the output itself: the model's
+        # URI, as written, may be a path relative to where the run was started.
+        report["segmentation_classes"] = cards["segmentation"].class_names
     fs.pipe_file(path, json.dumps(report, indent=2).encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -260,3 +261,12 @@ def test_coco_export_holds_every_kept_image_mask_by_mask(
             assert annotation["score"] == pytest.approx(row["seg_confidence_mean"])
         # Every labelled pixel is in exactly one mask; ignored pixels in none.
         assert sum(a["area"] for a in mine) == (labels != IGNORE_LABEL).sum()
+
+    # The output copied elsewhere, the original gone: the rows still name its
+    # maps, and the export finds them in the copy.
+    moved = tmp_path / "moved" / "out"
+    shutil.copytree(tmp_path / "out", moved)
+    shutil.rmtree(tmp_path / "out")
+    assert export_main(["coco", str(moved), "--images-per-file", "4"]) == 0
+    again = [json.loads(part.read_text()) for part in sorted(moved.glob("export/coco/part-*"))]
+    assert [d["annotations"] for d in again] == [d["annotations"] for d in documents]

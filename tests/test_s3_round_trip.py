@@ -233,7 +233,9 @@ def test_manifest_across_buckets_and_presigned_urls(ray_cluster, s3_endpoint, s3
 
 
 @pytest.mark.slow
-def test_pseudo_label_dataset_reads_an_output_on_s3(ray_cluster, s3_endpoint, s3, checkpoints):
+def test_pseudo_label_dataset_reads_an_output_on_s3_and_synced_down(
+    ray_cluster, s3_endpoint, s3, checkpoints, tmp_path
+):
     bucket = s3.new_bucket()
     for i in range(3):
         s3.pipe_file(f"{bucket}/images/{i}.jpg", photo(i))
@@ -254,3 +256,15 @@ def test_pseudo_label_dataset_reads_an_output_on_s3(ray_cluster, s3_endpoint, s3
         expected = depth_at_size(levels, row["depth_min"], row["depth_max"], size_hw)
         np.testing.assert_array_equal(item["depth"].numpy(), expected)
         assert "label" not in item  # a depth-only run
+
+    # Synced down to train locally (the bucket's maps then gone): the rows still
+    # name the maps on S3, and the dataset reads the local copies.
+    on_s3 = {item["image_id"]: item["depth"] for item in dataset}
+    local = tmp_path / "synced"
+    s3.get(f"{bucket}/out/", f"{local}/", recursive=True)
+    s3.rm(f"{bucket}/out/depth", recursive=True)
+    synced_dataset = PseudoLabelDataset(str(local), storage_options=options)  # images on S3
+    synced = {item["image_id"]: item["depth"] for item in synced_dataset}
+    assert synced.keys() == on_s3.keys()
+    for image_id, depth in synced.items():
+        np.testing.assert_array_equal(depth.numpy(), on_s3[image_id].numpy())

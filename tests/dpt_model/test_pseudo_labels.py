@@ -97,3 +97,63 @@ def test_the_dataset_holds_ok_kept_rows_as_columns_and_indexes_like_a_sequence(t
     (tmp_path / "set").mkdir()
     (tmp_path / "set/a-000.tar#e").write_bytes(b"an image file")
     assert len(PseudoLabelDataset(str(tmp_path))) == 3
+
+
+def test_min_coverage_judges_every_row_by_one_bar(tmp_path):
+    """kept was judged by the bar of the run that annotated each image."""
+    from dpt_model.labels import PseudoLabelDataset, is_kept
+    from tests.pipeline.test_predictions import row, write_part
+
+    write_part(
+        tmp_path,
+        "a.parquet",
+        [
+            {**row("strong", "ok", 0), "kept": False, "label_coverage": 0.9},  # a stricter run's
+            {**row("weak", "ok", 0), "kept": True, "label_coverage": 0.2},  # a laxer run's
+            {**row("plain", "ok", 0)},  # a run without pseudo-labels: always kept
+        ],
+    )
+
+    def ids(**options):
+        return [
+            i["image_id"] for i in PseudoLabelDataset(str(tmp_path), with_images=False, **options)
+        ]
+
+    assert ids() == ["weak", "plain"]
+    assert ids(min_coverage=0.5) == ["strong", "plain"]
+    assert ids(min_coverage=0.9) == ["strong", "plain"]
+    assert ids(min_coverage=0.5, kept_only=False) == ["strong", "weak", "plain"]
+    assert [is_kept(False, 0.9, None), is_kept(False, 0.9, 0.5), is_kept(None, None, 0.5)] == [
+        False,
+        True,
+        True,
+    ]
+
+
+def test_the_dataset_refuses_an_image_changed_since_and_gives_writable_images(tmp_path):
+    import warnings
+
+    from dpt_model.labels import PseudoLabelDataset
+    from jobs.sample_images import encoded, synthetic_photo
+    from tests.pipeline.test_predictions import row, write_part
+
+    narrow = tmp_path / "narrow.png"  # one pixel: its CHW array is contiguous as decoded
+    narrow.write_bytes(encoded(synthetic_photo(1, 1, seed=1), "PNG"))
+    changed = tmp_path / "changed.jpg"
+    changed.write_bytes(encoded(synthetic_photo(30, 20, seed=2), "JPEG"))
+    write_part(
+        tmp_path,
+        "a.parquet",
+        [
+            {**row("narrow", "ok", 0), "source_uri": str(narrow), "width": 1, "height": 1},
+            {**row("changed", "ok", 0), "source_uri": str(changed), "width": 60, "height": 40},
+        ],
+    )
+    dataset = PseudoLabelDataset(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of a read-only array
+        image = dataset[0]["image"]
+    image += 1  # a transform's in-place step
+    assert image.shape == (3, 1, 1)
+    with pytest.raises(ValueError, match=r"changed.jpg is 30×20 now and was 60×40 when annotated"):
+        dataset[1]

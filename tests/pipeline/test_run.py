@@ -1,5 +1,8 @@
 """Pure parts of the job's composition, without Ray."""
 
+import json
+import os
+
 import pytest
 
 from jobs.config import load_config
@@ -159,3 +162,37 @@ def test_a_run_id_used_again_after_its_run_finished_is_named_in_a_warning(tmp_pa
         _warn_if_run_id_finished(fs, root, "nightly")
     [warning] = caplog.records
     assert warning.getMessage().startswith("run_id nightly has already finished on this output")
+
+
+def test_a_min_coverage_other_than_the_last_pseudo_label_runs_is_said(tmp_path, caplog):
+    from pipeline.run import _warn_if_min_coverage_changed
+
+    def record(name: str, pseudo_labels: dict, minutes: int) -> None:
+        path = tmp_path / "_runs" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        body = {"summary": {"run_id": name}, "config": {"pseudo_labels": pseudo_labels}}
+        path.write_text(json.dumps(body))
+        os.utime(path, (1_000_000 + minutes * 60,) * 2)
+
+    def warnings_for(min_coverage: float) -> list[str]:
+        config = load_config(
+            None,
+            [
+                "input.uri=x",
+                f"output.uri={tmp_path}",
+                "models.segmentation=m",
+                "pseudo_labels.enabled=true",
+                f"pseudo_labels.min_coverage={min_coverage}",
+            ],
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.run"):
+            _warn_if_min_coverage_changed(config)
+        return [r.getMessage() for r in caplog.records]
+
+    record("strict", {"enabled": True, "min_coverage": 0.6}, 0)
+    record("plain", {"enabled": False, "min_coverage": 0.3}, 5)  # no pseudo-labels: not a bar
+    assert warnings_for(0.6) == []
+    [said] = warnings_for(0.3)
+    assert said.startswith("pseudo_labels.min_coverage is 0.3 here and was 0.6 in run strict:")
+    assert "jobs.export --min-coverage" in said
