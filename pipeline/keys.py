@@ -149,6 +149,20 @@ def shard_marker_key(
     return f"{shard_marker_stem(shard_uri, shard_version, read_settings_tag)}.{images}"
 
 
+def shard_done_marker_key(
+    shard_uri: str, shard_version: str, read_settings_tag: str, config_hash: str
+) -> str:
+    """``_shards/<shard id>.<version tag>[.<read settings tag>].c<config>``: an empty
+    object saying that a read of this version under those settings found every
+    one of its images done under that config.
+
+    Where a shard version was read under more than one set of settings, the
+    count of its done images can hold images the current settings do not
+    produce (other ids, other extensions), so only this marker lets it be skipped.
+    """
+    return f"{shard_marker_stem(shard_uri, shard_version, read_settings_tag)}.c{config_hash[:12]}"
+
+
 def shard_marker_stem(shard_uri: str, shard_version: str, read_settings_tag: str = "") -> str:
     version_tag = hashlib.sha256(shard_version.encode()).hexdigest()[:8]
     settings = f".{read_settings_tag}" if read_settings_tag else ""

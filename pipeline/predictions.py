@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import signal
 import threading
 import uuid
@@ -511,6 +512,25 @@ class ShardMarkers:
     images: dict[str, int] = field(default_factory=dict)
     # shard id → when a version of it was last read whole (seconds since the epoch)
     last_read: dict[str, float] = field(default_factory=dict)
+    # (marker stem, config hash's first 12) of reads that found every image done
+    all_done: set[tuple[str, str]] = field(default_factory=set)
+    # <shard id>.<version tag> → the read settings tags its markers carry ("" the defaults')
+    settings_read: dict[str, set[str]] = field(default_factory=dict)
+
+    def can_skip(self, stem: str, config_hash: str, images_done: int) -> bool:
+        """Whether the shard version of ``stem`` (these read settings) holds nothing to do.
+
+        Read under these settings only, its marker's image count is trusted:
+        skipped once that many images are done. Read under others too, the done
+        images may be of other settings' (other ids, other extensions): skipped
+        only once a read under these found them all done.
+        """
+        if (stem, config_hash[:12]) in self.all_done:
+            return True
+        images = self.images.get(stem)
+        version, settings = _split_stem(stem)
+        read_one_way = self.settings_read.get(version, {settings}) == {settings}
+        return images is not None and images_done >= images and read_one_way
 
     def error_stands(self, shard_id: str, error_written: float | None) -> bool:
         """Whether a shard's error row written then is still its row in the view:
@@ -528,9 +548,20 @@ def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> ShardMarkers
     """
     markers = ShardMarkers()
     for marker in sorted(_shard_markers(fs, root), key=lambda marker: marker.written):
-        markers.images[marker.stem] = marker.images
+        version, settings = _split_stem(marker.stem)
+        markers.settings_read.setdefault(version, set()).add(settings)
         markers.last_read[marker.shard_id] = marker.written
+        if marker.done_under is not None:
+            markers.all_done.add((marker.stem, marker.done_under))
+        else:
+            markers.images[marker.stem] = marker.images
     return markers
+
+
+def _split_stem(stem: str) -> tuple[str, str]:
+    """``_shards/<id>.<version tag>[.<settings tag>]`` → (``<id>.<version tag>``, settings tag)."""
+    shard_id, version_tag, *settings = stem.removeprefix(f"{SHARDS_FOLDER}/").split(".")
+    return f"{shard_id}.{version_tag}", "".join(settings)
 
 
 class _ShardMarker(NamedTuple):
@@ -538,6 +569,7 @@ class _ShardMarker(NamedTuple):
     shard_id: str
     images: int
     written: float  # seconds since the epoch
+    done_under: str | None = None  # an all-done marker's config (12 hex digits)
 
 
 def _shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[_ShardMarker]:
@@ -549,11 +581,13 @@ def _shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[_ShardMarke
     markers = []
     for info in listed:
         stem, _, images = info["name"].rsplit("/", 1)[-1].rpartition(".")
+        shard_id = stem.split(".", 1)[0]
+        written = _modified(info)
         if images.isdigit():
-            shard_id = stem.split(".", 1)[0]
-            markers.append(
-                _ShardMarker(f"{SHARDS_FOLDER}/{stem}", shard_id, int(images), _modified(info))
-            )
+            markers.append(_ShardMarker(f"{SHARDS_FOLDER}/{stem}", shard_id, int(images), written))
+        elif re.fullmatch("c[0-9a-f]{12}", images):  # shard_done_marker_key
+            marker = _ShardMarker(f"{SHARDS_FOLDER}/{stem}", shard_id, 0, written, images[1:])
+            markers.append(marker)
     return markers
 
 

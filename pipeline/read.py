@@ -13,12 +13,18 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 
-from pipeline.keys import SHARD_FORMATS, image_id_for, shard_marker_key, shard_member_uri
+from pipeline.keys import (
+    SHARD_FORMATS,
+    image_id_for,
+    shard_done_marker_key,
+    shard_marker_key,
+    shard_member_uri,
+)
 from pipeline.retry import backoff_delays, is_transient, retry_transient
 from pipeline.schema import error_reason, strip_url_secrets
 from pipeline.shards import (
@@ -29,6 +35,9 @@ from pipeline.shards import (
     too_large,
 )
 from pipeline.storage import filesystem_for, join
+
+if TYPE_CHECKING:
+    from pipeline.predictions import DoneImages
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +176,8 @@ def read_shard(
     storage_options: dict[str, Any],
     rows_per_batch: int,
     output_uri: str | None = None,
+    done: DoneImages | None = None,
+    config_hash: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
@@ -175,7 +186,8 @@ def read_shard(
     did yield, so the loss is visible in the output. A shard read to its end
     leaves a marker under ``output_uri`` with its image count
     (:func:`~pipeline.keys.shard_marker_key`): once all those images
-    are done, later runs skip it without reading it.
+    are done, later runs skip it without reading it. One whose every image
+    ``done`` holds also leaves :func:`~pipeline.keys.shard_done_marker_key`.
     """
     listing_errors = batch.get("listing_error", np.full(len(batch["shard_uri"]), ""))
     shards = zip(
@@ -191,7 +203,7 @@ def read_shard(
         rows: list[dict[str, Any]] = []
         read = _ShardRead()
         shard = (str(shard_uri), str(shard_key), str(shard_version))
-        for row in _shard_rows(*shard, shard_input, storage_options, read):
+        for row in _shard_rows(*shard, shard_input, storage_options, read, done):
             rows.append(row)
             if len(rows) == rows_per_batch:
                 yield _as_columns(rows)
@@ -200,19 +212,19 @@ def read_shard(
             yield _as_columns(rows)
         # Here only once every row of the shard was taken downstream.
         if output_uri is not None and read.to_the_end:
-            _leave_shard_marker(
-                output_uri,
-                storage_options,
-                shard_marker_key(
-                    str(shard_uri), str(shard_version), read.images, shard_input.marker_tag
-                ),
-                str(shard_uri),
-            )
+            shard_uri, shard_version = str(shard_uri), str(shard_version)
+            tag = shard_input.marker_tag
+            keys = [shard_marker_key(shard_uri, shard_version, read.images, tag)]
+            if done is not None and read.images_done == read.images:
+                keys.append(shard_done_marker_key(shard_uri, shard_version, tag, config_hash))
+            for key in keys:
+                _leave_shard_marker(output_uri, storage_options, key, shard_uri)
 
 
 @dataclass
 class _ShardRead:
     images: int = 0
+    images_done: int = 0  # of those, already done (with ``done`` given)
     to_the_end: bool = False
 
 
@@ -234,16 +246,20 @@ def _shard_rows(
     shard_input: ShardInput,
     storage_options: dict[str, Any],
     read: _ShardRead,
+    done: DoneImages | None = None,
 ) -> Iterator[dict[str, Any]]:
-    images = with_image = 0
+    images = with_image = images_done = 0
     try:
         for sample in iter_shard_images(shard_uri, shard_input, storage_options):
             images += 1
-            with_image += sample.has_image
-            yield _image_row(shard_uri, shard_key, shard_version, sample)
+            row = _image_row(shard_uri, shard_key, shard_version, sample)
+            if sample.has_image:
+                with_image += 1
+                images_done += done is not None and done.has(row["image_id"], shard_version)
+            yield row
         # The marker counts images only: a sample without one can never be done,
         # and counting it would have every later run read the shard again.
-        read.images, read.to_the_end = with_image, True
+        read.images, read.images_done, read.to_the_end = with_image, images_done, True
     except (ShardError, OSError, ValueError) as problem:
         where = f"after {images} images" if images else "before any image"
         reason = error_reason("read", f"shard failed {where}: {problem}")

@@ -195,7 +195,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
             listing.rows, "shards" if sharded else "images", skipped
         )
         marker_tag = _shard_input(config, listing.format).marker_tag if sharded else ""
-        to_annotate = _not_done(listed_rows, done, sharded, skipped, shard_markers, marker_tag)
+        to_annotate = _not_done(
+            listed_rows, done, sharded, skipped, shard_markers, marker_tag, config_hash
+        )
         if config.input.limit is not None and not sharded:
             # Counted after the done images, as for shards (limited once read below),
             # so a repeated smoke run annotates the next N.
@@ -375,6 +377,8 @@ def _annotation_dataset(
                 "storage_options": storage_options,
                 "rows_per_batch": DECODE_BATCH_ROWS,
                 "output_uri": config.output.uri,
+                "done": done if len(done) else None,
+                "config_hash": config_hash,
             },
             num_cpus=decode_cpus,
         )
@@ -588,16 +592,17 @@ def _not_done(
     skipped: _SkipCount,
     shard_markers: ShardMarkers | None = None,
     marker_tag: str = "",
+    config_hash: str = "",
 ) -> Iterator[dict[str, str]]:
     """Listed rows minus images already done.
 
-    A shard is left out when its marker (``shard_markers``, from
-    :func:`read_shard_markers`) says how many images this version of it holds,
-    read under these settings (``marker_tag``, :func:`read_settings_tag`), and
-    all of them are done, unless the shard's own error row is its row in the
-    view: a shard restored to a version read whole before it broke is read
-    again, and its new marker retires that row. Other shards pass and are
-    filtered once read.
+    A shard is left out when its markers (``shard_markers``, from
+    :func:`read_shard_markers`) say it holds nothing to do under these read
+    settings (``marker_tag``, :func:`read_settings_tag`) and this config
+    (:meth:`ShardMarkers.can_skip`), unless the shard's own error row is its
+    row in the view: a shard restored to a version read whole before it broke
+    is read again, and its new marker retires that row. Other shards pass and
+    are filtered once read.
     """
     markers = shard_markers or ShardMarkers()
     for row in rows:
@@ -605,12 +610,10 @@ def _not_done(
             shard = (row["shard_uri"], row["shard_version"])
             images_done = done.per_shard.get(shard, 0)
             skipped.images += images_done
-            images = markers.images.get(shard_marker_stem(*shard, marker_tag))
+            stem = shard_marker_stem(*shard, marker_tag)
             shard_id = image_id_for(row["shard_uri"])
-            if (
-                images is None
-                or images_done < images
-                or markers.error_stands(shard_id, done.shard_errors.get(shard_id))
+            if not markers.can_skip(stem, config_hash, images_done) or markers.error_stands(
+                shard_id, done.shard_errors.get(shard_id)
             ):
                 yield row
         elif len(done) and done.has(row["image_id"], row["source_version"]):

@@ -269,3 +269,41 @@ def test_a_shard_restored_after_it_broke_is_read_again_to_retire_its_error_row(
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     last = run_annotation(load_config(None, settings))
     assert (last.images_skipped_done, last.images_ok, last.images_error) == (2, 0, 0)
+
+
+def test_a_shard_read_under_other_settings_is_skipped_only_once_a_read_found_all_done(
+    ray_cluster, checkpoints, tmp_path
+):
+    """Read under two sets of settings, a shard's done images include images of
+    the other settings: their count cannot say that this settings' images are done."""
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shard = shards / "000.tar"
+    members = [
+        ("000.jpg", encoded(synthetic_photo(64, 48, seed=0), "JPEG")),
+        ("001.png", encoded(synthetic_photo(64, 48, seed=1), "PNG")),
+    ]
+    shard.write_bytes(tar_bytes(members))
+    settings = depth_job(shards, tmp_path / "output", checkpoints, "report.enabled=false")
+
+    def run(*more: str):
+        summary = run_annotation(load_config(None, [*settings, *more]))
+        return summary.images_ok, summary.images_error
+
+    assert run("input.extensions=png") == (1, 1)  # 000: no png member
+    assert run("input.extensions=jpg", "decode.max_side_px=32") == (0, 1)  # 000.jpg too large
+    # One done image (001, a png) and one jpg image counted: the count would skip it.
+    assert run("input.extensions=jpg") == (1, 0)
+    assert run("input.extensions=jpg") == (0, 0)  # read once more: all done, and so marked
+    intact = shard.stat()
+    shard.write_bytes(b"unreadable, " * (intact.st_size // 12) + b"!" * (intact.st_size % 12))
+    os.utime(shard, ns=(intact.st_atime_ns, intact.st_mtime_ns))  # the same version
+    assert run("input.extensions=jpg") == (0, 0)  # skipped unread: a read would fail
+    view = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert sorted((row["source_uri"][-3:], row["status"]) for row in view) == [
+        ("000", "ok"),
+        ("001", "ok"),
+    ]

@@ -652,3 +652,29 @@ def test_map_files_are_found_in_an_output_copied_elsewhere(tmp_path):
     # In neither place: left as written, for the reader's error to name it.
     assert maps("/elsewhere/out/depth/gone.png", "depth") == "/elsewhere/out/depth/gone.png"
     assert maps.earlier_roots == [str(original)]
+
+
+def test_a_shard_read_under_other_settings_is_skipped_only_by_an_all_done_marker(tmp_path):
+    from pipeline.keys import shard_done_marker_key, shard_marker_key, shard_marker_stem
+    from pipeline.predictions import read_shard_markers
+
+    shard, version, config = "s3://b/a.tar", "etag:1", "0123456789abcdef"
+    fs, root = filesystem_for(str(tmp_path), {})
+
+    def markers_after(*keys: str):
+        for key in keys:
+            fs.pipe_file(f"{root}/{key}", b"")
+        return read_shard_markers(fs, root)
+
+    default, tagged = shard_marker_stem(shard, version), shard_marker_stem(shard, version, "r1")
+    markers = markers_after(shard_marker_key(shard, version, 3))
+    assert markers.can_skip(default, config, 3) and not markers.can_skip(default, config, 2)
+    assert not markers.can_skip(tagged, config, 3)  # never read under those settings
+    markers = markers_after(shard_marker_key(shard, version, 2, "r1"))
+    # Read both ways: 3 done may be the other settings' images
+    assert not markers.can_skip(default, config, 3) and not markers.can_skip(tagged, config, 5)
+    markers = markers_after(shard_done_marker_key(shard, version, "r1", config))
+    assert markers.can_skip(tagged, config, 0)  # a read under r1 found them all done
+    assert not markers.can_skip(tagged, "fedcba9876543210", 5)  # under another config
+    assert not markers.can_skip(default, config, 3)
+    assert markers.images == {default: 3, tagged: 2}  # the all-done marker counts nothing
