@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 
 import pyarrow.parquet as pq
@@ -89,7 +90,10 @@ def test_two_actors_on_one_node_download_the_weights_once(
         summary = run_annotation(config)
     assert summary.images_ok == IMAGES
     # Both actors resolved the model; one downloaded it while the other waited
-    # on the cache lock, and the driver fetched only the JSON files.
-    assert proxy.requests[("GET", f"/{weights}")] == 1
+    # on the cache lock, and the driver fetched only the JSON files and two
+    # byte ranges of the weights: the header's length, then the header.
+    assert proxy.requests[("GET", f"/{weights}")] == 3
+    header = 8 + struct.unpack("<Q", fs.cat_file(weights, start=0, end=8))[0]
+    assert proxy.bytes_relayed[("GET", f"/{weights}")] == fs.size(weights) + header
     assert proxy.requests[("GET", f"/{bucket}/model/config.json")] == 2
     fs.rm(bucket, recursive=True)

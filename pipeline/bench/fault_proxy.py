@@ -231,6 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
         with proxy._lock:
             proxy.forwarded += 1
             proxy.requests[(self.command, urlsplit(self.path).path)] += 1
+            proxy.bytes_relayed[(self.command, urlsplit(self.path).path)] += len(payload)
 
         bodyless = self.command == "HEAD" or response.status in (204, 304) or response.status < 200
         dropped = _dropped_fields(response_fields)
@@ -253,7 +254,7 @@ class FaultInjectingProxy:
 
     Use as a context manager; ``endpoint`` is the URL to give the client, ``injected`` counts
     faults by ``(method, mode)``, ``forwarded`` counts requests relayed to the target and
-    ``requests`` counts them by ``(method, path)``.
+    ``requests`` counts them by ``(method, path)`` and ``bytes_relayed`` their response bytes.
     """
 
     def __init__(
@@ -284,6 +285,8 @@ class FaultInjectingProxy:
         self.forwarded = 0
         # Requests relayed, by (method, path): shows which objects were fetched how often.
         self.requests: Counter[tuple[str, str]] = Counter()
+        # Response body bytes relayed, by (method, path): a whole object or a range of it.
+        self.bytes_relayed: Counter[tuple[str, str]] = Counter()
         self._host = parts.hostname
         self._port = parts.port or 80
         self._rng = random.Random(seed)
