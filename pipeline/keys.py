@@ -36,7 +36,7 @@ SHARD_URI_PATTERN = (
 )
 # The longest file name ext4, XFS, APFS and NTFS hold, in bytes (UTF-8 on disk).
 MAX_NAME_BYTES = 255
-# Under the output: one empty object per shard version read to its end.
+# Under the output: one marker object per shard version read to its end.
 SHARDS_FOLDER = "_shards"
 _ENCODED_CHARACTERS = frozenset("%\\?#*[]") | {chr(code) for code in range(32)} | {"\x7f"}
 _RESERVED_SEGMENTS = {".": "%2E", "..": "%2E%2E", "": "%"}
@@ -139,12 +139,13 @@ def annotation_tag(image_id: str, source_version: str | None, config_hash: str) 
 def shard_marker_key(
     shard_uri: str, shard_version: str, images: int, read_settings_tag: str = ""
 ) -> str:
-    """``_shards/<shard id>.<version tag>[.<read settings tag>].<images>``: an empty
+    """``_shards/<shard id>.<version tag>[.<read settings tag>].<images>``: a small
     object saying that this version of the shard was read to its end and held
-    that many images, read under those settings.
+    that many images, read under those settings; its body is when (ISO 8601).
 
     The facts are in the name, so one listing tells the driver which shards a
-    run can skip: those whose every image is already done.
+    run can skip: those whose every image is already done. The time is read
+    only for shards with error rows, whose file times a copy may have changed.
     """
     return f"{shard_marker_stem(shard_uri, shard_version, read_settings_tag)}.{images}"
 
@@ -152,7 +153,7 @@ def shard_marker_key(
 def shard_done_marker_key(
     shard_uri: str, shard_version: str, read_settings_tag: str, config_hash: str
 ) -> str:
-    """``_shards/<shard id>.<version tag>[.<read settings tag>].c<config>``: an empty
+    """``_shards/<shard id>.<version tag>[.<read settings tag>].c<config>``: a small
     object saying that a read of this version under those settings found every
     one of its images done under that config.
 

@@ -283,15 +283,16 @@ def _without_healed_shard_errors(
     is_error = pc.equal(table["status"], "error")
     if not len(keep) or not pc.any(is_error).as_py():
         return keep  # no error rows: the markers need not be listed
-    read_whole = read_shard_markers(fs, root).last_read
-    if not read_whole:
+    markers = read_shard_markers(fs, root)
+    if not markers.last_read:
         return keep
-    shard_ids = pa.array(list(read_whole), pa.string())
+    shard_ids = pa.array(list(markers.last_read), pa.string())
     candidates = pc.and_(is_error, pc.is_in(table["image_id"], value_set=shard_ids))
     rows = np.flatnonzero(pc.fill_null(candidates, False).to_numpy(zero_copy_only=False))
     if not len(rows):
         return keep
     found = table.select(["image_id", "written_at"]).take(pa.array(rows, pa.int64())).to_pylist()
+    read_whole = markers.read_times(fs, {fields["image_id"] for fields in found})
     healed = [
         row
         for row, fields in zip(rows, found, strict=True)
@@ -516,6 +517,8 @@ class ShardMarkers:
     all_done: set[tuple[str, str]] = field(default_factory=set)
     # <shard id>.<version tag> → the read settings tags its markers carry ("" the defaults')
     settings_read: dict[str, set[str]] = field(default_factory=dict)
+    # shard id → its markers' (path, modification time)
+    paths: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     def can_skip(self, stem: str, config_hash: str, images_done: int) -> bool:
         """Whether the shard version of ``stem`` (these read settings) holds nothing to do.
@@ -531,6 +534,29 @@ class ShardMarkers:
         version, settings = _split_stem(stem)
         read_one_way = self.settings_read.get(version, {settings}) == {settings}
         return images is not None and images_done >= images and read_one_way
+
+    def read_times(
+        self, fs: fsspec.AbstractFileSystem, shard_ids: Collection[str]
+    ) -> dict[str, float]:
+        """``last_read``, with ``shard_ids``'s taken from their markers' own record
+        of when they were read (their body), where the files' times may be a copy's.
+
+        One small read per marker of these shards (those with error rows: few);
+        a marker written before markers had bodies keeps its modification time.
+        """
+        markers = [marker for shard_id in shard_ids for marker in self.paths.get(shard_id, [])]
+        paths = [path for path, _ in markers]
+        contents = fs.cat_ranges(paths, None, None, on_error="return") if paths else []
+        read: dict[str, float] = {}
+        for (path, modified), content in zip(markers, contents, strict=True):
+            try:
+                read_at = datetime.fromisoformat(content.decode()).timestamp()
+            except (AttributeError, UnicodeDecodeError, ValueError):  # an error, or empty
+                read_at = modified
+            shard_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
+            read[shard_id] = max(read.get(shard_id, 0.0), read_at)
+        self.last_read.update(read)
+        return self.last_read
 
     def error_stands(self, shard_id: str, error_written: float | None) -> bool:
         """Whether a shard's error row written then is still its row in the view:
@@ -551,6 +577,7 @@ def read_shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> ShardMarkers
         version, settings = _split_stem(marker.stem)
         markers.settings_read.setdefault(version, set()).add(settings)
         markers.last_read[marker.shard_id] = marker.written
+        markers.paths.setdefault(marker.shard_id, []).append((marker.path, marker.written))
         if marker.done_under is not None:
             markers.all_done.add((marker.stem, marker.done_under))
         else:
@@ -570,6 +597,7 @@ class _ShardMarker(NamedTuple):
     images: int
     written: float  # seconds since the epoch
     done_under: str | None = None  # an all-done marker's config (12 hex digits)
+    path: str = ""
 
 
 def _shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[_ShardMarker]:
@@ -583,11 +611,11 @@ def _shard_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[_ShardMarke
         stem, _, images = info["name"].rsplit("/", 1)[-1].rpartition(".")
         shard_id = stem.split(".", 1)[0]
         written = _modified(info)
+        stem = f"{SHARDS_FOLDER}/{stem}"
         if images.isdigit():
-            markers.append(_ShardMarker(f"{SHARDS_FOLDER}/{stem}", shard_id, int(images), written))
+            markers.append(_ShardMarker(stem, shard_id, int(images), written, path=info["name"]))
         elif re.fullmatch("c[0-9a-f]{12}", images):  # shard_done_marker_key
-            marker = _ShardMarker(f"{SHARDS_FOLDER}/{stem}", shard_id, 0, written, images[1:])
-            markers.append(marker)
+            markers.append(_ShardMarker(stem, shard_id, 0, written, images[1:], info["name"]))
     return markers
 
 

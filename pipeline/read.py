@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -233,8 +234,11 @@ def _leave_shard_marker(
 ) -> None:
     fs, root = filesystem_for(output_uri, storage_options)
     path = join(root, marker_key)
+    # When it was read, on the clock that stamps rows' written_at: a copy of
+    # the output (cp -r, a sync) gives the marker its own modification time.
+    read_at = datetime.now(UTC).isoformat().encode()
     try:
-        retry_transient(lambda: fs.pipe_file(path, b""))
+        retry_transient(lambda: fs.pipe_file(path, read_at))
     except OSError as error:  # a later run reads the shard again; nothing is lost
         logger.warning("no marker for shard %s: %s", strip_url_secrets(shard_uri), error)
 

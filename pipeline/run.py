@@ -191,6 +191,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
         sharded = listing.format in SHARD_FORMATS
         skipped = _SkipCount()
         shard_markers = read_shard_markers(out_fs, out_root) if sharded and len(done) else None
+        if shard_markers is not None and done.shard_errors:
+            shard_markers.read_times(out_fs, done.shard_errors.keys())
         listed_rows = _with_listing_progress(
             listing.rows, "shards" if sharded else "images", skipped
         )

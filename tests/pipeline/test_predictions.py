@@ -313,6 +313,41 @@ def test_a_shards_error_row_is_retired_once_the_shard_is_read_whole(tmp_path):
     assert view_ids() == {"z", member["image_id"]}
 
 
+def test_a_marker_copied_with_its_output_keeps_the_time_it_was_read(tmp_path):
+    """cp -r and syncs give files the copy's time: the marker's body says when
+    the shard was read, so an error row written after that read still stands."""
+    import shutil
+
+    from pipeline.keys import image_id_for, shard_marker_key
+    from pipeline.predictions import read_shard_markers
+
+    shard = "s3://b/a.tar"
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    failed = {**row(image_id_for(shard), "error", 10), "source_uri": shard}
+    write_part(original, "a.parquet", [failed])
+    marker = original / shard_marker_key(shard, "v1", 1)
+    marker.parent.mkdir()
+    marker.write_text((T0 + timedelta(minutes=5)).isoformat())  # read before it failed
+    old = (T0 + timedelta(minutes=5)).timestamp()
+    os.utime(marker, (old, old))
+    assert [r["image_id"] for r in read_predictions(str(original)).to_pylist()] == [
+        image_id_for(shard)
+    ]
+    shutil.copytree(original, copy)  # the marker's file time: now, after the error row
+    os.utime(copy / shard_marker_key(shard, "v1", 1), None)
+    assert [r["image_id"] for r in read_predictions(str(copy)).to_pylist()] == [image_id_for(shard)]
+    fs, _ = filesystem_for(str(copy), {})
+    markers = read_shard_markers(fs, str(copy))
+    error_written = (T0 + timedelta(minutes=10)).timestamp()
+    assert not markers.error_stands(image_id_for(shard), error_written)  # by the file's time
+    markers.read_times(fs, [image_id_for(shard)])
+    assert markers.last_read[image_id_for(shard)] == pytest.approx(old)
+    assert markers.error_stands(image_id_for(shard), error_written)
+    # A marker without a body (written before bodies) keeps its file's time: healed here.
+    (copy / shard_marker_key(shard, "v1", 1)).write_bytes(b"")
+    assert read_predictions(str(copy)).num_rows == 0
+
+
 def test_the_done_check_names_shards_whose_own_error_row_stands_in_the_view(tmp_path):
     import fsspec
 
