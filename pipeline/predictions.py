@@ -208,8 +208,24 @@ def compact_predictions(
             write_part()
     if pending_rows:
         write_part()
-    remove_files(fs, sorted(set(parts) - set(written)))
+    # Oldest rows first: the view lets an ok row stand over later errors of its
+    # version and config with nothing between, so deleting a part that holds a
+    # row between them before the part with the old ok row (name order would,
+    # for an earlier compaction's part) would change the view of a compaction
+    # stopped half-way.
+    superseded = set(parts) - set(written)
+    remove_files(fs, sorted(superseded, key=lambda path: (_newest_row_time(fs, path), path)))
     return Compaction(len(parts), len(written), rows_after)
+
+
+def _newest_row_time(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """The newest ``written_at`` in a part, in microseconds (-1 where none is known)."""
+    try:
+        written_at = pq.read_table(path, columns=["written_at"], filesystem=arrow_filesystem(fs))
+    except (pa.ArrowException, OSError, KeyError):  # a part from before the column
+        return -1
+    newest = pc.max(written_at["written_at"].cast(pa.int64())).as_py()
+    return -1 if newest is None else newest
 
 
 def latest_rows(table: pa.Table) -> np.ndarray:
@@ -899,26 +915,33 @@ def runs_going(
         if run_id == name:
             continue
         renewed_s = _modified(info)
+        if now_s - renewed_s >= within_s:
+            continue
         ends = [
             names[end] for end in (f"{run_id}.json", run_id + ENDED_RECORD_SUFFIX) if end in names
         ]
-        ended_s = max((_modified(end) for end in ends), default=None)
-        recent = (ended_s is None or ended_s < renewed_s) and now_s - renewed_s < within_s
-        # File times can be the copy's (cp -r, aws s3 sync): a finish or end
-        # record of the same start is an ended run whatever they say.
-        if recent and not any(_ends_that_start(fs, info["name"], end["name"]) for end in ends):
+        # An end record ends the start it names (started_at): not another use
+        # of the run id, earlier or at the same time, whatever the file times
+        # (a copy's, cp -r or a sync). One without started_at (an older
+        # release's) ends the start if it is newer.
+        ended = False
+        for end in ends:
+            same = _ends_that_start(fs, info["name"], end["name"])
+            ended = ended or same or (same is None and _modified(end) >= renewed_s)
+        if not ended:
             going.append((run_id, now_s - renewed_s))
     return sorted(going, key=lambda run: run[1])
 
 
-def _ends_that_start(fs: fsspec.AbstractFileSystem, start_path: str, end_path: str) -> bool:
+def _ends_that_start(fs: fsspec.AbstractFileSystem, start_path: str, end_path: str) -> bool | None:
     """Whether the finish or end record at ``end_path`` is of the run that wrote the
-    start record at ``start_path`` (a run id used again starts at another time)."""
+    start record at ``start_path`` (a run id used again starts at another time);
+    None where the end record does not say (an older release's, or unreadable)."""
     try:
         started = _started_at(fs.cat_file(end_path))
-        return started is not None and started == _started_at(fs.cat_file(start_path))
+        return None if started is None else started == _started_at(fs.cat_file(start_path))
     except OSError:
-        return False
+        return None
 
 
 def _started_at(record: bytes) -> str | None:

@@ -830,6 +830,14 @@ def _warn_of_runs_going(fs, root: str, run_id: str) -> None:
                 other,
                 age_s / 60,
             )
+        else:
+            logger.warning(
+                "a run under this run_id (%s) is going on this output (its start record was "
+                "renewed %.0f min ago): both annotate the same images, and share one start "
+                "and one finish record",
+                run_id,
+                age_s / 60,
+            )
 
 
 def _warn_if_run_id_finished(fs, root: str, run_id: str) -> None:

@@ -713,3 +713,61 @@ def test_a_shard_read_under_other_settings_is_skipped_only_by_an_all_done_marker
     assert not markers.can_skip(tagged, "fedcba9876543210", 5)  # under another config
     assert not markers.can_skip(default, config, 3)
     assert markers.images == {default: 3, tagged: 2}  # the all-done marker counts nothing
+
+
+def test_a_compaction_stopped_while_it_deletes_leaves_the_view_as_it_was(tmp_path, monkeypatch):
+    """An earlier compaction's part holds an old ok row; a run under another config
+    came between it and a later error of the first config. Deleted in name order
+    (the timestamped run parts before compacted-…), the ok row would stand again."""
+    import pipeline.predictions
+    from pipeline.predictions import compact_predictions
+
+    old_ok = row("img", "ok", 0, config="A")
+    between = row("img", "ok", 5, config="B")
+    latest_error = row("img", "error", 10, config="A")
+    write_part(tmp_path, "compacted-20261101T000000-0000_000000.parquet", [old_ok])
+    write_part(tmp_path, "20261102T000000Z_000000.parquet", [between])
+    write_part(tmp_path, "20261103T000000Z_000000.parquet", [latest_error])
+    [before] = read_predictions(str(tmp_path)).to_pylist()
+    assert (before["status"], before["config_hash"]) == ("error", "A")
+
+    removed: list[str] = []
+
+    def stopped_after_one(fs, paths):
+        for path in paths:
+            if removed:
+                raise KeyboardInterrupt  # stopped here
+            fs.rm_file(path)
+            removed.append(path.rsplit("/", 1)[-1])
+
+    monkeypatch.setattr(pipeline.predictions, "remove_files", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        compact_predictions(str(tmp_path))
+    assert removed == ["compacted-20261101T000000-0000_000000.parquet"]  # the oldest rows
+    [after] = read_predictions(str(tmp_path)).to_pylist()
+    assert (after["status"], after["config_hash"]) == ("error", "A")
+
+
+def test_two_runs_under_one_run_id_at_once_the_first_ending_does_not_end_the_second(tmp_path):
+    from pipeline.predictions import runs_going
+
+    fs, root = filesystem_for(str(tmp_path), {})
+    now = time.time()
+
+    def record(name: str, started_at: str | None, stamp: float) -> None:
+        body = {} if started_at is None else {"started_at": started_at}
+        fs.pipe_file(f"{root}/_runs/{name}", json.dumps(body).encode())
+        os.utime(f"{root}/_runs/{name}", (stamp, stamp))
+
+    # The second start overwrote the first's start record; the first then finished.
+    record("same.started.json", "2026-12-04T10:05:00+00:00", now - 60)
+    record("same.json", "2026-12-04T10:00:00+00:00", now - 10)
+    assert [run_id for run_id, _ in runs_going(fs, root, 900, now)] == ["same"]
+    record("same.json", "2026-12-04T10:05:00+00:00", now - 5)  # the second finished
+    assert runs_going(fs, root, 900, now) == []
+    # An older release's record names no start: newer than the start, it ends it.
+    record("old.started.json", "2026-12-04T10:05:00+00:00", now - 60)
+    record("old.json", None, now - 10)
+    assert runs_going(fs, root, 900, now) == []
+    record("old.json", None, now - 100)
+    assert [run_id for run_id, _ in runs_going(fs, root, 900, now)] == ["old"]
