@@ -334,7 +334,7 @@ def done_key(image_id: str, source_version: str) -> int:
 class DoneImages:
     """Images an earlier run already annotated ok with the same config.
 
-    ``keys`` is sorted, for vectorised lookups in read tasks; ``per_shard``
+    ``keys`` is sorted, for lookups by binary search in read tasks; ``per_shard``
     counts them by (shard URI, shard version) so the driver can report how
     many images of the listed shards were skipped without reading them.
     """
@@ -354,16 +354,6 @@ class DoneImages:
         key = np.uint64(done_key(image_id, version))
         position = int(np.searchsorted(self.keys, key))
         return position < len(self.keys) and self.keys[position] == key
-
-    def contains(self, image_ids: list[str], versions: list[str]) -> np.ndarray:
-        wanted = np.fromiter(
-            (done_key(i, v) for i, v in zip(image_ids, versions, strict=True)),
-            dtype=np.uint64,
-            count=len(image_ids),
-        )
-        positions = np.searchsorted(self.keys, wanted)
-        positions[positions == len(self.keys)] = 0
-        return (self.keys[positions] == wanted) if len(self.keys) else np.zeros(len(wanted), bool)
 
 
 def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str) -> DoneImages:
@@ -560,16 +550,19 @@ class ShardMarkers:
         One small read per marker of these shards (those with error rows: few);
         a marker written before markers had bodies keeps its modification time.
         """
-        markers = [marker for shard_id in shard_ids for marker in self.paths.get(shard_id, [])]
-        paths = [path for path, _ in markers]
+        markers = [
+            (shard_id, path, modified)
+            for shard_id in shard_ids
+            for path, modified in self.paths.get(shard_id, [])
+        ]
+        paths = [path for _, path, _ in markers]
         contents = fs.cat_ranges(paths, None, None, on_error="return") if paths else []
         read: dict[str, float] = {}
-        for (path, modified), content in zip(markers, contents, strict=True):
+        for (shard_id, _, modified), content in zip(markers, contents, strict=True):
             try:
                 read_at = datetime.fromisoformat(content.decode()).timestamp()
             except (AttributeError, UnicodeDecodeError, ValueError):  # an error, or empty
                 read_at = modified
-            shard_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
             read[shard_id] = max(read.get(shard_id, 0.0), read_at)
         self.last_read.update(read)
         return self.last_read
@@ -690,16 +683,6 @@ def _scan_parts(
             batch_readahead=1,
             fragment_readahead=_PARTS_READ_AHEAD,
         )
-
-
-def drop_done_rows(batch: dict[str, np.ndarray], done: DoneImages) -> dict[str, np.ndarray]:
-    """The batch without the images ``done`` holds (same image, same source version)."""
-    if not len(done) or not len(batch["image_id"]):
-        return batch
-    is_done = done.contains(
-        [str(i) for i in batch["image_id"]], [str(v) for v in batch["source_version"]]
-    )
-    return {key: column[~is_done] for key, column in batch.items()}
 
 
 def run_records(

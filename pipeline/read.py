@@ -182,7 +182,8 @@ def read_shard(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
-    An image is ``<shard_uri>#<sample id>``. A shard that cannot be opened, or
+    An image is ``<shard_uri>#<sample id>``; those ``done`` holds are left out.
+    A shard that cannot be opened, or
     breaks part-way, adds one error row for the shard itself after the images it
     did yield, so the loss is visible in the output. A shard read to its end
     leaves a marker under ``output_uri`` with its image count
@@ -257,10 +258,12 @@ def _shard_rows(
         for sample in iter_shard_images(shard_uri, shard_input, storage_options):
             images += 1
             row = _image_row(shard_uri, shard_key, shard_version, sample)
-            if sample.has_image:
-                with_image += 1
-                images_done += done is not None and done.has(row["image_id"], shard_version)
-            yield row
+            # Resume inside a shard: its images with committed rows go no further.
+            is_done = done is not None and done.has(row["image_id"], shard_version)
+            with_image += sample.has_image
+            images_done += sample.has_image and is_done
+            if not is_done:
+                yield row
         # The marker counts images only: a sample without one can never be done,
         # and counting it would have every later run read the shard again.
         read.images, read.images_done, read.to_the_end = with_image, images_done, True

@@ -47,7 +47,6 @@ from pipeline.predictions import (
     DoneImages,
     RunHeartbeat,
     ShardMarkers,
-    drop_done_rows,
     iter_run_records,
     load_done_images,
     read_shard_markers,
@@ -384,15 +383,6 @@ def _annotation_dataset(
             },
             num_cpus=decode_cpus,
         )
-        if len(done):
-            # Resume inside a shard: its images with committed rows go no further.
-            dataset = dataset.map_batches(
-                drop_done_rows,
-                batch_size=None,
-                batch_format="numpy",
-                fn_kwargs={"done": done},
-                num_cpus=decode_cpus,
-            )
         if config.input.limit is not None:
             dataset = dataset.limit(config.input.limit)
     else:

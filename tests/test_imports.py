@@ -16,7 +16,7 @@ CPU_STAGE_MODULES = [
     "pipeline.decode",
     "pipeline.encode",
     "pipeline.write",
-    "pipeline.predictions",  # drop_done_rows runs in CPU tasks
+    "pipeline.predictions",  # read tasks unpickle DoneImages, for read_shard's done check
     "pipeline.progress",
 ]
 

@@ -151,6 +151,32 @@ def _read_shards(uris, keys, input_format, **options):
     return [{key: column.tolist() for key, column in batch.items()} for batch in batches]
 
 
+def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
+    """Resume inside a shard: an image done for this version of its shard is left out."""
+    from pipeline.keys import image_id_for
+    from pipeline.predictions import DoneImages, done_key
+
+    shard = tmp_path / "000.tar"
+    shard.write_bytes(tar_bytes(SAMPLES))
+    first = image_id_for(f"{shard}#a/000")
+    done = DoneImages(keys=np.sort(np.array([done_key(first, "v0")], dtype=np.uint64)))
+
+    def source_uris(version: str, done_images: DoneImages | None) -> list[str]:
+        batches = read_shard(
+            _rows(shard_uri=[str(shard)], shard_key=["s/000.tar"], shard_version=[version]),
+            ShardInput("webdataset", ("jpg", "png"), "image", None),
+            storage_options={},
+            rows_per_batch=16,
+            done=done_images,
+        )
+        return [uri for batch in batches for uri in batch["source_uri"].tolist()]
+
+    everything = source_uris("v0", None)
+    assert len(everything) == 4
+    assert source_uris("v0", done) == everything[1:]
+    assert source_uris("v1", done) == everything  # done for another version of the shard
+
+
 def test_webdataset_shard_expands_into_image_rows_in_batches(tmp_path):
     shard = tmp_path / "000.tar"
     shard.write_bytes(tar_bytes(SAMPLES))
