@@ -1,7 +1,7 @@
 """A job's output as a training set: ``PseudoLabelDataset``.
 
 Reads an output prefix back (local or any fsspec URI, e.g. S3): the committed
-rows (one per image, streamed by ``pipeline.predictions.iter_predictions``),
+rows (one per image, streamed by ``pipeline.output.view.iter_predictions``),
 and per item the source image and its map files. It is the one ``dpt_model``
 module that imports ``pipeline``, whose reader of the output contract it
 reuses; nothing here imports Ray, so it runs in a plain training process and
@@ -25,7 +25,8 @@ from dpt_model.tensor_processing import upsample_depth
 from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_uris
-from pipeline.predictions import MapLocator, iter_predictions
+from pipeline.output.maps import MapLocator
+from pipeline.output.view import iter_predictions
 from pipeline.schema import schema_for
 from pipeline.storage import filesystem_for, read_bytes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.predictions import PREDICTIONS_FOLDER
+from pipeline.output.view import PREDICTIONS_FOLDER
 from pipeline.schema import storage_problem, strip_url_secrets
 from pipeline.storage import StorageUnreachableError, check_reachable, filesystem_for, join
 

@@ -23,7 +23,8 @@ from jobs.arguments import (
     positive_integer,
     storage_options,
 )
-from pipeline.predictions import RUN_GOING_WITHIN_S, compact_predictions, runs_going
+from pipeline.output.compaction import compact_predictions
+from pipeline.output.runs import RUN_GOING_WITHIN_S, runs_going
 from pipeline.storage import filesystem_for
 
 EXIT_RUN_GOING = 1

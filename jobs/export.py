@@ -31,7 +31,8 @@ from jobs.arguments import (
     storage_options,
 )
 from pipeline.encode import decode_segmentation_png
-from pipeline.predictions import MapLocator, iter_predictions, segmentation_class_names
+from pipeline.output.maps import MapLocator, segmentation_class_names
+from pipeline.output.view import iter_predictions
 from pipeline.schema import strip_url_secrets
 from pipeline.storage import (
     files_in,

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from dpt_model.loading import ModelLoadError
 from jobs.arguments import EXIT_BAD_ARGUMENTS, add_output_arguments, output_problem, storage_options
 from jobs.config import ReportConfig
-from pipeline.predictions import run_records, segmentation_class_names
+from pipeline.output.maps import segmentation_class_names
+from pipeline.output.runs import run_records
 from pipeline.report import ShardInput, class_names_or_ids, write_quality_report
 from pipeline.schema import strip_url_secrets
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpt_model import ModelLoadError
     from pipeline.listing import InputNotFoundError
-    from pipeline.predictions import is_stop
+    from pipeline.output.runs import is_stop
     from pipeline.progress import JobStalledError
     from pipeline.run import ClusterTooSmallError, OutputNotWritableError, run_annotation
     from pipeline.schema import strip_url_secrets

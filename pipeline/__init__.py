@@ -22,7 +22,7 @@ _EXPORTS = {
     "decode_segmentation_png": "pipeline.encode",
     "list_input": "pipeline.listing",
     "read_batch": "pipeline.read",
-    "read_predictions": "pipeline.predictions",
+    "read_predictions": "pipeline.output.view",
     "read_shard": "pipeline.read",
     "run_annotation": "pipeline.run",
     "write_maps_batch": "pipeline.write",
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from pipeline.encode import decode_depth_png, decode_segmentation_png
     from pipeline.infer import InferenceActor
     from pipeline.listing import list_input
-    from pipeline.predictions import read_predictions
+    from pipeline.output.view import read_predictions
     from pipeline.read import read_batch, read_shard
     from pipeline.run import RunSummary, run_annotation
     from pipeline.write import write_maps_batch

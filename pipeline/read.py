@@ -38,7 +38,7 @@ from pipeline.shards import (
 from pipeline.storage import filesystem_for, join
 
 if TYPE_CHECKING:
-    from pipeline.predictions import DoneImages
+    from pipeline.output.done import DoneImages
 
 logger = logging.getLogger(__name__)
 

@@ -39,20 +39,19 @@ from pipeline.infer import InferenceActor, InferenceSettings
 from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, image_id_for, shard_marker_stem
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
-from pipeline.predictions import (
-    ENDED_RECORD_SUFFIX,
-    PREDICTIONS_FOLDER,
+from pipeline.output.done import DoneImages, load_done_images
+from pipeline.output.runs import (
     RUN_GOING_WITHIN_S,
     RUNS_FOLDER,
-    DoneImages,
     RunHeartbeat,
-    ShardMarkers,
+    ended_record_path,
+    finish_record_path,
     iter_run_records,
-    load_done_images,
-    read_shard_markers,
     runs_going,
-    scan_committed,
+    start_record_path,
 )
+from pipeline.output.shard_markers import ShardMarkers, read_shard_markers
+from pipeline.output.view import PREDICTIONS_FOLDER, scan_committed
 from pipeline.progress import ProgressBeacon, StallWatchdog
 from pipeline.read import ShardInput, read_batch, read_settings_tag, read_shard
 from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
@@ -167,9 +166,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
     # run, jobs.compact) tell a run that is going from one that crashed.
     with RunHeartbeat(
         out_fs,
-        _start_record_path(out_root, run_id),
+        start_record_path(out_root, run_id),
         start_record,
-        ended_path=_ended_record_path(out_root, run_id),
+        ended_path=ended_record_path(out_root, run_id),
     ) as heartbeat:
         incremental = config.mode == "incremental" and not config.output.overwrite
         done = load_done_images(out_fs, out_root, config_hash) if incremental else DoneImages()
@@ -265,7 +264,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         )
         images_ok = this_run["status"].count("ok")
         annotated = len(this_run["status"])
-        report_path = join(out_root, f"{RUNS_FOLDER}/{run_id}.json")
+        report_path = finish_record_path(out_root, run_id)
         summary = RunSummary(
             run_id=run_id,
             output_uri=config.output.uri,
@@ -836,7 +835,7 @@ def _warn_if_run_id_finished(fs, root: str, run_id: str) -> None:
     Going on under the same id is how a stopped run is resumed, but the finish
     record of one that ended is replaced: the report's table of runs loses it.
     """
-    finished = join(root, f"{RUNS_FOLDER}/{run_id}.json")
+    finished = finish_record_path(root, run_id)
     try:
         exists = fs.exists(finished)
     except OSError:  # a courtesy, as above
@@ -861,7 +860,7 @@ def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: dat
     record = {"run_id": run_id, "started_at": started_at.isoformat(), "config": config.redacted()}
     data = json.dumps(record, indent=2).encode()
     try:
-        fs.pipe_file(_start_record_path(root, run_id), data)
+        fs.pipe_file(start_record_path(root, run_id), data)
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise OutputNotWritableError(
             storage_problem("output.uri", config.output.uri, error)
@@ -871,7 +870,7 @@ def _record_start(fs, root: str, config: JobConfig, run_id: str, started_at: dat
 
 def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> None:
     """``output.overwrite``: remove every earlier result, all but this run's start record."""
-    keep = _start_record_path(root, run_id)
+    keep = start_record_path(root, run_id)
     try:
         for folder in OUTPUT_FOLDERS:
             path = forget_listing(fs, join(root, folder))
@@ -886,14 +885,6 @@ def _clear_earlier_results(fs, root: str, config: JobConfig, run_id: str) -> Non
         raise OutputNotWritableError(
             storage_problem("output.uri", config.output.uri, error)
         ) from None
-
-
-def _start_record_path(root: str, run_id: str) -> str:
-    return join(root, f"{RUNS_FOLDER}/{run_id}.started.json")
-
-
-def _ended_record_path(root: str, run_id: str) -> str:
-    return join(root, f"{RUNS_FOLDER}/{run_id}{ENDED_RECORD_SUFFIX}")
 
 
 def _check_cluster_fits(config: JobConfig) -> None:

@@ -326,3 +326,9 @@ class _PublishedWhenWhole(io.RawIOBase):
         self._file.close()
         if self._temporary is not None and os.path.exists(self._temporary):
             os.remove(self._temporary)
+
+
+def modified_time(info: dict[str, Any]) -> float:
+    """A listing entry's modification time in seconds since the epoch (0 where none)."""
+    stamp = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0)

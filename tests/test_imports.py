@@ -16,7 +16,7 @@ CPU_STAGE_MODULES = [
     "pipeline.decode",
     "pipeline.encode",
     "pipeline.write",
-    "pipeline.predictions",  # read tasks unpickle DoneImages, for read_shard's done check
+    "pipeline.output.done",  # read tasks unpickle DoneImages, for read_shard's done check
     "pipeline.progress",
 ]
 

@@ -79,7 +79,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _timed(step: str, output_uri: str, options: dict[str, Any], proxy: Any) -> dict[str, Any]:
-    from pipeline.predictions import compact_predictions, load_done_images, read_predictions
+    from pipeline.output.compaction import compact_predictions
+    from pipeline.output.done import load_done_images
+    from pipeline.output.view import read_predictions
     from pipeline.storage import filesystem_for
 
     proxy.requests.clear()

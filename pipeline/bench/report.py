@@ -126,7 +126,7 @@ def write_synthetic_output(output: Path, rows: int, rows_per_part: int) -> None:
 
 
 def measure(measurement: str, output: str) -> dict[str, Any]:
-    from pipeline.predictions import load_done_images
+    from pipeline.output.done import load_done_images
     from pipeline.report import write_quality_report
     from pipeline.storage import filesystem_for
 

@@ -21,12 +21,9 @@ from dpt_model.loading import DEFAULT_CACHE_DIR
 from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
-from pipeline.predictions import (
-    iter_predictions,
-    read_predictions,
-    run_records,
-    segmentation_class_names,
-)
+from pipeline.output.maps import segmentation_class_names
+from pipeline.output.runs import run_records
+from pipeline.output.view import iter_predictions, read_predictions
 from pipeline.read import ShardInput, iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
 from pipeline.report.stats import STATS_COLUMNS, SampleChooser, StatsAccumulator

@@ -70,7 +70,7 @@ def test_coco_annotations_cover_every_labelled_pixel_once():
 
 def test_the_dataset_holds_ok_kept_rows_as_columns_and_indexes_like_a_sequence(tmp_path):
     from dpt_model.labels import PseudoLabelDataset
-    from tests.pipeline.test_predictions import row, write_part
+    from tests.pipeline.output.parts import row, write_part
 
     write_part(
         tmp_path,
@@ -102,7 +102,7 @@ def test_the_dataset_holds_ok_kept_rows_as_columns_and_indexes_like_a_sequence(t
 def test_min_coverage_judges_every_row_by_one_bar(tmp_path):
     """kept was judged by the bar of the run that annotated each image."""
     from dpt_model.labels import PseudoLabelDataset, is_kept
-    from tests.pipeline.test_predictions import row, write_part
+    from tests.pipeline.output.parts import row, write_part
 
     write_part(
         tmp_path,
@@ -135,7 +135,7 @@ def test_the_dataset_refuses_an_image_changed_since_and_gives_writable_images(tm
 
     from dpt_model.labels import PseudoLabelDataset
     from jobs.sample_images import encoded, synthetic_photo
-    from tests.pipeline.test_predictions import row, write_part
+    from tests.pipeline.output.parts import row, write_part
 
     narrow = tmp_path / "narrow.png"  # one pixel: its CHW array is contiguous as decoded
     narrow.write_bytes(encoded(synthetic_photo(1, 1, seed=1), "PNG"))

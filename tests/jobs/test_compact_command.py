@@ -3,8 +3,8 @@
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.predictions import read_predictions
-from tests.pipeline.test_predictions import row, write_part
+from pipeline.output.view import read_predictions
+from tests.pipeline.output.parts import row, write_part
 from tests.processes import run_module
 
 

@@ -154,7 +154,7 @@ def _read_shards(uris, keys, input_format, **options):
 def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
     """Resume inside a shard: an image done for this version of its shard is left out."""
     from pipeline.keys import image_id_for
-    from pipeline.predictions import DoneImages, done_key
+    from pipeline.output.done import DoneImages, done_key
 
     shard = tmp_path / "000.tar"
     shard.write_bytes(tar_bytes(SAMPLES))

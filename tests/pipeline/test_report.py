@@ -18,7 +18,7 @@ from PIL import Image
 
 from jobs.sample_images import encoded, synthetic_photo
 from pipeline.encode import IGNORE_CLASS_ID, encode_depth_png, encode_segmentation_png
-from pipeline.predictions import run_records
+from pipeline.output.runs import run_records
 from pipeline.report import ShardInput, write_quality_report
 from pipeline.report.build import MAX_SHARDS_READ
 from pipeline.report.page import ReportPage, Sample, render_page
@@ -37,7 +37,7 @@ from pipeline.report.thumbnails import (
 )
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import filesystem_for
-from tests.pipeline.test_predictions import T0, row
+from tests.pipeline.output.parts import T0, row
 from tests.pipeline.test_shards import tar_bytes
 from tests.processes import run_module
 
@@ -95,7 +95,11 @@ def test_counts_error_groups_classes_and_histograms_come_from_the_rows():
 
 
 def test_error_groups_beyond_the_cap_are_counted_not_listed():
-    rows = [{**row(f"x{i}", "error", 0), "error": f"decode: kind {i}: detail"} for i in range(7)]
+    kinds = "abcdefg"  # kinds of failure: numbers in a reason are detail, grouped as N
+    rows = [
+        {**row(f"x{i}", "error", 0), "error": f"decode: kind {k}: detail"}
+        for i, k in enumerate(kinds)
+    ]
     stats = output_stats(predictions(rows), max_error_groups=3)
     assert len(stats.error_groups) == 3 and stats.more_error_groups == 4
 

@@ -6,11 +6,11 @@ import os
 import pytest
 
 from jobs.config import load_config
+from pipeline.output.runs import start_record_path
 from pipeline.run import (
     DECODE_BATCH_ROWS,
     _clear_earlier_results,
     _SkipCount,
-    _start_record_path,
     _with_listing_progress,
     config_hash_for,
     decode_rows,
@@ -73,7 +73,7 @@ def test_overwrite_clears_its_own_output_only_when_its_path_holds_glob_character
     _, sibling_root = filesystem_for(sibling, config.storage_options())
     if where == "s3":
         fs.mkdir("overwrite-glob")
-    kept = _start_record_path(root, "now")
+    kept = start_record_path(root, "now")
     for path in (f"{root}/predictions/a.parquet", f"{root}/depth/x[1].jpg.png", kept):
         fs.pipe_file(path, b"ours")
     fs.pipe_file(f"{sibling_root}/predictions/b.parquet", b"another output")
@@ -117,7 +117,7 @@ def test_a_runs_count_opens_only_the_parts_named_after_it(tmp_path):
 
 def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(tmp_path, caplog):
     from pipeline.run import _warn_if_done_under_other_configs
-    from tests.pipeline.test_predictions import row, write_part
+    from tests.pipeline.output.parts import row, write_part
 
     fs, root = filesystem_for(str(tmp_path), {})
     with caplog.at_level("WARNING", logger="pipeline.run"):

@@ -1,0 +1,88 @@
+"""Compaction: an output's committed view rewritten as few parts, between runs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, iter_view
+from pipeline.schema import PREDICTION_SCHEMA
+from pipeline.storage import arrow_filesystem, filesystem_for, join, remove_files
+
+
+@dataclass(frozen=True)
+class Compaction:
+    parts_before: int
+    parts_after: int
+    rows: int | None  # rows after: one per image
+
+
+def compact_predictions(
+    output_uri: str, storage_options: dict[str, Any] | None = None, rows_per_part: int = 100_000
+) -> Compaction:
+    """Rewrite the committed view as few large parts, then delete the parts it came from.
+
+    Scheduled runs each add parts, and every run, report and export opens every
+    part (on an object store, a request each). Kept: each image's row in
+    :func:`read_predictions`, which is also all that :func:`load_done_images`
+    reads as done, so the view and every run's skips stay as they were. Gone:
+    older duplicates, rows of earlier versions and configs, retried errors, and
+    shard error rows a later read healed.
+    Safe to stop at any point: the new parts are complete before any old one
+    is deleted, and until then the view holds each row twice, which it
+    collapses. Not while a run writes to the output: it may find parts gone.
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    parts = committed_parts(fs, root)
+    if len(parts) < 2:
+        return Compaction(len(parts), len(parts), None)  # nothing to gain
+    # Unique per compaction: a second one within the same second must not
+    # write over (and then delete) a part it is reading.
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    written: list[str] = []
+    pending: list[pa.RecordBatch] = []
+    pending_rows = rows_after = 0
+
+    def write_part() -> None:
+        nonlocal pending, pending_rows
+        path = join(root, f"{PREDICTIONS_FOLDER}/compacted-{stamp}_{len(written):06d}.parquet")
+        table = pa.Table.from_batches(pending, schema=PREDICTION_SCHEMA)
+        with arrow_filesystem(fs).open_output_stream(path) as stream:
+            pq.write_table(table, stream)
+        written.append(path)
+        pending, pending_rows = [], 0
+
+    columns = list(PREDICTION_SCHEMA.names)
+    for batch in iter_view(fs, root, parts, columns, output_uri):
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        rows_after += batch.num_rows
+        if pending_rows >= rows_per_part:
+            write_part()
+    if pending_rows:
+        write_part()
+    # Oldest rows first: the view lets an ok row stand over later errors of its
+    # version and config with nothing between, so deleting a part that holds a
+    # row between them before the part with the old ok row (name order would,
+    # for an earlier compaction's part) would change the view of a compaction
+    # stopped half-way.
+    superseded = set(parts) - set(written)
+    remove_files(fs, sorted(superseded, key=lambda path: (_newest_row_time(fs, path), path)))
+    return Compaction(len(parts), len(written), rows_after)
+
+
+def _newest_row_time(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """The newest ``written_at`` in a part, in microseconds (-1 where none is known)."""
+    try:
+        written_at = pq.read_table(path, columns=["written_at"], filesystem=arrow_filesystem(fs))
+    except (pa.ArrowException, OSError, KeyError):  # a part from before the column
+        return -1
+    newest = pc.max(written_at["written_at"].cast(pa.int64())).as_py()
+    return -1 if newest is None else newest
