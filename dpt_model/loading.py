@@ -158,7 +158,8 @@ def _fetch_fsspec_checkpoint(
             for name, entry in remote_files.items():
                 fs.get_file(entry["name"], str(staging / name))  # get would glob "[" in names
             (staging / _COMPLETE_MARKER).write_text(
-                json.dumps({"uri": uri, "version": version, "files": expected_sizes})
+                # No URI: it may hold credentials (user:password@, a signed query).
+                json.dumps({"version": version, "files": expected_sizes})
             )
             if target.exists():
                 shutil.rmtree(target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +67,14 @@ class SegmentationPrediction:
     # rest being IGNORE_LABEL, and the mean normalised entropy (0 certain, 1 uniform).
     label_coverage: float | None = None
     entropy_mean: float | None = None
+
+
+def import_model_code() -> None:
+    """Import what building a predictor imports on its first use in a process (about
+    1.5 s on two cores): whoever times model loads does this first, so that the
+    first model's time is its own and not the process's imports."""
+    import transformers.conversion_mapping
+    import transformers.models.dpt.modeling_dpt  # noqa: F401
 
 
 class _Predictor:
@@ -138,7 +146,10 @@ class _Predictor:
         return self.batch_size
 
     def predict(
-        self, model_inputs: Sequence[np.ndarray], original_sizes: Sequence[tuple[int, int]]
+        self,
+        model_inputs: Sequence[np.ndarray],
+        original_sizes: Sequence[tuple[int, int]],
+        on_pass: Callable[[int, float], None] | None = None,
     ) -> list[Any]:
         """model_inputs: (h, w, 3) uint8 from ``resize_for_model``; sizes: (H, W) each.
 
@@ -146,6 +157,8 @@ class _Predictor:
         when set). A pass that runs out of device
         memory is retried in halves, down to one image; an image that does not
         fit alone gets a prediction with ``error`` set, and the batch goes on.
+        ``on_pass(images, seconds)`` is told of each pass that gave predictions
+        (its forward pass and postprocessing).
         """
         results: list[Any] = [None] * len(model_inputs)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -155,7 +168,7 @@ class _Predictor:
         for indices in groups.values():
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                self._predict_group(chunk, model_inputs, original_sizes, results)
+                self._predict_group(chunk, model_inputs, original_sizes, results, on_pass)
         return results
 
     def _predict_group(
@@ -164,12 +177,16 @@ class _Predictor:
         model_inputs: Sequence[np.ndarray],
         original_sizes: Sequence[tuple[int, int]],
         results: list[Any],
+        on_pass: Callable[[int, float], None] | None = None,
     ) -> None:
         try:
+            started = time.perf_counter()
             with torch.inference_mode():
                 output = self._forward(np.stack([model_inputs[i] for i in indices]))
                 for row, index in enumerate(indices):
                     results[index] = self._postprocess(output, row, original_sizes[index])
+            if on_pass is not None:
+                on_pass(len(indices), time.perf_counter() - started)
             return
         except torch.OutOfMemoryError:
             pass
@@ -187,8 +204,8 @@ class _Predictor:
             )
             return
         half = len(indices) // 2
-        self._predict_group(indices[:half], model_inputs, original_sizes, results)
-        self._predict_group(indices[half:], model_inputs, original_sizes, results)
+        self._predict_group(indices[:half], model_inputs, original_sizes, results, on_pass)
+        self._predict_group(indices[half:], model_inputs, original_sizes, results, on_pass)
 
     def _forward(self, stacked: np.ndarray) -> torch.Tensor:
         """(B, h, w, 3) uint8 → the output tensor: (B, h', w') depth or (B, C, h', w') logits."""

@@ -47,6 +47,22 @@ class ConfigError(ValueError):
         super().__init__(strip_url_secrets(message))
 
 
+def _no_credentials_in_bucket(uri: str | None) -> str | None:
+    """Refuse ``s3://KEY:SECRET@bucket/…``: no such bucket exists, and the client's
+    error would quote the whole "bucket", credentials and all, without its
+    ``s3://`` (which the redaction of messages looks for)."""
+    if uri is None:
+        return uri
+    scheme, separator, rest = uri.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if separator and scheme.lower() not in ("http", "https") and "@" in bucket:
+        raise ValueError(
+            "credentials in a URI are not read (user:secret@ before the bucket); "
+            "give them through the environment, a profile or an instance role"
+        )
+    return uri
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,6 +81,7 @@ InputFormat = Literal["auto", "files", "webdataset", "parquet", "manifest"]
 
 class InputConfig(_Section):
     uri: str = Field(description="Folder, bucket prefix or single shard/manifest file.")
+    _uri_without_credentials = field_validator("uri")(_no_credentials_in_bucket)
     format: InputFormat = Field(
         default="auto",
         description="files: image objects; webdataset: .tar shards; parquet: image-bytes "
@@ -122,6 +139,7 @@ class InputConfig(_Section):
 
 class OutputConfig(_Section):
     uri: str = Field(description="Folder or bucket prefix that receives the results.")
+    _uri_without_credentials = field_validator("uri")(_no_credentials_in_bucket)
     # Measured on 2 cores: level 1 encodes several times faster than Pillow's
     # default 6 for a few percent more bytes on depth maps.
     png_compress_level: int = Field(default=1, ge=0, le=9)
@@ -148,6 +166,7 @@ class OutputConfig(_Section):
 class ModelsConfig(_Section):
     depth: str | None = Field(default=None, description="Hub id, local dir or fsspec URI.")
     segmentation: str | None = None
+    _uris_without_credentials = field_validator("depth", "segmentation")(_no_credentials_in_bucket)
     depth_kind: Literal["auto", "relative_inverse", "metric"] = Field(
         default="auto",
         description="What the depth model predicts, recorded per row: auto reads it from "

@@ -58,10 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def format_summary(summary: RunSummary) -> str:
     """The end-of-run report for a terminal or a job's log: counts, speed, where time went."""
     hardware = f"up to {summary.gpus_requested:g} GPUs" if summary.gpus_requested else "on CPUs"
+    limit = (
+        " (input.limit reached: the rest waits for a later run)" if summary.limit_reached else ""
+    )
     lines = [
         f"run {summary.run_id}: {summary.images_ok} ok, {summary.images_error} errors, "
-        f"{summary.images_skipped_done} already done, of {summary.images_listed} images "
-        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s, {hardware})",
+        f"{summary.images_skipped_done} already done, of {summary.images_listed} images{limit} "
+        f"in {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s over the whole "
+        f"run, {hardware})",
         f"  predictions: {summary.predictions_uri}",
         f"  run report:  {summary.report_uri}",
     ]
@@ -92,6 +96,9 @@ def format_summary(summary: RunSummary) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # httpx logs every request's URL at INFO, credentials in it included (an
+    # HF_ENDPOINT with user:password@): its warnings are enough.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         overrides = [*args.overrides, *(["mode=force"] if args.force else [])]
         config = load_config(args.config, overrides)

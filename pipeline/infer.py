@@ -17,7 +17,7 @@ import torch
 
 from dpt_model import DepthPredictor, SegmentationPredictor
 from dpt_model.loading import DEFAULT_CACHE_DIR
-from dpt_model.predictor import DepthEncoding, DepthResolution
+from dpt_model.predictor import DepthEncoding, DepthResolution, import_model_code
 from pipeline.metrics import record_inference_batch, record_model_load
 from pipeline.schema import error_reason
 
@@ -73,6 +73,7 @@ class InferenceActor:
             "flip_tta": settings.flip_tta,
         }
         self.depth = self.segmentation = None
+        import_model_code()
         if depth_model:
             started = time.perf_counter()
             self.depth = DepthPredictor(
@@ -173,12 +174,15 @@ def _timed_predict(
     inputs: list[np.ndarray],
     sizes: list[tuple[int, int]],
 ) -> list:
+    """Predictions, with each forward pass's size and time recorded: a Ray batch
+    is split by input shape and by the actor's batch size, so it is not one pass."""
     if not inputs:
         return []
-    started = time.perf_counter()
-    predictions = predictor.predict(inputs, sizes)
-    record_inference_batch(predictor.task, len(inputs), time.perf_counter() - started)
-    return predictions
+
+    def record_pass(images: int, seconds: float) -> None:
+        record_inference_batch(predictor.task, images, seconds)
+
+    return predictor.predict(inputs, sizes, on_pass=record_pass)
 
 
 def _sizes(batch: dict[str, np.ndarray], rows: list[int]) -> list[tuple[int, int]]:

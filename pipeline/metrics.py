@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec
@@ -30,9 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
-_NUMBER = re.compile(r"\d+")
 
-# Ray Data batches are powers of two up to inference.max_batch_size (64 by default).
+# Forward passes hold at most inference.batch_size images; with auto, a power of two
+# up to inference.max_batch_size (64 by default).
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
@@ -69,13 +68,13 @@ def _job_metrics() -> _JobMetrics:
         ),
         batch_size=Histogram(
             "dpt_inference_batch_size",
-            "Images per inference call, by model task.",
+            "Images per forward pass, by model task.",
             boundaries=BATCH_SIZE_BUCKETS,
             tag_keys=("task",),
         ),
         batch_latency_s=Histogram(
             "dpt_inference_batch_latency_seconds",
-            "Seconds per inference call (forward pass and post-processing), by model task.",
+            "Seconds per forward pass (with its post-processing), by model task.",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("task",),
         ),
@@ -88,12 +87,12 @@ def _job_metrics() -> _JobMetrics:
 
 
 def reason_label(reason: str) -> str:
-    """An error reason as a label value: its group, numbers as N, ASCII, at most 80 characters.
+    """An error reason as a label value: its group, ASCII, at most 80 characters.
 
     Ray's metrics take ASCII tag values only, and every distinct value is a new
     time series: "image is 20000×300; a side exceeds …" must not be one per size.
     """
-    label = _NUMBER.sub("N", reason_group(reason)).replace("×", "x")
+    label = reason_group(reason).replace("×", "x").replace("…", "...")
     return label.encode("ascii", "ignore").decode()[:80]
 
 

@@ -128,6 +128,9 @@ class RunSummary:
     gpus_requested: float = 0.0
     # <output>/report/index.html; None when report.enabled is false or it failed.
     quality_report_uri: str | None = None
+    # input.limit stopped the run: the listing (or, for shards, their reading)
+    # went no further, so the counts above are of what came before the limit.
+    limit_reached: bool = False
 
 
 def new_run_id() -> str:
@@ -281,8 +284,12 @@ def run_annotation(config: JobConfig) -> RunSummary:
             images_per_s=round(annotated / elapsed_s, 3),
             timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
             stage_timings_s=stage_times,
-            error_reasons=dict(reasons.most_common(10)),
+            error_reasons=_top_reasons(reasons),
             gpus_requested=config.resources.actors.max * config.resources.gpus_per_actor,
+            limit_reached=(
+                config.input.limit is not None
+                and (annotated if sharded else listed) >= config.input.limit
+            ),
         )
         if config.report.enabled:
             report_started = time.perf_counter()
@@ -291,6 +298,16 @@ def run_annotation(config: JobConfig) -> RunSummary:
         heartbeat.stop_renewing()
         _write_run_report(out_fs, report_path, config, cards, summary, started_at)
         return summary
+
+
+def _top_reasons(reasons: collections.Counter[str], most: int = 10) -> dict[str, int]:
+    """The ``most`` commonest error groups, and the images of all others under one
+    entry, so that the counts still add up to the run's errors."""
+    top = dict(reasons.most_common(most))
+    others = sum(reasons.values()) - sum(top.values())
+    if others:
+        top[f"({len(reasons) - len(top)} other reasons)"] = others
+    return top
 
 
 def _shard_input(config: JobConfig, input_format: str) -> ShardInput:

@@ -43,6 +43,14 @@ PREDICTION_SCHEMA = pa.schema(
 _URL_QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*")
 # Up to the last "@" before the host's "/": a password may hold "@".
 _URL_USERINFO = re.compile(r"(\w+://)[^/\s'\"]*@")
+# Query parameters that carry a credential or a signature (S3's SigV4 and V2,
+# Google Cloud Storage, Azure SAS, API keys), wherever they are: a URL whose path
+# holds a space or a quote is not matched whole by _URL_QUERY.
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|awsaccesskeyid"
+    r"|signature|x-goog-signature|x-goog-credential|googleaccessid|sig|token|access_token"
+    r"|api_key|apikey|key|password|secret|client_secret)=)[^&\s'\"#]*"
+)
 _MAX_REASON_CHARS = 300
 
 
@@ -52,7 +60,9 @@ def schema_for(columns: list[str]) -> pa.Schema:
 
 
 def strip_url_secrets(text: str) -> str:
-    """Remove URL query strings (presigned signatures) and userinfo (user:password@)."""
+    """Remove URL query strings (presigned signatures), userinfo (user:password@), and
+    the values of credential parameters wherever they stand."""
+    text = _SECRET_PARAM.sub(r"\1…", text)
     return _URL_USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
 
 
@@ -78,9 +88,17 @@ def reason_group(reason: str) -> str:
     """'decode: truncated or corrupt image data: …' → 'decode: truncated or corrupt image data'.
 
     The stage and the kind of failure, without the per-image detail: what error
-    counts are grouped by in the run summary and in metrics.
+    counts are grouped by in the run summary, the report and metrics. Quoted
+    names and numbers inside it become '…' and N ("read: id 'a7' repeats row 3's"
+    → "read: id '…' repeats row N's"), so one kind of failure is one group,
+    whatever the ids, sizes or addresses it names.
     """
-    return ":".join(reason.split(":")[:2]).strip()
+    general = _QUOTED.sub(lambda quoted: f"{quoted[0][0]}…{quoted[0][0]}", reason)
+    return _NUMBER.sub("N", ":".join(general.split(":")[:2]).strip())
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"\b0x[0-9a-fA-F]+|\d+")
 
 
 _STORAGE_HINTS = (
@@ -100,6 +118,11 @@ def storage_problem(
 ) -> str:
     """One message for a storage failure before the job starts: what, where, likely fix."""
     reason = error_reason(key, error).removeprefix(f"{key}: ")  # the key leads already
+    # A client may quote the URI's bucket without its scheme ("Invalid bucket
+    # name \"KEY:SECRET@bucket\""), out of reach of strip_url_secrets.
+    userinfo = uri.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
+    if userinfo:
+        reason = reason.replace(f"{userinfo}@", "")
     hint = next((fix for marker, fix in _STORAGE_HINTS if marker in reason), None)
     hint = hint and hint.format(endpoint=endpoint_setting)
     where = strip_url_secrets(uri)

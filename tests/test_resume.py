@@ -104,9 +104,9 @@ def test_resume_inside_a_shard_redoes_only_images_without_a_row(ray_cluster, che
     settings = depth_job(tmp_path / "shards", tmp_path / "output", checkpoints)
     # A first run stopped after 4 images stands in for one that crashed mid-shard.
     first = run_annotation(load_config(None, [*settings, "input.limit=4", "run_id=first"]))
-    assert first.images_ok == 4
+    assert (first.images_ok, first.limit_reached) == (4, True)
     second = run_annotation(load_config(None, [*settings, "run_id=second"]))
-    assert (second.images_skipped_done, second.images_ok) == (4, 6)
+    assert (second.images_skipped_done, second.images_ok, second.limit_reached) == (4, 6, False)
     assert second.images_listed == 10
     view = read_predictions(str(tmp_path / "output")).to_pylist()
     assert len(view) == len({row["image_id"] for row in view}) == 10
@@ -124,9 +124,12 @@ def test_a_repeated_limited_run_annotates_the_next_images(ray_cluster, checkpoin
     first = run_annotation(load_config(None, [*settings, "run_id=first"]))
     second = run_annotation(load_config(None, [*settings, "run_id=second"]))
     assert (first.images_ok, second.images_skipped_done, second.images_ok) == (2, 2, 2)
+    assert first.limit_reached and second.limit_reached
+    third = run_annotation(load_config(None, [*settings, "run_id=third"]))
+    assert (third.images_ok, third.limit_reached) == (1, False)  # the last one: all listed
     assert (
         len({row["image_id"] for row in read_predictions(str(tmp_path / "output")).to_pylist()})
-        == 4
+        == 5
     )
 
 

@@ -38,8 +38,10 @@ def test_an_out_of_memory_batch_is_split_until_it_fits(checkpoints, predictor_cl
     expected = predictor.predict(inputs, sizes)
     limit = MemoryLimit(predictor.model, max_images=2)
     predictor.model = lambda pixel_values: limit(pixel_values)
-    split = predictor.predict(inputs, sizes)
+    passes = []
+    split = predictor.predict(inputs, sizes, on_pass=lambda images, _: passes.append(images))
     assert limit.batch_sizes == [6, 3, 1, 2, 3, 1, 2]
+    assert passes == [1, 2, 1, 2]  # those that gave predictions: what the metrics observe
     for alone, together in zip(expected, split, strict=True):
         assert together.error is None
         if task == "depth":

@@ -72,6 +72,18 @@ def test_redacted_config_hides_credentials():
     assert config.redacted()["input"]["uri"] == "https://bucket.example.com/list.txt"
 
 
+@pytest.mark.parametrize("key", ["input.uri", "output.uri", "models.depth"])
+def test_credentials_before_a_bucket_are_refused_without_being_echoed(key):
+    settings = dict(item.split("=", 1) for item in MINIMAL)
+    settings[key] = "s3://AKIAFAKE04:S3CR3T-xyz@bucket/prefix"
+    with pytest.raises(ConfigError, match=rf"{key}.*credentials in a URI are not read") as raised:
+        load_config(None, [f"{name}={value}" for name, value in settings.items()])
+    assert "AKIAFAKE04" not in str(raised.value) and "S3CR3T" not in str(raised.value)
+    # "@" further on is part of a key; http(s) userinfo is basic auth.
+    settings[key] = "s3://bucket/user@example.com/photos"
+    load_config(None, [f"{name}={value}" for name, value in settings.items()])
+
+
 def test_example_configs_validate():
     from pathlib import Path
 

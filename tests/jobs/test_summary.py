@@ -45,4 +45,7 @@ def test_summary_shows_counts_speed_gpus_errors_and_stage_times():
     write = next(line for line in text.splitlines() if line.strip().startswith("Write"))
     assert write.split()[-1] == "3.0"  # no CPU time recorded: left blank
     on_cpu = format_summary(dataclasses.replace(summary, gpus_requested=0.0)).splitlines()[0]
-    assert on_cpu.endswith("(7.50 images/s, on CPUs)")
+    assert on_cpu.endswith("(7.50 images/s over the whole run, on CPUs)")
+    assert "input.limit" not in first
+    limited = format_summary(dataclasses.replace(summary, limit_reached=True)).splitlines()[0]
+    assert "of 1000 images (input.limit reached: the rest waits for a later run)" in limited

@@ -131,13 +131,13 @@ def test_an_image_whose_depth_failed_is_not_segmented_and_keeps_its_first_reason
     real_depth, real_segmentation = actor.depth.predict, actor.segmentation.predict
     segmented = []
 
-    def depth_failing_first(inputs, sizes):
-        predictions = real_depth(inputs, sizes)
+    def depth_failing_first(inputs, sizes, on_pass=None):
+        predictions = real_depth(inputs, sizes, on_pass)
         return [dataclasses.replace(predictions[0], error="out of memory alone"), *predictions[1:]]
 
-    def counting_segmentation(inputs, sizes):
+    def counting_segmentation(inputs, sizes, on_pass=None):
         segmented.append(len(inputs))
-        return real_segmentation(inputs, sizes)
+        return real_segmentation(inputs, sizes, on_pass)
 
     actor.depth.predict, actor.segmentation.predict = depth_failing_first, counting_segmentation
     out = actor(ok_batch(3))

@@ -35,3 +35,19 @@ def test_reason_labels_are_ascii_and_do_not_multiply_with_image_sizes():
 def test_a_failure_to_record_is_logged_and_does_not_fail_the_batch(caplog):
     record_outcomes(["ok"], [None, "two errors for one status"])  # zip(strict) raises inside
     assert "could not record metric in record_outcomes" in caplog.text
+
+
+def test_reason_groups_do_not_multiply_with_the_ids_or_addresses_they_name():
+    # Each distinct group is a line of the summary and a metric's time series.
+    repeats = [
+        f"read: id {name!r} (column 'id') repeats row {row}'s"
+        for name, row in [("a7", 3), ("zz", 40)]
+    ]
+    repeats += ["read: id 'b:9' (column 'id') repeats row 12's"]
+    assert {reason_label(reason) for reason in repeats} == {
+        "read: id '...' (column '...') repeats row N's"
+    }
+    unreadable = "decode: cannot identify image file <_io.BytesIO object at 0x7f3a2b19c0>"
+    assert (
+        reason_label(unreadable) == "decode: cannot identify image file <_io.BytesIO object at N>"
+    )

@@ -11,6 +11,7 @@ from pipeline.run import (
     DECODE_BATCH_ROWS,
     _clear_earlier_results,
     _SkipCount,
+    _top_reasons,
     _with_listing_progress,
     config_hash_for,
     decode_rows,
@@ -196,3 +197,14 @@ def test_a_min_coverage_other_than_the_last_pseudo_label_runs_is_said(tmp_path, 
     [said] = warnings_for(0.3)
     assert said.startswith("pseudo_labels.min_coverage is 0.3 here and was 0.6 in run strict:")
     assert "jobs.export --min-coverage" in said
+
+
+def test_the_summary_names_the_commonest_reasons_and_counts_the_rest():
+    import collections
+
+    reasons = collections.Counter({f"decode: kind {n}": 12 - n for n in range(12)})
+    top = _top_reasons(reasons)
+    assert list(top)[:10] == [f"decode: kind {n}" for n in range(10)]
+    assert top["(2 other reasons)"] == 2 + 1
+    assert sum(top.values()) == sum(reasons.values())
+    assert _top_reasons(collections.Counter({"read: x": 3})) == {"read: x": 3}
