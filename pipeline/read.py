@@ -179,10 +179,14 @@ def read_shard(
     output_uri: str | None = None,
     done: DoneImages | None = None,
     config_hash: str = "",
+    leave_errors: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
-    An image is ``<shard_uri>#<sample id>``; those ``done`` holds are left out.
+    An image is ``<shard_uri>#<sample id>``; those ``done`` holds are left out,
+    and with ``leave_errors`` (a run under ``input.limit``) also those whose row
+    is an error under this config: a shard's version fixes its members' bytes,
+    so they would fail again, and fill the limit every run.
     A shard that cannot be opened, or
     breaks part-way, adds one error row for the shard itself after the images it
     did yield, so the loss is visible in the output. A shard read to its end
@@ -205,7 +209,7 @@ def read_shard(
         rows: list[dict[str, Any]] = []
         read = _ShardRead()
         shard = (str(shard_uri), str(shard_key), str(shard_version))
-        for row in _shard_rows(*shard, shard_input, storage_options, read, done):
+        for row in _shard_rows(*shard, shard_input, storage_options, read, done, leave_errors):
             rows.append(row)
             if len(rows) == rows_per_batch:
                 yield _as_columns(rows)
@@ -252,6 +256,7 @@ def _shard_rows(
     storage_options: dict[str, Any],
     read: _ShardRead,
     done: DoneImages | None = None,
+    leave_errors: bool = False,
 ) -> Iterator[dict[str, Any]]:
     images = with_image = images_done = 0
     try:
@@ -262,7 +267,11 @@ def _shard_rows(
             is_done = done is not None and done.has(row["image_id"], shard_version)
             with_image += sample.has_image
             images_done += sample.has_image and is_done
-            if not is_done:
+            if not is_done and not (
+                leave_errors
+                and done is not None
+                and done.errored_before(row["image_id"], shard_version)
+            ):
                 yield row
         # The marker counts images only: a sample without one can never be done,
         # and counting it would have every later run read the shard again.

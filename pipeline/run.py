@@ -203,8 +203,12 @@ def run_annotation(config: JobConfig) -> RunSummary:
         )
         if config.input.limit is not None and not sharded:
             # Counted after the done images, as for shards (limited once read below),
-            # so a repeated smoke run annotates the next N.
-            to_annotate = itertools.islice(to_annotate, config.input.limit)
+            # so a repeated smoke run annotates the next N; earlier errors go last,
+            # or a limit filled by images that fail every time would never move on.
+            to_annotate = itertools.islice(
+                _errors_last(to_annotate, done, config.input.limit, skipped),
+                config.input.limit,
+            )
         block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
         listing.close()
         if not listed and not skipped.images:
@@ -220,6 +224,12 @@ def run_annotation(config: JobConfig) -> RunSummary:
             strip_url_secrets(config.input.uri),
             skipped.images,
         )
+        if skipped.errors_deferred > skipped.errors_retried:
+            logger.info(
+                "input.limit: %d images whose last rows are errors are left for a later run "
+                "(images not tried yet go first)",
+                skipped.errors_deferred - skipped.errors_retried,
+            )
         if config.output.overwrite:
             # Only now: a mistyped input or a cluster that cannot run the job must
             # not cost the results already there.
@@ -385,6 +395,7 @@ def _annotation_dataset(
     storage_options = config.storage_options()
     decode_cpus = config.resources.cpus_per_decode_task
     if input_format in SHARD_FORMATS:
+        limited = config.input.limit is not None
         dataset = dataset.map_batches(
             read_shard,
             batch_size=1,
@@ -394,8 +405,9 @@ def _annotation_dataset(
                 "storage_options": storage_options,
                 "rows_per_batch": DECODE_BATCH_ROWS,
                 "output_uri": config.output.uri,
-                "done": done if len(done) else None,
+                "done": done if len(done) or (limited and len(done.errored)) else None,
                 "config_hash": config_hash,
+                "leave_errors": limited,
             },
             num_cpus=decode_cpus,
         )
@@ -591,6 +603,10 @@ def _model_key(card: ModelCard) -> str | None:
 @dataclass
 class _SkipCount:
     images: int = 0
+    # Under input.limit: images with an earlier error row, held for after the
+    # others (files) and how many of them the limit left for a later run.
+    errors_deferred: int = 0
+    errors_retried: int = 0
 
 
 def _not_done(
@@ -628,6 +644,25 @@ def _not_done(
             skipped.images += 1
         else:
             yield row
+
+
+def _errors_last(
+    rows: Iterator[dict[str, str]], done: DoneImages, limit: int, skipped: _SkipCount
+) -> Iterator[dict[str, str]]:
+    """``rows`` with those whose image's row is an error under this config (and
+    source version) moved after the rest: at most ``limit`` of them are held,
+    as no more can be taken."""
+    held: list[dict[str, str]] = []
+    for row in rows:
+        if len(done.errored) and done.errored_before(row["image_id"], row["source_version"]):
+            skipped.errors_deferred += 1
+            if len(held) < limit:
+                held.append(row)
+        else:
+            yield row
+    for row in held:
+        skipped.errors_retried += 1
+        yield row
 
 
 def _with_listing_progress(

@@ -133,6 +133,27 @@ def test_a_repeated_limited_run_annotates_the_next_images(ray_cluster, checkpoin
     )
 
 
+def test_limited_runs_move_past_samples_that_fail_every_time(ray_cluster, checkpoints, tmp_path):
+    """A shard whose first samples hold no image: their error rows would fill
+    a limit of 2 on every run, and no run would reach the images after them."""
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    members = [("000.json", b"{}"), ("001.json", b"{}")] + [
+        (f"{i:03d}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(2, 5)
+    ]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000.tar").write_bytes(tar_bytes(members))
+    settings = depth_job(tmp_path / "shards", tmp_path / "output", checkpoints, "input.limit=2")
+    runs = [run_annotation(load_config(None, [*settings, f"run_id=limited-{n}"])) for n in range(3)]
+    assert [(run.images_ok, run.images_error) for run in runs] == [(0, 2), (2, 0), (1, 0)]
+    view = read_predictions(str(tmp_path / "output")).to_pylist()
+    assert sorted(row["status"] for row in view) == ["error", "error", "ok", "ok", "ok"]
+    # The shard's images are all done: a run without a limit reads it no more.
+    unlimited = run_annotation(load_config(None, [*settings[:-1], "run_id=unlimited"]))
+    assert (unlimited.images_ok, unlimited.images_error, unlimited.images_skipped_done) == (0, 0, 3)
+
+
 def test_parts_are_committed_while_later_images_are_still_annotated(
     ray_cluster, checkpoints, tmp_path
 ):

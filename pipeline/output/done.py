@@ -37,14 +37,24 @@ class DoneImages:
     # end retires such a row (:meth:`ShardMarkers.error_stands`), the shard is
     # read, even with all its images done.
     shard_errors: dict[str, float] = field(default_factory=dict)
+    # Sorted keys of the images whose row in the view is an error under this
+    # config and source version: what a run under ``input.limit`` takes last.
+    errored: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def has(self, image_id: str, version: str) -> bool:
-        key = np.uint64(done_key(image_id, version))
-        position = int(np.searchsorted(self.keys, key))
-        return position < len(self.keys) and self.keys[position] == key
+        return _holds(self.keys, done_key(image_id, version))
+
+    def errored_before(self, image_id: str, version: str) -> bool:
+        """Whether the image's row in the view is an error of this config and version."""
+        return _holds(self.errored, done_key(image_id, version))
+
+
+def _holds(sorted_keys: np.ndarray, key: int) -> bool:
+    position = int(np.searchsorted(sorted_keys, np.uint64(key)))
+    return position < len(sorted_keys) and bool(sorted_keys[position] == key)
 
 
 def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str) -> DoneImages:
@@ -58,7 +68,9 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     time: while it picks each image's row the driver keeps 30 bytes per
     committed row (the table in docs/benchmarks.md has what it measured), then
     8 bytes per done image and a count per shard; rows, and the Python strings
-    hashed into keys, live only as long as their batch.
+    hashed into keys, live only as long as their batch. Images whose row is an
+    error under ``config_hash`` are kept too (:attr:`DoneImages.errored`), as
+    8 bytes each.
     """
     rows = _DoneCheckRows(config_hash)
     for batch in scan_committed(fs, root, list(_DoneCheckRows.COLUMNS)):
@@ -160,7 +172,7 @@ class _DoneCheckRows:
         image, pair, written, written_null, is_ok, shard = joined
         del joined
         bucket_of = (image >> np.uint64(64 - self.BUCKET_BITS)).astype(np.uint8)
-        done_rows, errors_in_view = [], []
+        done_rows, errored_rows, errors_in_view = [], [], []
         for bucket in range(1 << self.BUCKET_BITS):
             rows = np.flatnonzero(bucket_of == bucket)
             # Rows under other configs share one pair code: whichever of them is
@@ -171,6 +183,7 @@ class _DoneCheckRows:
             picked = rows[view]
             # A row under this config has its done_key as its pair, never 0.
             done_rows.append(picked[is_ok[picked] & (pair[picked] != 0)])
+            errored_rows.append(picked[~is_ok[picked] & (pair[picked] != 0)])
             if self.shard_error_rows:
                 errors_in_view.append(picked[~is_ok[picked]])
         done = np.concatenate(done_rows)
@@ -193,7 +206,8 @@ class _DoneCheckRows:
                 if counts[number]
             }
         )
-        return DoneImages(np.unique(pair[done]), per_shard, shard_errors)
+        errored = np.unique(pair[np.concatenate(errored_rows)])
+        return DoneImages(np.unique(pair[done]), per_shard, shard_errors, errored)
 
 
 def _image_key(image_id: str) -> int:

@@ -177,6 +177,34 @@ def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
     assert source_uris("v1", done) == everything  # done for another version of the shard
 
 
+def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
+    """A sample with no image fails on every read of its shard's version: under
+    input.limit it would take a place in the limit each run."""
+    from pipeline.keys import image_id_for
+    from pipeline.output.done import DoneImages, done_key
+
+    shard = tmp_path / "000.tar"
+    shard.write_bytes(tar_bytes(SAMPLES))
+    imageless = image_id_for(f"{shard}#a/002")
+    done = DoneImages(errored=np.array([done_key(imageless, "v0")], dtype=np.uint64))
+
+    def source_uris(version: str, leave_errors: bool) -> list[str]:
+        batches = read_shard(
+            _rows(shard_uri=[str(shard)], shard_key=["s/000.tar"], shard_version=[version]),
+            ShardInput("webdataset", ("jpg", "png"), "image", None),
+            storage_options={},
+            rows_per_batch=16,
+            done=done,
+            leave_errors=leave_errors,
+        )
+        return [uri for batch in batches for uri in batch["source_uri"].tolist()]
+
+    everything = source_uris("v0", leave_errors=False)
+    assert f"{shard}#a/002" in everything and len(everything) == 4
+    assert source_uris("v0", leave_errors=True) == [u for u in everything if u != f"{shard}#a/002"]
+    assert source_uris("v1", leave_errors=True) == everything  # another version: tried again
+
+
 def test_webdataset_shard_expands_into_image_rows_in_batches(tmp_path):
     shard = tmp_path / "000.tar"
     shard.write_bytes(tar_bytes(SAMPLES))

@@ -1,8 +1,10 @@
 """Pure parts of the job's composition, without Ray."""
 
+import itertools
 import json
 import os
 
+import numpy as np
 import pytest
 
 from jobs.config import load_config
@@ -10,6 +12,7 @@ from pipeline.output.runs import start_record_path
 from pipeline.run import (
     DECODE_BATCH_ROWS,
     _clear_earlier_results,
+    _errors_last,
     _SkipCount,
     _top_reasons,
     _with_listing_progress,
@@ -208,3 +211,28 @@ def test_the_summary_names_the_commonest_reasons_and_counts_the_rest():
     assert top["(2 other reasons)"] == 2 + 1
     assert sum(top.values()) == sum(reasons.values())
     assert _top_reasons(collections.Counter({"read: x": 3})) == {"read: x": 3}
+
+
+def test_under_a_limit_images_that_failed_before_go_after_the_rest():
+    from pipeline.output.done import DoneImages, done_key
+
+    listed = [{"image_id": f"i{n}", "source_version": "v1"} for n in range(6)]
+    failed = ["i0", "i1", "i3"]  # the first images of the listing fail every time
+    done = DoneImages(errored=np.sort(np.array([done_key(i, "v1") for i in failed], np.uint64)))
+
+    def taken(limit: int, rows=listed) -> tuple[list[str], _SkipCount]:
+        count = _SkipCount()
+        ordered = itertools.islice(_errors_last(iter(rows), done, limit, count), limit)
+        return [row["image_id"] for row in ordered], count
+
+    first, count = taken(2)
+    assert first == ["i2", "i4"] and count.errors_retried == 0
+    everything, count = taken(10)
+    assert everything == ["i2", "i4", "i5", "i0", "i1", "i3"]
+    assert (count.errors_deferred, count.errors_retried) == (3, 3)
+    # Only the images not tried yet are left: two of the failed ones are retried.
+    last, count = taken(3, [row for row in listed if row["image_id"] in ["i0", "i1", "i3", "i5"]])
+    assert last == ["i5", "i0", "i1"]
+    assert (count.errors_deferred, count.errors_retried) == (3, 2)
+    # Another source version is another image: not held back.
+    assert taken(1, [{"image_id": "i0", "source_version": "v2"}])[0] == ["i0"]

@@ -57,6 +57,10 @@ def test_done_images_are_ok_rows_of_the_same_config_and_source_version(tmp_path)
     ]
     assert found == [True, False, False, False, True, True, True, True, True]
     assert done.has("x", "v1") and not done.has("x", "v2") and not done.has("zz", "v1")
+    # Errors: only "z"'s row is an error of this config, and only under its version.
+    assert done.errored_before("z", "v1")
+    assert not any(done.errored_before(i, "v1") for i in ["x", "y", "s", "t", "h", "o"])
+    assert not done.errored_before("z", "v2")
 
 
 def test_done_images_are_the_same_whatever_the_parts_per_scan(tmp_path, monkeypatch):
@@ -130,6 +134,9 @@ def test_an_image_is_done_when_its_row_in_the_view_is_ok_under_the_config(
     [shown] = view
     shown_as = (shown["status"], shown["config_hash"], shown["source_version"])
     assert (shown_as == ("ok", "c1", "v1")) is done_under_c1
+    # What a limited run takes last: an image whose row in the view is c1's error.
+    errored = load_done_images(fs, root, "c1").errored_before("x", "v1")
+    assert errored is (shown_as == ("error", "c1", "v1"))
     # Compaction keeps the view, and with it what is done.
     compact_predictions(str(tmp_path))
     assert read_predictions(str(tmp_path)).to_pylist() == view
@@ -166,3 +173,9 @@ def test_done_images_are_the_views_ok_rows_under_the_config(tmp_path):
         if r["status"] == "ok" and r["config_hash"] == "c1"
     )
     assert 5 < len(expected) < 55 and done.keys.tolist() == expected
+    errored = sorted(
+        done_key(r["image_id"], r["source_version"])
+        for r in view
+        if r["status"] == "error" and r["config_hash"] == "c1"
+    )
+    assert errored and done.errored.tolist() == errored
