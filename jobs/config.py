@@ -114,6 +114,12 @@ class InputConfig(_Section):
         default=None, description="parquet: column of per-row ids; None uses the row number."
     )
     uri_column: str = Field(default="uri", description="Parquet manifest: column of URIs.")
+    version_column: str | None = Field(
+        default=None,
+        description="Parquet manifest: column whose value changes when the image does (an "
+        "ETag, checksum or modification time); an image whose value changed is annotated "
+        "again. None: entries are taken as immutable.",
+    )
 
     @field_validator("id_column")
     @classmethod

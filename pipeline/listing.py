@@ -452,7 +452,7 @@ def _manifest_rows(
         # Relative entries keep their manifest's folder under the input in the
         # key, so train/list.txt and val/list.txt may both list x.jpg.
         folder_key = relative(manifest).rpartition("/")[0]
-        for entry in _manifest_entries(fs, manifest, input_config.uri_column):
+        for entry, version in _manifest_entries(fs, manifest, input_config):
             listing_error = _name_problem(entry)
             entry = printable_name(entry)
             if entry.startswith("file:///"):  # a local path, as the input's own URI is taken
@@ -485,9 +485,10 @@ def _manifest_rows(
                 "image_id": image_id,
                 "source_uri": source_uri,
                 "source_key": source_key,
-                # Entries are taken as immutable: checking each one's version
-                # would cost a request per image before any work starts.
-                "source_version": "",
+                # Without input.version_column entries are taken as immutable:
+                # checking each one's version would cost a request per image
+                # before any work starts.
+                "source_version": version,
                 "fetch_uri": fetch_uri,
                 "listing_error": listing_error,
             }
@@ -509,7 +510,12 @@ def _climbed(folder_uri: str, entry: str) -> str | None:
     return f"{protocol}://{joined}" if protocol else joined
 
 
-def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str) -> Iterator[str]:
+def _manifest_entries(
+    fs: fsspec.AbstractFileSystem, path: str, input_config: InputConfig
+) -> Iterator[tuple[str, str]]:
+    """(entry, source version) of each image a manifest names; the version is ""
+    unless ``input.version_column`` names a column of the (Parquet) manifest."""
+    version_column = input_config.version_column
     with fs.open(path, "rb") as file:
         if path.lower().endswith(PARQUET_SUFFIXES):
             try:
@@ -518,14 +524,31 @@ def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str)
                 raise InputNotFoundError(
                     f"manifest {full_uri(fs, path)} is not a readable Parquet file ({error})"
                 ) from None
-            if uri_column not in parquet.schema_arrow.names:
-                raise InputNotFoundError(
-                    f"manifest {full_uri(fs, path)} has no column {uri_column!r} "
-                    f"(input.uri_column); its columns: {', '.join(parquet.schema_arrow.names)}"
+            names = parquet.schema_arrow.names
+            for column, key in [
+                (input_config.uri_column, "input.uri_column"),
+                (version_column, "input.version_column"),
+            ]:
+                if column is not None and column not in names:
+                    raise InputNotFoundError(
+                        f"manifest {full_uri(fs, path)} has no column {column!r} "
+                        f"({key}); its columns: {', '.join(names)}"
+                    )
+            columns = [input_config.uri_column, *([version_column] if version_column else [])]
+            for batch in parquet.iter_batches(batch_size=10_000, columns=columns):
+                uris = batch.column(0).to_pylist()
+                versions = (
+                    [_version_text(value) for value in batch.column(1).to_pylist()]
+                    if version_column
+                    else [""] * len(uris)
                 )
-            for batch in parquet.iter_batches(batch_size=10_000, columns=[uri_column]):
-                yield from (str(value) for value in batch.column(0).to_pylist() if value)
+                yield from ((str(uri), v) for uri, v in zip(uris, versions, strict=True) if uri)
             return
+        if version_column is not None:
+            raise InputNotFoundError(
+                f"input.version_column is {version_column!r}, but manifest "
+                f"{full_uri(fs, path)} is text: only Parquet manifests have columns"
+            )
         for number, line in enumerate(file):
             if number == 0:
                 if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in line:
@@ -535,4 +558,12 @@ def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, uri_column: str)
                 line = line.removeprefix(codecs.BOM_UTF8)  # as some editors save UTF-8
             entry = line.decode("utf-8", "surrogateescape").strip()
             if entry and not entry.startswith("#"):
-                yield entry
+                yield entry, ""
+
+
+def _version_text(value: Any) -> str:
+    """A version column's value as ``source_version`` text: bytes (a binary MD5) as
+    hex, times and numbers as Python writes them, null as ""."""
+    if value is None:
+        return ""
+    return value.hex() if isinstance(value, bytes) else str(value)

@@ -154,6 +154,43 @@ def test_limited_runs_move_past_samples_that_fail_every_time(ray_cluster, checkp
     assert (unlimited.images_ok, unlimited.images_error, unlimited.images_skipped_done) == (0, 0, 3)
 
 
+def test_a_manifests_version_column_has_changed_images_annotated_again(
+    ray_cluster, checkpoints, tmp_path
+):
+    import pyarrow as pa
+
+    from pipeline.run import run_annotation
+
+    images = tmp_path / "images"
+    write_files(
+        images, {f"{i}.jpg": encoded(synthetic_photo(64, 48, seed=i), "JPEG") for i in range(3)}
+    )
+
+    def manifest(versions: list[str]) -> None:
+        uris = [f"{i}.jpg" for i in range(3)]
+        pq.write_table(pa.table({"uri": uris, "etag": versions}), images / "list.parquet")
+
+    settings = depth_job(
+        images / "list.parquet", tmp_path / "output", checkpoints, "input.version_column=etag"
+    )
+    manifest(["a", "a", "a"])
+    first = run_annotation(load_config(None, [*settings, "run_id=first"]))
+    (images / "1.jpg").write_bytes(encoded(synthetic_photo(64, 48, seed=9), "JPEG"))
+    manifest(["a", "b", "a"])
+    second = run_annotation(load_config(None, [*settings, "run_id=second"]))
+    assert (first.images_ok, second.images_skipped_done, second.images_ok) == (3, 2, 1)
+    view = {
+        Path(row["source_uri"]).name: row
+        for row in read_predictions(str(tmp_path / "output")).to_pylist()
+    }
+    assert {name: row["source_version"] for name, row in view.items()} == {
+        "0.jpg": "a",
+        "1.jpg": "b",
+        "2.jpg": "a",
+    }
+    assert view["1.jpg"]["run_id"] == "second"
+
+
 def test_parts_are_committed_while_later_images_are_still_annotated(
     ray_cluster, checkpoints, tmp_path
 ):

@@ -143,6 +143,23 @@ def test_manifest_without_its_uri_column_names_the_key(tmp_path):
         _list(tmp_path / "m.parquet", format="manifest")
 
 
+def test_a_manifests_version_column_is_each_entrys_source_version(tmp_path):
+    _write(tmp_path, ("a.jpg", "b.jpg", "c.jpg"))
+    buffer = io.BytesIO()
+    table = pa.table({"uri": ["a.jpg", "b.jpg", "c.jpg"], "md5": [b"\x01\xab", None, b""]})
+    pq.write_table(table, buffer)
+    (tmp_path / "m.parquet").write_bytes(buffer.getvalue())
+    _, rows = _list(tmp_path / "m.parquet", format="manifest", version_column="md5")
+    assert [row["source_version"] for row in rows] == ["01ab", "", ""]
+    _, rows = _list(tmp_path / "m.parquet", format="manifest")
+    assert {row["source_version"] for row in rows} == {""}  # immutable without the column
+    with pytest.raises(InputNotFoundError, match=r"no column 'etag' \(input\.version_column\)"):
+        _list(tmp_path / "m.parquet", format="manifest", version_column="etag")
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    with pytest.raises(InputNotFoundError, match=r"input\.version_column .* is text"):
+        _list(tmp_path / "list.txt", version_column="md5")
+
+
 def test_an_image_a_manifest_names_twice_or_spelt_two_ways_is_listed_once(tmp_path, caplog):
     _write(tmp_path, ("imgs/a.jpg", "imgs/b.jpg"))
     absolute = str(tmp_path / "imgs/a.jpg")
