@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_RUN_GOING
     result = compact_predictions(args.output_uri, options, args.rows_per_part)
+    if result.leftovers_removed:
+        print(f"removed {result.leftovers_removed} half-written part file(s) of killed writers")
     if result.rows is None:
         print(f"nothing to compact: {result.parts_before} part(s)")
     else:

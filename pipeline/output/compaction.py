@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,9 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.output.runs import RUN_GOING_WITHIN_S
 from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, iter_view
 from pipeline.schema import PREDICTION_SCHEMA
-from pipeline.storage import arrow_filesystem, filesystem_for, join, remove_files
+from pipeline.storage import arrow_filesystem, filesystem_for, is_local, join, remove_files
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,8 @@ class Compaction:
     parts_before: int
     parts_after: int
     rows: int | None  # rows after: one per image
+    # Local disks: hidden part files a killed writer left half-written.
+    leftovers_removed: int = 0
 
 
 def compact_predictions(
@@ -40,9 +45,11 @@ def compact_predictions(
     collapses. Not while a run writes to the output: it may find parts gone.
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
+    leftovers = _leftover_part_files(fs, root, time.time() - RUN_GOING_WITHIN_S)
+    remove_files(fs, leftovers)
     parts = committed_parts(fs, root)
     if len(parts) < 2:
-        return Compaction(len(parts), len(parts), None)  # nothing to gain
+        return Compaction(len(parts), len(parts), None, len(leftovers))  # nothing to gain
     # Unique per compaction: a second one within the same second must not
     # write over (and then delete) a part it is reading.
     stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -73,9 +80,40 @@ def compact_predictions(
     # row between them before the part with the old ok row (name order would,
     # for an earlier compaction's part) would change the view of a compaction
     # stopped half-way.
+    if is_local(fs):
+        _sync_to_disk([*written, join(root, PREDICTIONS_FOLDER)])
     superseded = set(parts) - set(written)
     remove_files(fs, sorted(superseded, key=lambda path: (_newest_row_time(fs, path), path)))
-    return Compaction(len(parts), len(written), rows_after)
+    return Compaction(len(parts), len(written), rows_after, len(leftovers))
+
+
+def _leftover_part_files(fs: fsspec.AbstractFileSystem, root: str, before: float) -> list[str]:
+    """Local parts' hidden ``.<name>.<random>.tmp`` files last written before ``before``
+    (seconds): what a writer killed mid-part leaves. Object stores keep no such
+    files (a part is one upload), and the view never reads them."""
+    folder = join(root, PREDICTIONS_FOLDER)
+    if not is_local(fs) or not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as entries:
+        return [
+            entry.path
+            for entry in entries
+            if entry.name.startswith(".")
+            and entry.name.endswith(".tmp")
+            and entry.is_file(follow_symlinks=False)
+            and entry.stat(follow_symlinks=False).st_mtime < before
+        ]
+
+
+def _sync_to_disk(paths: list[str]) -> None:
+    """fsync files and folders: the new parts, and their names, must be on the disk
+    before the parts they replace are deleted, or a power cut could lose both."""
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _newest_row_time(fs: fsspec.AbstractFileSystem, path: str) -> int:

@@ -74,6 +74,31 @@ def test_compaction_leaves_a_single_part_alone(tmp_path):
     assert (tmp_path / "predictions" / "r1_a.parquet").stat().st_mtime_ns == before
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_compaction_removes_half_written_parts_that_no_writer_touched_for_long(tmp_path, parts):
+    import os
+    import time
+
+    from pipeline.output.compaction import compact_predictions
+
+    for index in range(parts):
+        write_part(tmp_path, f"r{index}_a.parquet", [row(f"x{index}", "ok", index)])
+    folder = tmp_path / "predictions"
+    stale, fresh = folder / ".r9_a.parquet.0f3c.tmp", folder / ".r9_b.parquet.77aa.tmp"
+    stale.write_bytes(b"PAR1 half")
+    fresh.write_bytes(b"PAR1 half")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    (folder / ".keep").write_bytes(b"")  # hidden, but not a part being written
+
+    result = compact_predictions(str(tmp_path))
+    assert result.leftovers_removed == 1
+    assert not stale.exists() and fresh.exists() and (folder / ".keep").exists()
+    assert sorted(r["image_id"] for r in read_predictions(str(tmp_path)).to_pylist()) == [
+        f"x{index}" for index in range(parts)
+    ]
+
+
 def test_a_compaction_stopped_while_it_deletes_leaves_the_view_as_it_was(tmp_path, monkeypatch):
     """An earlier compaction's part holds an old ok row; a run under another config
     came between it and a later error of the first config. Deleted in name order
