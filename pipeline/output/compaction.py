@@ -42,7 +42,9 @@ def compact_predictions(
     shard error rows a later read healed.
     Safe to stop at any point: the new parts are complete before any old one
     is deleted, and until then the view holds each row twice, which it
-    collapses. Not while a run writes to the output: it may find parts gone.
+    collapses. Not while a run writes to the output: its count of its own rows
+    misses those moved here. Reads that began before it list again
+    (:func:`read_again_if_parts_go`), except streamed ones.
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
     leftovers = _leftover_part_files(fs, root, time.time() - RUN_GOING_WITHIN_S)

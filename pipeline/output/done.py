@@ -12,7 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.keys import SHARD_URI_PATTERN, shard_uris
-from pipeline.output.view import ok_mask, row_times, scan_committed, view_rows
+from pipeline.output.view import (
+    ok_mask,
+    read_again_if_parts_go,
+    row_times,
+    scan_committed,
+    view_rows,
+)
 
 
 def done_key(image_id: str, source_version: str) -> int:
@@ -72,10 +78,14 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     error under ``config_hash`` are kept too (:attr:`DoneImages.errored`), as
     8 bytes each.
     """
-    rows = _DoneCheckRows(config_hash)
-    for batch in scan_committed(fs, root, list(_DoneCheckRows.COLUMNS)):
-        rows.add(batch)
-    return rows.done_images()
+
+    def read() -> DoneImages:
+        rows = _DoneCheckRows(config_hash)
+        for batch in scan_committed(fs, root, list(_DoneCheckRows.COLUMNS)):
+            rows.add(batch)
+        return rows.done_images()
+
+    return read_again_if_parts_go(read)
 
 
 class _DoneCheckRows:

@@ -10,8 +10,9 @@ appear in several parts (a forced rerun, a changed source, a task Ray re-ran).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
-from typing import Any
+import logging
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -23,7 +24,12 @@ from pipeline.output.shard_markers import read_shard_markers
 from pipeline.schema import PREDICTION_SCHEMA, schema_for, strip_url_secrets
 from pipeline.storage import arrow_filesystem, filesystem_for, forget_listing, join
 
+logger = logging.getLogger(__name__)
+
 PREDICTIONS_FOLDER = "predictions"
+# A compaction deletes parts only after it wrote the view they hold: a read that
+# finds a listed part gone lists again, and finds the new ones.
+_READS_WHILE_PARTS_GO = 3
 _PARTS_READ_AHEAD = 8
 _PARTS_PER_SCAN = 256
 _ROW_CHOICE_COLUMNS = ("image_id", "status", "source_version", "config_hash", "written_at")
@@ -70,7 +76,7 @@ def read_predictions(
     fs, root = filesystem_for(output_uri, storage_options or {})
     # Only the columns asked for, plus those that pick each image's row.
     needed = None if columns is None else list(dict.fromkeys([*columns, *_ROW_CHOICE_COLUMNS]))
-    table = read_committed(fs, root, needed, image_ids)
+    table = read_again_if_parts_go(lambda: read_committed(fs, root, needed, image_ids))
     keep = _without_healed_shard_errors(table, latest_rows(table), fs, root)
     # Usually every row is its image's only one: then the view is the table, and
     # no copy of it (the largest allocation here) is made.
@@ -129,6 +135,26 @@ def iter_view(
         yield batch
     if offset != total:
         raise changed
+
+
+_Read = TypeVar("_Read")
+
+
+def read_again_if_parts_go(read: Callable[[], _Read]) -> _Read:
+    """``read()``, from the start again where a part it listed was gone when it
+    came to it: a compaction (``jobs.compact``) that began before it replaced
+    the part with others holding the same view, which a new listing finds."""
+    for attempt in range(1, _READS_WHILE_PARTS_GO + 1):
+        try:
+            return read()
+        except FileNotFoundError as gone:
+            if attempt == _READS_WHILE_PARTS_GO:
+                raise
+            logger.info(
+                "a part went while it was being read (a compaction?): reading the parts again (%s)",
+                strip_url_secrets(str(gone)),
+            )
+    raise AssertionError("unreachable")
 
 
 def scan_committed(

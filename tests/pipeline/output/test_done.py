@@ -179,3 +179,31 @@ def test_done_images_are_the_views_ok_rows_under_the_config(tmp_path):
         if r["status"] == "error" and r["config_hash"] == "c1"
     )
     assert errored and done.errored.tolist() == errored
+
+
+def test_the_done_check_reads_again_when_a_compaction_replaced_the_parts_it_listed(
+    tmp_path, monkeypatch, caplog
+):
+    """A run whose done check began just before a compaction deleted its parts."""
+    from pipeline.output import done as done_module
+    from pipeline.output import view
+    from pipeline.output.compaction import compact_predictions
+
+    for index in range(4):
+        write_part(tmp_path, f"r{index}_a.parquet", [row(f"x{index}", "ok", index)])
+    fs, root = filesystem_for(str(tmp_path), {})
+    listings = []
+
+    def scan_then_compact(*args, **kwargs):
+        parts = view.committed_parts(fs, root)
+        listings.append(parts)
+        if len(listings) == 1:  # the compaction runs between the listing and the reads
+            compact_predictions(str(tmp_path))
+        return view._scan_parts(fs, parts, *args[2:], **kwargs)
+
+    monkeypatch.setattr(done_module, "scan_committed", scan_then_compact)
+    with caplog.at_level("INFO", logger="pipeline.output.view"):
+        done = load_done_images(fs, root, "c1")
+    assert [len(parts) for parts in listings] == [4, 1]
+    assert all(done.has(f"x{index}", "v1") for index in range(4)) and len(done) == 4
+    assert "a part went while it was being read (a compaction?)" in caplog.text
