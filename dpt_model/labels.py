@@ -27,7 +27,7 @@ from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_uris
 from pipeline.output.maps import MapLocator
 from pipeline.output.view import iter_predictions
-from pipeline.schema import schema_for
+from pipeline.schema import schema_for, strip_url_secrets
 from pipeline.storage import filesystem_for, read_bytes
 
 _COLUMNS = [
@@ -116,7 +116,7 @@ class PseudoLabelDataset(Dataset):
         size_hw = (row["height"], row["width"])
         item: dict[str, Any] = {"image_id": row["image_id"]}
         if self.with_images:
-            data = self._read(row["source_uri"])
+            data = self._read(row["source_uri"], "image")
             rgb = decode_image(data, LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX).rgb
             if rgb.shape[:2] != size_hw:
                 raise ValueError(
@@ -129,7 +129,7 @@ class PseudoLabelDataset(Dataset):
             chw = np.require(rgb.transpose(2, 0, 1), requirements=["C", "W"])
             item["image"] = torch.from_numpy(chw)
         if depth_uri := self.maps(row["depth_uri"], "depth"):
-            stored = decode_depth_map(depth_uri, self._read(depth_uri))
+            stored = decode_depth_map(depth_uri, self._read(depth_uri, "depth map"))
             if depth_uri.endswith(".npz"):  # output.depth_format: npz_float16
                 values = torch.from_numpy(stored).float()
                 same_size = tuple(values.shape) == size_hw
@@ -143,13 +143,23 @@ class PseudoLabelDataset(Dataset):
             item["depth"] = torch.from_numpy(depth)
             item["depth_kind"] = row["depth_kind"]
         if segmentation_uri := self.maps(row["segmentation_uri"], "segmentation"):
-            label = decode_segmentation_png(self._read(segmentation_uri))
+            label = decode_segmentation_png(self._read(segmentation_uri, "segmentation map"))
             item["label"] = torch.from_numpy(label.astype(np.int64))
             item["mask"] = item["label"] != IGNORE_LABEL
         return self.transform(item) if self.transform else item
 
-    def _read(self, uri: str) -> bytes:
-        return read_bytes(uri, self.storage_options)
+    def _read(self, uri: str, what: str) -> bytes:
+        try:
+            return read_bytes(uri, self.storage_options)
+        except FileNotFoundError:
+            # The client's own message names no key ("The specified key does not
+            # exist."): one gone file must say which, or an epoch stops blind.
+            gone_because = (
+                "deleted after it was annotated: its row stays in the output"
+                if what == "image"
+                else "missing: the output was copied or cleared without its maps"
+            )
+            raise FileNotFoundError(f"{what} {strip_url_secrets(uri)} is {gone_because}") from None
 
 
 def is_kept(kept: bool | None, label_coverage: float | None, min_coverage: float | None) -> bool:

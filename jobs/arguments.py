@@ -7,7 +7,13 @@ from typing import Any
 
 from pipeline.output.view import PREDICTIONS_FOLDER
 from pipeline.schema import storage_problem, strip_url_secrets
-from pipeline.storage import StorageUnreachableError, check_reachable, filesystem_for, join
+from pipeline.storage import (
+    StorageUnreachableError,
+    check_reachable,
+    filesystem_for,
+    join,
+    missing_bucket_hint,
+)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:
@@ -42,11 +48,12 @@ def output_problem(output_uri: str, options: dict[str, Any]) -> tuple[int, str] 
         fs, root = filesystem_for(output_uri, options)
         if fs.exists(join(root, PREDICTIONS_FOLDER)):
             return None
+        why = missing_bucket_hint(fs, root)
     except StorageUnreachableError as error:
         return EXIT_UNREACHABLE, str(error)
     except OSError as error:
         return EXIT_UNREACHABLE, storage_problem("output", output_uri, error, ENDPOINT_FLAG)
-    return EXIT_BAD_ARGUMENTS, f"no predictions under {strip_url_secrets(output_uri)}"
+    return EXIT_BAD_ARGUMENTS, f"no predictions under {strip_url_secrets(output_uri)}{why}"
 
 
 def positive_integer(text: str) -> int:

@@ -24,7 +24,7 @@ from jobs.arguments import (
     storage_options,
 )
 from pipeline.output.compaction import compact_predictions
-from pipeline.output.runs import RUN_GOING_WITHIN_S, runs_going
+from pipeline.output.runs import RUN_GOING_WITHIN_S, renewed_ago, runs_going
 from pipeline.storage import filesystem_for
 
 EXIT_RUN_GOING = 1
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     fs, root = filesystem_for(args.output_uri, options)
     going = runs_going(fs, root, RUN_GOING_WITHIN_S, time.time())
     if going and not args.even_if_running:
-        runs = ", ".join(f"{run_id} (renewed {age_s / 60:.0f} min ago)" for run_id, age_s in going)
+        runs = "; ".join(f"{run_id} (start record {renewed_ago(age_s)})" for run_id, age_s in going)
         print(
             f"error: runs are going on this output: {runs}. Compacting while one writes "
-            "could make it fail; wait for it to finish, or pass --even-if-running",
+            "could make it miscount its rows; wait for it to finish, or pass --even-if-running",
             file=sys.stderr,
         )
         return EXIT_RUN_GOING

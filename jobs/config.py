@@ -15,6 +15,7 @@ import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -56,11 +57,15 @@ def _no_credentials_in_bucket(uri: str | None) -> str | None:
     scheme, separator, rest = uri.partition("://")
     bucket = rest.split("/", 1)[0]
     if separator and scheme.lower() not in ("http", "https") and "@" in bucket:
-        raise ValueError(
-            "credentials in a URI are not read (user:secret@ before the bucket); "
-            "give them through the environment, a profile or an instance role"
-        )
+        raise _credentials_refused("bucket")
     return uri
+
+
+def _credentials_refused(before: str) -> ValueError:
+    return ValueError(
+        f"credentials in a URI are not read (user:secret@ before the {before}); "
+        "give them through the environment, a profile or an instance role"
+    )
 
 
 class _Section(BaseModel):
@@ -324,6 +329,16 @@ class StorageConfig(_Section):
         default=None, description="S3-compatible endpoint (MinIO, Ceph, R2); None for AWS."
     )
     region: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_without_credentials(cls, url: str | None) -> str | None:
+        # botocore refuses it with a message about an AUTHORIZATION header, and
+        # the URL would reach the run record: keys go by the credential chain.
+        if url is not None and "@" in urlsplit(url).netloc:
+            raise _credentials_refused("host")
+        return url
+
     anon: bool = Field(default=False, description="Anonymous access for public buckets.")
     # botocore's standard retry mode, per request, before our own retries of
     # reads and writes: throttling and 5xx on a busy bucket are routine.

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every request's URL at INFO, credentials in it included (an
     # HF_ENDPOINT with user:password@): its warnings are enough.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # "Found credentials in environment variables.", once per S3 client made.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     try:
         overrides = [*args.overrides, *(["mode=force"] if args.force else [])]
         config = load_config(args.config, overrides)
@@ -179,6 +181,26 @@ def _actor_model_error(error: BaseException) -> str | None:
     return found[-1] if found else None
 
 
+def exit_after_stop(code: int) -> None:
+    """Leave at once after a stop, once what was said is flushed.
+
+    After Ray's SIGTERM handler has run, ``ray.shutdown`` (or the interpreter's
+    teardown, which calls it) aborts in Ray's core worker: exit 134 and a native
+    stack, though the run wrote its end record. The run needs nothing more: the
+    processes of a local Ray go with the driver that started them, and a
+    cluster's GCS sees the driver go.
+    """
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     stop_on_sigterm()
-    sys.exit(main())
+    exit_code = main()
+    if exit_code == EXIT_STOPPED:
+        exit_after_stop(exit_code)
+    sys.exit(exit_code)

@@ -36,7 +36,7 @@ from pipeline.keys import (
 )
 from pipeline.s3_listing import list_in_order, s3_list_page
 from pipeline.schema import source_uri_of, storage_problem, strip_url_secrets
-from pipeline.storage import filesystem_for, full_uri
+from pipeline.storage import filesystem_for, full_uri, missing_bucket_hint
 
 if TYPE_CHECKING:
     from jobs.config import InputConfig
@@ -219,7 +219,7 @@ def list_input(
     except FileNotFoundError:
         raise InputNotFoundError(
             f"input.uri {strip_url_secrets(uri)} is not a folder, prefix or file"
-            + _missing_bucket_hint(fs, root)
+            + missing_bucket_hint(fs, root)
         ) from None
     except Exception as error:  # credentials, endpoint, permissions: all surface here
         raise InputNotFoundError(storage_problem("input.uri", uri, error)) from None
@@ -266,19 +266,6 @@ def list_input(
             if is_file or _has_suffix(stored.path, suffixes)
         )
     return Listing(format=fmt, reason=reason, rows=rows)
-
-
-def _missing_bucket_hint(fs: fsspec.AbstractFileSystem, root: str) -> str:
-    if "s3" not in fs.protocol:
-        return ""
-    bucket = root.split("/", 1)[0]
-    try:
-        exists = fs.exists(bucket)
-    except Exception:  # the hint is a courtesy; the error stands without it
-        return ""
-    return (
-        "" if exists else f" (bucket {bucket} does not exist, or these credentials cannot see it)"
-    )
 
 
 def _not_hidden(objects: Iterator[StoredObject]) -> Iterator[StoredObject]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from pipeline.infer import InferenceActor, InferenceSettings
 from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, image_id_for, shard_marker_stem
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
+from pipeline.output.compaction import compacted_since
 from pipeline.output.done import DoneImages, load_done_images
 from pipeline.output.runs import (
     RUN_GOING_WITHIN_S,
@@ -47,11 +47,12 @@ from pipeline.output.runs import (
     ended_record_path,
     finish_record_path,
     iter_run_records,
+    renewed_ago,
     runs_going,
     start_record_path,
 )
 from pipeline.output.shard_markers import ShardMarkers, read_shard_markers
-from pipeline.output.view import PREDICTIONS_FOLDER, scan_committed
+from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, scan_committed
 from pipeline.progress import ProgressBeacon, StallWatchdog
 from pipeline.read import ShardInput, read_batch, read_settings_tag, read_shard
 from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
@@ -205,9 +206,10 @@ def run_annotation(config: JobConfig) -> RunSummary:
             # Counted after the done images, as for shards (limited once read below),
             # so a repeated smoke run annotates the next N; earlier errors go last,
             # or a limit filled by images that fail every time would never move on.
-            to_annotate = itertools.islice(
+            to_annotate = _at_most(
                 _errors_last(to_annotate, done, config.input.limit, skipped),
                 config.input.limit,
+                skipped,
             )
         block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
         listing.close()
@@ -297,8 +299,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
             error_reasons=_top_reasons(reasons),
             gpus_requested=config.resources.actors.max * config.resources.gpus_per_actor,
             limit_reached=(
-                config.input.limit is not None
-                and (annotated if sharded else listed) >= config.input.limit
+                config.input.limit is not None and annotated >= config.input.limit
+                if sharded
+                else skipped.more_after_limit
             ),
         )
         if config.report.enabled:
@@ -607,6 +610,7 @@ class _SkipCount:
     # others (files) and how many of them the limit left for a later run.
     errors_deferred: int = 0
     errors_retried: int = 0
+    more_after_limit: bool = False  # images to annotate were left when the limit was met
 
 
 def _not_done(
@@ -644,6 +648,18 @@ def _not_done(
             skipped.images += 1
         else:
             yield row
+
+
+def _at_most(
+    rows: Iterator[dict[str, str]], limit: int, skipped: _SkipCount
+) -> Iterator[dict[str, str]]:
+    """The first ``limit`` of ``rows``; one more is looked for, to tell a run that
+    stopped at the limit from one that took the last images there were."""
+    for taken, row in enumerate(rows, 1):
+        yield row
+        if taken == limit:
+            skipped.more_after_limit = next(rows, None) is not None
+            return
 
 
 def _errors_last(
@@ -698,18 +714,43 @@ def part_prefix(run_id: str) -> str:
 
 
 def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> dict[str, list]:
-    """Status and error of each row this run committed.
+    """Status and error of each image this run committed.
 
     Only the run's own parts are opened (named after it): an output of years of
-    scheduled runs has thousands, each a request on an object store.
+    scheduled runs has thousands, each a request on an object store. Parts of
+    a compaction that began after the run did (``jobs.compact
+    --even-if-running``) may hold rows moved out of them: those are read too,
+    and each image counted once.
     """
     mine = (pc.field("run_id") == run_id) & (
         pc.field("written_at") >= pa.scalar(started_at, pa.timestamp("us", "UTC"))
     )
+    parts_of_run = f"{part_prefix(run_id)}_"
+    compacted = [
+        name
+        for path in committed_parts(fs, root)
+        if compacted_since(name := path.rsplit("/", 1)[-1], started_at)
+    ]
+    if compacted:
+        logger.warning(
+            "a compaction ran during this run (%s): the counts below are of the rows it kept",
+            compacted[0],
+        )
     status: list[str] = []
     error: list[str | None] = []
-    parts_of_run = f"{part_prefix(run_id)}_"
-    for batch in scan_committed(fs, root, ["status", "error"], mine, part_prefix=parts_of_run):
+    counted: set[str] = set()
+    for batch in scan_committed(
+        fs,
+        root,
+        ["image_id", "status", "error"],
+        mine,
+        part_named=lambda name: name.startswith(parts_of_run) or name in compacted,
+    ):
+        if compacted:  # a row may be in the compacted part and in one not yet deleted
+            ids = batch["image_id"].to_pylist()
+            keep = [image_id not in counted for image_id in ids]
+            counted.update(ids)
+            batch = batch.filter(pa.array(keep, pa.bool_()))
         status += batch["status"].to_pylist()
         error += batch["error"].to_pylist()
     return {"status": status, "error": error}
@@ -866,18 +907,18 @@ def _warn_of_runs_going(fs, root: str, run_id: str) -> None:
     for other, age_s in others:
         if other != run_id:
             logger.warning(
-                "run %s is going on this output (its start record was renewed %.0f min ago): "
-                "both runs annotate the same images",
+                "run %s is going on this output (its start record was %s): if it is, both "
+                "runs annotate the images neither has committed yet",
                 other,
-                age_s / 60,
+                renewed_ago(age_s),
             )
         else:
             logger.warning(
                 "a run under this run_id (%s) is going on this output (its start record was "
-                "renewed %.0f min ago): both annotate the same images, and share one start "
-                "and one finish record",
+                "%s): if it is, both annotate the images neither has committed yet, and "
+                "share one start and one finish record",
                 run_id,
-                age_s / 60,
+                renewed_ago(age_s),
             )
 
 

@@ -40,16 +40,17 @@ PREDICTION_SCHEMA = pa.schema(
     ]
 )
 
-_URL_QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*")
+# URLs end at white space or a quote: ' " and ` (botocore quotes with backticks).
+_URL_QUERY = re.compile(r"(\w+://[^\s?'\"`]*)\?[^\s'\"`]*")
 # Up to the last "@" before the host's "/": a password may hold "@".
-_URL_USERINFO = re.compile(r"(\w+://)[^/\s'\"]*@")
+_URL_USERINFO = re.compile(r"(\w+://)[^/\s'\"`]*@")
 # Query parameters that carry a credential or a signature (S3's SigV4 and V2,
 # Google Cloud Storage, Azure SAS, API keys), wherever they are: a URL whose path
 # holds a space or a quote is not matched whole by _URL_QUERY.
 _SECRET_PARAM = re.compile(
     r"(?i)([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|awsaccesskeyid"
     r"|signature|x-goog-signature|x-goog-credential|googleaccessid|sig|token|access_token"
-    r"|api_key|apikey|key|password|secret|client_secret)=)[^&\s'\"#]*"
+    r"|api_key|apikey|key|password|secret|client_secret)=)[^&\s'\"`#]*"
 )
 _MAX_REASON_CHARS = 300
 

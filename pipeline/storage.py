@@ -201,6 +201,21 @@ def upload_options(fs: fsspec.AbstractFileSystem, content_type: str) -> dict[str
     return {"ContentType": content_type} if "s3" in fs.protocol else {}
 
 
+def missing_bucket_hint(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """`` (bucket b does not exist, …)`` where ``root``'s S3 bucket is not there, else
+    "": a typo in a bucket's name otherwise reads as an empty prefix."""
+    if "s3" not in fs.protocol:
+        return ""
+    bucket = root.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception:  # the hint is a courtesy; the error stands without it
+        return ""
+    return (
+        "" if exists else f" (bucket {bucket} does not exist, or these credentials cannot see it)"
+    )
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 

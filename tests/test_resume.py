@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.config import load_config
 from jobs.sample_images import encoded, synthetic_photo
@@ -90,6 +92,50 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_pat
     for row in view:
         assert row["status"] == "ok"
         assert decode_depth_png(Path(row["depth_uri"]).read_bytes()).shape == SEEDED_VIT_DEPTH_HW
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whole_group", [False, True], ids=["driver", "process-group"])
+def test_a_job_stopped_by_sigterm_exits_130_with_its_stop_recorded(
+    checkpoints, tmp_path, whole_group
+):
+    """``kill <pid>``, or the whole group (``timeout(1)``, a terminal's hangup): each
+    once aborted in Ray's shutdown after the stop was recorded, exiting 134."""
+    corpus, output = tmp_path / "images", tmp_path / "output"
+    write_files(
+        corpus,
+        {f"{i:03d}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(IMAGES)},
+    )
+    settings = depth_job(
+        corpus, output, checkpoints, "inference.batch_size=2", "output.rows_per_part=4"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.run", *(f"--set={s}" for s in [*settings, "run_id=s"])],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 240
+    while not committed_parts(output) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.poll() is None, "the job ended before it could be stopped; give it more images"
+    if whole_group:
+        os.killpg(job.pid, signal.SIGTERM)
+    else:
+        job.send_signal(signal.SIGTERM)
+    try:
+        exit_code = job.wait(timeout=120)
+    finally:
+        stop_session(job.pid)
+    said = (tmp_path / "job.log").read_text()
+    assert exit_code == 130, said[-2000:]
+    assert "stopped: the rows committed so far are kept" in said
+    ended = json.loads((output / "_runs" / "s.ended.json").read_text())
+    assert ended["outcome"] == "stopped"
 
 
 def test_resume_inside_a_shard_redoes_only_images_without_a_row(ray_cluster, checkpoints, tmp_path):

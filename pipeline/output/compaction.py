@@ -19,6 +19,17 @@ from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, iter_view
 from pipeline.schema import PREDICTION_SCHEMA
 from pipeline.storage import arrow_filesystem, filesystem_for, is_local, join, remove_files
 
+# compacted-<when it began, to the second>-<random>_<number>.parquet
+COMPACTED_PART_PREFIX = "compacted-"
+_STAMP_FORMAT = "%Y%m%dT%H%M%S"
+
+
+def compacted_since(part_name: str, moment: datetime) -> bool:
+    """Whether ``part_name`` is a part of a compaction that began at ``moment`` or
+    later (to the second): the only ones that can hold rows written after it."""
+    stamp = part_name.removeprefix(COMPACTED_PART_PREFIX)[: len("20260101T000000")]
+    return part_name.startswith(COMPACTED_PART_PREFIX) and stamp >= f"{moment:{_STAMP_FORMAT}}"
+
 
 @dataclass(frozen=True)
 class Compaction:
@@ -42,9 +53,10 @@ def compact_predictions(
     shard error rows a later read healed.
     Safe to stop at any point: the new parts are complete before any old one
     is deleted, and until then the view holds each row twice, which it
-    collapses. Not while a run writes to the output: its count of its own rows
-    misses those moved here. Reads that began before it list again
-    (:func:`read_again_if_parts_go`), except streamed ones.
+    collapses. Best not while a run writes to the output: the run's count of its
+    rows finds them here (:func:`compacted_since`), less those the view drops.
+    Reads that began before it list again (``read_again_if_parts_go``), except
+    streamed ones.
     """
     fs, root = filesystem_for(output_uri, storage_options or {})
     leftovers = _leftover_part_files(fs, root, time.time() - RUN_GOING_WITHIN_S)
@@ -54,14 +66,15 @@ def compact_predictions(
         return Compaction(len(parts), len(parts), None, len(leftovers))  # nothing to gain
     # Unique per compaction: a second one within the same second must not
     # write over (and then delete) a part it is reading.
-    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    stamp = f"{datetime.now(UTC):{_STAMP_FORMAT}}-{uuid.uuid4().hex[:8]}"
     written: list[str] = []
     pending: list[pa.RecordBatch] = []
     pending_rows = rows_after = 0
 
     def write_part() -> None:
         nonlocal pending, pending_rows
-        path = join(root, f"{PREDICTIONS_FOLDER}/compacted-{stamp}_{len(written):06d}.parquet")
+        name = f"{COMPACTED_PART_PREFIX}{stamp}_{len(written):06d}.parquet"
+        path = join(root, f"{PREDICTIONS_FOLDER}/{name}")
         table = pa.Table.from_batches(pending, schema=PREDICTION_SCHEMA)
         with arrow_filesystem(fs).open_output_stream(path) as stream:
             pq.write_table(table, stream)

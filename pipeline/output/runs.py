@@ -163,6 +163,18 @@ class RunHeartbeat:
                 logger.warning("could not renew the run's start record: %s", error)
 
 
+def renewed_ago(age_s: float) -> str:
+    """How long ago a going run's start record was renewed, and what that can mean:
+    for messages about runs going, since a run killed with SIGKILL counts as
+    going until its record is too old."""
+    minutes, seconds = divmod(int(age_s), 60)
+    return (
+        f"renewed {minutes} min {seconds} s ago; a run renews it every "
+        f"{RUN_HEARTBEAT_S // 60} min, and one that was killed counts as going for "
+        f"{RUN_GOING_WITHIN_S // 60} min after"
+    )
+
+
 def runs_going(
     fs: fsspec.AbstractFileSystem, root: str, within_s: float, now_s: float
 ) -> list[tuple[str, float]]:

@@ -162,11 +162,15 @@ def scan_committed(
     root: str,
     columns: list[str],
     rows: pc.Expression | None = None,
-    part_prefix: str = "",
+    part_named: Callable[[str], bool] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """``columns`` of the committed rows matching ``rows`` (duplicates too), a batch at a
-    time, from the parts whose file names start with ``part_prefix``."""
-    parts = [p for p in committed_parts(fs, root) if p.rsplit("/", 1)[-1].startswith(part_prefix)]
+    time, from the parts whose file names ``part_named`` takes (all by default)."""
+    parts = [
+        path
+        for path in committed_parts(fs, root)
+        if part_named is None or part_named(path.rsplit("/", 1)[-1])
+    ]
     return _scan_parts(fs, parts, columns, rows)
 
 

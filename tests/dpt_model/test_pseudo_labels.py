@@ -157,3 +157,22 @@ def test_the_dataset_refuses_an_image_changed_since_and_gives_writable_images(tm
     assert image.shape == (3, 1, 1)
     with pytest.raises(ValueError, match=r"changed.jpg is 30×20 now and was 60×40 when annotated"):
         dataset[1]
+
+
+def test_the_dataset_names_an_image_or_map_that_is_gone(tmp_path):
+    from dpt_model.labels import PseudoLabelDataset
+    from tests.pipeline.output.parts import row, write_part
+
+    gone = tmp_path / "deleted.jpg"
+    write_part(
+        tmp_path,
+        "a.parquet",
+        [
+            {**row("deleted", "ok", 0), "source_uri": str(gone), "width": 6, "height": 4},
+            {**row("mapless", "ok", 0), "depth_uri": "depth/mapless.png", "width": 6, "height": 4},
+        ],
+    )
+    with pytest.raises(FileNotFoundError, match=r"image .*deleted.jpg is deleted after it was"):
+        PseudoLabelDataset(str(tmp_path))[0]
+    with pytest.raises(FileNotFoundError, match=r"depth map .*mapless.png is missing"):
+        PseudoLabelDataset(str(tmp_path), with_images=False)[1]

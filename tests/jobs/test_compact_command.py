@@ -22,7 +22,8 @@ def test_compacting_waits_for_a_run_that_has_not_finished(tmp_path):
 
     refused = compact(str(tmp_path))
     assert refused.returncode == 1
-    assert "runs are going on this output: going (renewed 0 min ago)" in refused.stderr
+    assert "runs are going on this output: going (start record renewed 0 min " in refused.stderr
+    assert "one that was killed counts as going for 15 min after" in refused.stderr
     assert len(list((tmp_path / "predictions").iterdir())) == 3  # untouched
 
     done = compact(str(tmp_path), "--even-if-running")

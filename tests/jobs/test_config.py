@@ -65,8 +65,6 @@ def test_null_override_disables_a_task(tmp_path):
 
 
 def test_redacted_config_hides_credentials():
-    config = load_config(None, [*MINIMAL, "storage.endpoint_url=http://key:secret@127.0.0.1:9000"])
-    assert "secret" not in str(config.redacted())
     signed = "https://bucket.example.com/list.txt?X-Amz-Credential=AKIAX&X-Amz-Signature=0ab1"
     config = load_config(None, [f"input.uri={signed}", "output.uri=out", "models.depth=m"])
     assert config.redacted()["input"]["uri"] == "https://bucket.example.com/list.txt"
@@ -82,6 +80,14 @@ def test_credentials_before_a_bucket_are_refused_without_being_echoed(key):
     # "@" further on is part of a key; http(s) userinfo is basic auth.
     settings[key] = "s3://bucket/user@example.com/photos"
     load_config(None, [f"{name}={value}" for name, value in settings.items()])
+
+
+def test_credentials_in_the_endpoint_url_are_refused_without_being_echoed():
+    endpoint = "storage.endpoint_url=http://AKIAFAKE04:S3CR3T-xyz@127.0.0.1:9000"
+    with pytest.raises(ConfigError, match=r"endpoint_url.*user:secret@ before the host") as raised:
+        load_config(None, [*MINIMAL, endpoint])
+    assert "AKIAFAKE04" not in str(raised.value) and "S3CR3T" not in str(raised.value)
+    load_config(None, [*MINIMAL, "storage.endpoint_url=http://127.0.0.1:9000/"])
 
 
 def test_example_configs_validate():

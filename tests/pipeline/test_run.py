@@ -11,6 +11,7 @@ from jobs.config import load_config
 from pipeline.output.runs import start_record_path
 from pipeline.run import (
     DECODE_BATCH_ROWS,
+    _at_most,
     _clear_earlier_results,
     _errors_last,
     _SkipCount,
@@ -117,6 +118,39 @@ def test_a_runs_count_opens_only_the_parts_named_after_it(tmp_path):
     fs, root = filesystem_for(str(tmp_path), {})
     counted = _rows_of_run(fs, root, "r1", started)
     assert counted == {"status": ["ok", "error"], "error": [None, "decode: empty file"]}
+
+
+def test_a_runs_count_finds_its_rows_a_compaction_moved_during_the_run(tmp_path, caplog):
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.output.compaction import compact_predictions
+    from pipeline.run import _rows_of_run
+    from tests.pipeline.output.parts import row, write_part
+
+    started = datetime.now(UTC) - timedelta(seconds=5)
+    write_part(tmp_path, "r0_w_000000.parquet", [row("old", "ok", 0, run="r0")])
+    mine = [
+        {**row("a", "ok", 0, run="r1"), "written_at": started + timedelta(seconds=1)},
+        {**row("b", "error", 0, run="r1"), "written_at": started + timedelta(seconds=2)},
+    ]
+    write_part(tmp_path, "r1_w_000000.parquet", mine[:1])
+    write_part(tmp_path, "r1_w_000001.parquet", mine[1:])
+    fs, root = filesystem_for(str(tmp_path), {})
+    before = _rows_of_run(fs, root, "r1", started)
+    compact_predictions(str(tmp_path))  # --even-if-running, while r1 goes on
+    write_part(tmp_path, "r1_w_000002.parquet", [{**mine[0], "image_id": "c"}])
+    # A compacted part and one it has not deleted yet both hold "b".
+    write_part(tmp_path, "r1_w_000001.parquet", mine[1:])
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        after = _rows_of_run(fs, root, "r1", started)
+    assert before == {"status": ["ok", "error"], "error": [None, "read: SlowDown"]}
+    assert sorted(after["status"]) == ["error", "ok", "ok"]
+    assert "a compaction ran during this run (compacted-" in caplog.text
+    # For a run that began after the compaction, its parts are not the run's.
+    assert _rows_of_run(fs, root, "r1", datetime.now(UTC) + timedelta(seconds=2)) == {
+        "status": [],
+        "error": [],
+    }
 
 
 def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(tmp_path, caplog):
@@ -236,3 +270,10 @@ def test_under_a_limit_images_that_failed_before_go_after_the_rest():
     assert (count.errors_deferred, count.errors_retried) == (3, 2)
     # Another source version is another image: not held back.
     assert taken(1, [{"image_id": "i0", "source_version": "v2"}])[0] == ["i0"]
+
+
+@pytest.mark.parametrize(("listed", "taken", "more"), [(5, 2, True), (2, 2, False), (1, 1, False)])
+def test_a_limit_says_whether_images_were_left(listed, taken, more):
+    count = _SkipCount()
+    rows = _at_most(iter([{"image_id": str(n)} for n in range(listed)]), 2, count)
+    assert (len(list(rows)), count.more_after_limit) == (taken, more)

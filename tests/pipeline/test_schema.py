@@ -22,6 +22,13 @@ def test_a_password_holding_at_signs_is_removed_whole():
     assert strip_url_secrets("see https://user:p@ss@host/x.jpg") == "see https://host/x.jpg"
 
 
+def test_a_url_in_backticks_keeps_its_closing_quote():
+    # As botocore quotes an endpoint it refuses.
+    message = "Custom endpoint `http://127.0.0.1:9/?X-Amz-Signature=0ab1` was not a valid URI"
+    assert strip_url_secrets(message) == "Custom endpoint `http://127.0.0.1:9/` was not a valid URI"
+    assert strip_url_secrets("`https://u:pw@host/x`") == "`https://host/x`"
+
+
 def test_source_uris_drop_a_urls_whole_query_but_keep_question_marks_in_s3_keys():
     signed = "https://host/my file.jpg?AWSAccessKeyId=AKIA&Signature=abc&x-amz-security-token=t"
     assert source_uri_of(signed) == "https://host/my file.jpg"
