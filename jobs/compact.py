@@ -5,7 +5,8 @@ them: on an object store a request each, so an output of months of scheduled
 runs spends minutes on them (3,000 parts at 30 ms a request: about 30 s per
 pass, several passes per run). Compacting keeps each image's row in the
 committed view (``read_predictions``), which is all a run's resume check
-reads, and drops the rows they supersede. Run it between runs: it refuses
+reads, and drops the rows they supersede; with ``--prune-maps`` it then deletes
+the map files no row names. Run it between runs: it refuses
 while a run is going (one renews its start record every 5 minutes). Exit codes:
 0 compacted (or nothing to do); 1 the output cannot be reached, or a run is
 going; 2 bad arguments or no predictions at that URI.
@@ -23,7 +24,7 @@ from jobs.arguments import (
     positive_integer,
     storage_options,
 )
-from pipeline.output.compaction import compact_predictions
+from pipeline.output.compaction import compact_predictions, delete_unreferenced_maps
 from pipeline.output.runs import RUN_GOING_WITHIN_S, renewed_ago, runs_going
 from pipeline.storage import filesystem_for
 
@@ -40,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive_integer,
         default=100_000,
         help="rows in each new part (default 100000: tens of MB)",
+    )
+    parser.add_argument(
+        "--prune-maps",
+        action="store_true",
+        help="then delete the map files no row names any more (those of superseded "
+        "annotations: an earlier model or config, an image since changed); stops if a "
+        "run starts meanwhile",
     )
     parser.add_argument(
         "--even-if-running",
@@ -76,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"compacted {result.parts_before} parts into {result.parts_after} ({result.rows} rows)"
         )
+    if args.prune_maps:
+        pruning = delete_unreferenced_maps(args.output_uri, options)
+        so_far = " listed so far" if pruning.stopped_for_run else ""
+        print(
+            f"deleted {pruning.maps_deleted} of {pruning.maps_listed} map files{so_far}: "
+            "no row names them"
+        )
+        if pruning.stopped_for_run:
+            print(
+                f"error: run {pruning.stopped_for_run} is going on this output, and its maps "
+                "may have no rows yet: pruning stopped; run it again between runs",
+                file=sys.stderr,
+            )
+            return EXIT_RUN_GOING
     return 0
 
 

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.output.runs import RUN_GOING_WITHIN_S
-from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, iter_view
+from pipeline.listing import iter_objects
+from pipeline.output.maps import MapLocator
+from pipeline.output.runs import RUN_GOING_WITHIN_S, runs_going
+from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, iter_view, scan_committed
 from pipeline.schema import PREDICTION_SCHEMA
-from pipeline.storage import arrow_filesystem, filesystem_for, is_local, join, remove_files
+from pipeline.storage import (
+    arrow_filesystem,
+    filesystem_for,
+    full_uri,
+    is_local,
+    join,
+    remove_files,
+)
+
+MAP_FOLDERS = ("depth", "segmentation")
+_MAPS_PER_DELETE = 1000  # S3's DeleteObjects takes at most this many keys
 
 # compacted-<when it began, to the second>-<random>_<number>.parquet
 COMPACTED_PART_PREFIX = "compacted-"
@@ -139,3 +154,98 @@ def _newest_row_time(fs: fsspec.AbstractFileSystem, path: str) -> int:
         return -1
     newest = pc.max(written_at["written_at"].cast(pa.int64())).as_py()
     return -1 if newest is None else newest
+
+
+@dataclass(frozen=True)
+class MapPruning:
+    maps_listed: int
+    maps_deleted: int
+    # A run that started while maps were deleted: pruning stopped there.
+    stopped_for_run: str | None = None
+
+
+def delete_unreferenced_maps(
+    output_uri: str, storage_options: dict[str, Any] | None = None
+) -> MapPruning:
+    """Delete the map files that no committed row names.
+
+    Maps are named per image, source version and config, so every model
+    change or changed image leaves the old maps behind; after
+    :func:`compact_predictions` only the view's rows remain, and the maps only
+    superseded rows named go here. A map whose row was never committed (a
+    run killed between the two) goes too: the next run writes it again. Every
+    committed row keeps its maps, compacted or not. A run writes its start
+    record before any map, so before each batch of deletes the runs going are
+    looked up, and a run that started stops the pruning: its maps have no rows
+    yet. The driver keeps 8 bytes per map a row names.
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    here = full_uri(fs, root).rstrip("/") + "/"
+    referenced = _referenced_map_keys(fs, root, MapLocator(output_uri, storage_options), here)
+    listed = deleted = 0
+    for kind in MAP_FOLDERS:
+        folder = join(root, kind)
+        if not fs.exists(folder):
+            continue
+        for chunk in _chunks(
+            (stored.path for stored in iter_objects(fs, folder)), _MAPS_PER_DELETE
+        ):
+            listed += len(chunk)
+            keys = np.fromiter(
+                (_map_key(full_uri(fs, path).removeprefix(here)) for path in chunk),
+                dtype=np.uint64,
+                count=len(chunk),
+            )
+            named = _in_sorted(referenced, keys)
+            unreferenced = [path for path, kept in zip(chunk, named, strict=True) if not kept]
+            if not unreferenced:
+                continue
+            if going := runs_going(fs, root, RUN_GOING_WITHIN_S, time.time()):
+                return MapPruning(listed, deleted, going[0][0])
+            remove_files(fs, unreferenced)
+            deleted += len(unreferenced)
+    return MapPruning(listed, deleted)
+
+
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Whether each of ``keys`` is in ``sorted_keys``, by binary search."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[position] == keys
+
+
+def _referenced_map_keys(
+    fs: fsspec.AbstractFileSystem, root: str, locator: MapLocator, here: str
+) -> np.ndarray:
+    """Sorted 64-bit keys of the maps committed rows name, as keys under ``here``
+    (rows of an output copied here name maps where it was: the locator finds them)."""
+    keys: list[np.ndarray] = []
+    for batch in scan_committed(fs, root, ["depth_uri", "segmentation_uri"]):
+        for kind, column in zip(MAP_FOLDERS, batch.columns, strict=True):
+            located = (locator(uri, kind) for uri in column.to_pylist() if uri is not None)
+            keys.append(
+                np.fromiter(
+                    (_map_key(uri.removeprefix(here)) for uri in located if uri.startswith(here)),
+                    dtype=np.uint64,
+                )
+            )
+    return np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype=np.uint64)
+
+
+def _map_key(relative_key: str) -> int:
+    """64 bits of a map's key under the output: two keys that share them keep both
+    maps, never lose one."""
+    digest = hashlib.blake2b(relative_key.encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")

@@ -49,3 +49,28 @@ def test_compacting_an_s3_output(s3_endpoint, tmp_path):
     assert part.rsplit("/", 1)[-1].startswith("compacted-")
     with fs.open(part, "rb") as file:
         assert sorted(pq.read_table(file)["image_id"].to_pylist()) == ["i0", "i1", "i2"]
+
+
+def test_compacting_with_prune_maps_deletes_the_maps_no_row_names_on_s3(s3_endpoint, tmp_path):
+    from pipeline.storage import filesystem_for
+
+    fs, _ = filesystem_for("s3://prune-me", {"client_kwargs": {"endpoint_url": s3_endpoint}})
+    fs.mkdir("prune-me")
+    for key in ["depth/a[1].jpg.c2.png", "depth/a[1].jpg.c1.png", "segmentation/b.jpg.c1.png"]:
+        fs.pipe_file(f"prune-me/out/{key}", b"png")
+    local = tmp_path / "local"
+    old = {**row("a", "ok", 0), "depth_uri": "s3://prune-me/out/depth/a[1].jpg.c1.png"}
+    new = {**row("a", "ok", 5, config="c2"), "depth_uri": "s3://prune-me/out/depth/a[1].jpg.c2.png"}
+    write_part(local, "r1_a.parquet", [old])
+    write_part(local, "r2_a.parquet", [new])
+    fs.put(str(local / "predictions"), "prune-me/out/predictions", recursive=True)
+
+    result = compact("s3://prune-me/out", f"--endpoint-url={s3_endpoint}", "--prune-maps")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "compacted 2 parts into 1 (1 rows)",
+        "deleted 2 of 3 map files: no row names them",
+    ]
+    # Glob characters in keys are taken literally.
+    assert fs.find("prune-me/out/depth", refresh=True) == ["prune-me/out/depth/a[1].jpg.c2.png"]
+    assert not fs.exists("prune-me/out/segmentation/b.jpg.c1.png")

@@ -1,3 +1,4 @@
+import os
 from datetime import datetime
 
 import pytest
@@ -130,3 +131,75 @@ def test_a_compaction_stopped_while_it_deletes_leaves_the_view_as_it_was(tmp_pat
     assert removed == ["compacted-20261101T000000-0000_000000.parquet"]  # the oldest rows
     [after] = read_predictions(str(tmp_path)).to_pylist()
     assert (after["status"], after["config_hash"]) == ("error", "A")
+
+
+def _with_maps(output, image_id, minutes, config="c1", maps=("depth", "segmentation")):
+    """A row naming map files it has under ``output``, as a run writes them."""
+    uris = {}
+    for kind in maps:
+        path = output / kind / f"{image_id}.jpg.{config}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+        uris[f"{kind}_uri"] = str(path)
+    return {**row(image_id, "ok", minutes, config=config), **uris}
+
+
+def test_pruning_deletes_the_maps_no_row_names_and_keeps_every_rows_maps(tmp_path):
+    from pipeline.output.compaction import compact_predictions, delete_unreferenced_maps
+
+    write_part(
+        tmp_path, "r1_a.parquet", [_with_maps(tmp_path, "x", 0), _with_maps(tmp_path, "y", 0)]
+    )
+    # A later model for x: the first run's maps of x are superseded.
+    write_part(tmp_path, "r2_a.parquet", [_with_maps(tmp_path, "x", 5, config="c2")])
+    orphan = tmp_path / "depth" / "z.jpg.c1.png"  # a killed run's map, its row never committed
+    orphan.write_bytes(b"png")
+    # Before compaction, every committed row keeps its maps, superseded or not.
+    assert delete_unreferenced_maps(str(tmp_path)).maps_deleted == 1
+    assert not orphan.exists() and (tmp_path / "depth" / "x.jpg.c1.png").exists()
+
+    compact_predictions(str(tmp_path))
+    pruning = delete_unreferenced_maps(str(tmp_path))
+    assert (pruning.maps_listed, pruning.maps_deleted, pruning.stopped_for_run) == (6, 2, None)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png"))
+    assert left == [
+        "depth/x.jpg.c2.png",
+        "depth/y.jpg.c1.png",
+        "segmentation/x.jpg.c2.png",
+        "segmentation/y.jpg.c1.png",
+    ]
+    for shown in read_predictions(str(tmp_path)).to_pylist():
+        assert os.path.exists(shown["depth_uri"]) and os.path.exists(shown["segmentation_uri"])
+
+
+def test_pruning_a_copied_output_keeps_the_maps_its_rows_name_where_they_were(tmp_path):
+    import shutil
+
+    from pipeline.output.compaction import delete_unreferenced_maps
+
+    first = tmp_path / "first"
+    write_part(first, "r1_a.parquet", [_with_maps(first, "x", 0, maps=("depth",))])
+    (first / "depth" / "gone.jpg.c1.png").write_bytes(b"png")
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)  # rows still name first/depth/…
+    pruning = delete_unreferenced_maps(str(copy))
+    assert (pruning.maps_listed, pruning.maps_deleted) == (2, 1)
+    assert (copy / "depth" / "x.jpg.c1.png").exists()
+    assert not (copy / "depth" / "gone.jpg.c1.png").exists()
+    assert (first / "depth" / "gone.jpg.c1.png").exists()  # another output: untouched
+
+
+def test_pruning_stops_when_a_run_is_going(tmp_path):
+    from pipeline.output.compaction import delete_unreferenced_maps
+    from pipeline.output.runs import start_record_path
+
+    write_part(tmp_path, "r1_a.parquet", [_with_maps(tmp_path, "x", 0, maps=("depth",))])
+    fresh = tmp_path / "depth" / "new.jpg.c1.png"  # the going run's map: no row yet
+    fresh.write_bytes(b"png")
+    record = start_record_path(str(tmp_path), "going")
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    with open(record, "w") as file:
+        file.write('{"started_at": "2026-12-04T00:00:00+00:00"}')
+    pruning = delete_unreferenced_maps(str(tmp_path))
+    assert (pruning.maps_deleted, pruning.stopped_for_run) == (0, "going")
+    assert fresh.exists()
