@@ -155,11 +155,14 @@ class PseudoLabelDataset(Dataset):
             # The client's own message names no key ("The specified key does not
             # exist."): one gone file must say which, or an epoch stops blind.
             gone_because = (
-                "deleted after it was annotated: its row stays in the output"
+                "deleted since it was annotated (its row stays in the output), or not "
+                "reachable from here"
                 if what == "image"
                 else "missing: the output was copied or cleared without its maps"
             )
-            raise FileNotFoundError(f"{what} {strip_url_secrets(uri)} is {gone_because}") from None
+            raise FileNotFoundError(
+                f"{what} {strip_url_secrets(uri)} not found: {gone_because}"
+            ) from None
 
 
 def is_kept(kept: bool | None, label_coverage: float | None, min_coverage: float | None) -> bool:

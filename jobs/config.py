@@ -15,7 +15,6 @@ import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, get_args
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -29,6 +28,7 @@ from pydantic import (
 )
 
 from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX
+from pipeline.schema import uri_userinfo
 
 # Keys whose values are never written to logs or run reports.
 _SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|credential|access_key|session)", re.I)
@@ -51,12 +51,12 @@ class ConfigError(ValueError):
 def _no_credentials_in_bucket(uri: str | None) -> str | None:
     """Refuse ``s3://KEY:SECRET@bucket/…``: no such bucket exists, and the client's
     error would quote the whole "bucket", credentials and all, without its
-    ``s3://`` (which the redaction of messages looks for)."""
+    ``s3://`` (which the redaction of messages looks for). ``user@`` alone is
+    a name, not a secret: ``abfs://container@account.dfs.core.windows.net``."""
     if uri is None:
         return uri
-    scheme, separator, rest = uri.partition("://")
-    bucket = rest.split("/", 1)[0]
-    if separator and scheme.lower() not in ("http", "https") and "@" in bucket:
+    scheme, separator, _ = uri.partition("://")
+    if separator and scheme.lower() not in ("http", "https") and ":" in uri_userinfo(uri):
         raise _credentials_refused("bucket")
     return uri
 
@@ -125,6 +125,16 @@ class InputConfig(_Section):
         "ETag, checksum or modification time); an image whose value changed is annotated "
         "again. None: entries are taken as immutable.",
     )
+
+    @field_validator("version_column")
+    @classmethod
+    def _not_the_uri_column(cls, version_column: str | None, info: ValidationInfo) -> str | None:
+        if version_column is not None and version_column == info.data.get("uri_column"):
+            raise ValueError(
+                f"{version_column!r} is input.uri_column too: a version changes with the "
+                "image, not with its URI"
+            )
+        return version_column
 
     @field_validator("id_column")
     @classmethod
@@ -335,7 +345,7 @@ class StorageConfig(_Section):
     def _endpoint_without_credentials(cls, url: str | None) -> str | None:
         # botocore refuses it with a message about an AUTHORIZATION header, and
         # the URL would reach the run record: keys go by the credential chain.
-        if url is not None and "@" in urlsplit(url).netloc:
+        if url is not None and uri_userinfo(url if "://" in url else f"//{url}"):
             raise _credentials_refused("host")
         return url
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -190,8 +191,6 @@ def exit_after_stop(code: int) -> None:
     processes of a local Ray go with the driver that started them, and a
     cluster's GCS sees the driver go.
     """
-    import os
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import fsspec
 import fsspec.asyn
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
@@ -525,7 +526,7 @@ def _manifest_entries(
             for batch in parquet.iter_batches(batch_size=10_000, columns=columns):
                 uris = batch.column(0).to_pylist()
                 versions = (
-                    [_version_text(value) for value in batch.column(1).to_pylist()]
+                    _version_texts(batch.column(1), version_column, full_uri(fs, path))
                     if version_column
                     else [""] * len(uris)
                 )
@@ -548,9 +549,16 @@ def _manifest_entries(
                 yield entry, ""
 
 
-def _version_text(value: Any) -> str:
-    """A version column's value as ``source_version`` text: bytes (a binary MD5) as
-    hex, times and numbers as Python writes them, null as ""."""
-    if value is None:
-        return ""
-    return value.hex() if isinstance(value, bytes) else str(value)
+def _version_texts(column: pa.Array, name: str, manifest: str) -> list[str]:
+    """A version column as ``source_version`` texts, by Arrow's casts (the same text
+    whatever reads it): bytes (a binary MD5) as hex, null as ""."""
+    if pa.types.is_binary(column.type) or pa.types.is_fixed_size_binary(column.type):
+        return [value.hex() if value is not None else "" for value in column.to_pylist()]
+    try:
+        texts = pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputNotFoundError(
+            f"input.version_column {name!r} of manifest {manifest} holds {column.type}: "
+            "give a column of text, numbers, times or bytes"
+        ) from None
+    return pc.fill_null(texts, "").to_pylist()

@@ -185,8 +185,10 @@ def read_shard(
 
     An image is ``<shard_uri>#<sample id>``; those ``done`` holds are left out,
     and with ``leave_errors`` (a run under ``input.limit``) also those whose row
-    is an error under this config: a shard's version fixes its members' bytes,
-    so they would fail again, and fill the limit every run.
+    is an error of their bytes (read, decode) under this config: a shard's
+    version fixes its members' bytes, so they would fail again, and fill the
+    limit every run. Errors of later stages (out of memory, a map's write) are
+    tried again.
     A shard that cannot be opened, or
     breaks part-way, adds one error row for the shard itself after the images it
     did yield, so the loss is visible in the output. A shard read to its end
@@ -270,7 +272,7 @@ def _shard_rows(
             if not is_done and not (
                 leave_errors
                 and done is not None
-                and done.errored_before(row["image_id"], shard_version)
+                and done.has_error_row(row["image_id"], shard_version, on_bytes=True)
             ):
                 yield row
         # The marker counts images only: a sample without one can never be done,

@@ -19,6 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -39,7 +40,7 @@ from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, image_id_for, shard_mark
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.output.compaction import compacted_since
-from pipeline.output.done import DoneImages, load_done_images
+from pipeline.output.done import DoneImages, image_key, load_done_images
 from pipeline.output.runs import (
     RUN_GOING_WITHIN_S,
     RUNS_FOLDER,
@@ -52,7 +53,12 @@ from pipeline.output.runs import (
     start_record_path,
 )
 from pipeline.output.shard_markers import ShardMarkers, read_shard_markers
-from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, scan_committed
+from pipeline.output.view import (
+    PREDICTIONS_FOLDER,
+    ok_mask,
+    read_again_if_parts_go,
+    scan_committed,
+)
 from pipeline.progress import ProgressBeacon, StallWatchdog
 from pipeline.read import ShardInput, read_batch, read_settings_tag, read_shard
 from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
@@ -129,8 +135,9 @@ class RunSummary:
     gpus_requested: float = 0.0
     # <output>/report/index.html; None when report.enabled is false or it failed.
     quality_report_uri: str | None = None
-    # input.limit stopped the run: the listing (or, for shards, their reading)
-    # went no further, so the counts above are of what came before the limit.
+    # input.limit stopped the run: images to annotate were left after it (for
+    # shards: the limit was met, as Ray's limit cannot look past it), so the
+    # counts above are of what came before the limit.
     limit_reached: bool = False
 
 
@@ -191,7 +198,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
         timings["ray_start"] = time.perf_counter() - started - timings["prepare"]
 
         sharded = listing.format in SHARD_FORMATS
-        skipped = _SkipCount()
+        skipped = _ListingCounts()
         shard_markers = read_shard_markers(out_fs, out_root) if sharded and len(done) else None
         if shard_markers is not None and done.shard_errors:
             shard_markers.read_times(out_fs, done.shard_errors.keys())
@@ -206,11 +213,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             # Counted after the done images, as for shards (limited once read below),
             # so a repeated smoke run annotates the next N; earlier errors go last,
             # or a limit filled by images that fail every time would never move on.
-            to_annotate = _at_most(
-                _errors_last(to_annotate, done, config.input.limit, skipped),
-                config.input.limit,
-                skipped,
-            )
+            to_annotate = _limited(to_annotate, done, config.input.limit, skipped)
         block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
         listing.close()
         if not listed and not skipped.images:
@@ -226,11 +229,11 @@ def run_annotation(config: JobConfig) -> RunSummary:
             strip_url_secrets(config.input.uri),
             skipped.images,
         )
-        if skipped.errors_deferred > skipped.errors_retried:
+        if skipped.errors_left:
             logger.info(
                 "input.limit: %d images whose last rows are errors are left for a later run "
                 "(images not tried yet go first)",
-                skipped.errors_deferred - skipped.errors_retried,
+                skipped.errors_left,
             )
         if config.output.overwrite:
             # Only now: a mistyped input or a cluster that cannot run the job must
@@ -274,11 +277,9 @@ def run_annotation(config: JobConfig) -> RunSummary:
         this_run = _rows_of_run(out_fs, out_root, run_id, started_at)
         timings["count"] = time.perf_counter() - started - sum(timings.values())
         elapsed_s = time.perf_counter() - started
-        reasons = collections.Counter(
-            reason_group(reason) for reason in this_run["error"] if reason is not None
-        )
-        images_ok = this_run["status"].count("ok")
-        annotated = len(this_run["status"])
+        reasons = this_run.reasons
+        images_ok = this_run.ok
+        annotated = this_run.ok + this_run.errors
         report_path = finish_record_path(out_root, run_id)
         summary = RunSummary(
             run_id=run_id,
@@ -604,20 +605,20 @@ def _model_key(card: ModelCard) -> str | None:
 
 
 @dataclass
-class _SkipCount:
-    images: int = 0
-    # Under input.limit: images with an earlier error row, held for after the
-    # others (files) and how many of them the limit left for a later run.
-    errors_deferred: int = 0
-    errors_retried: int = 0
-    more_after_limit: bool = False  # images to annotate were left when the limit was met
+class _ListingCounts:
+    images: int = 0  # listed images (or shards' images) already done
+    # Under input.limit: whether images to annotate were left when it was met,
+    # and, where the listing was read to its end, how many of those left have
+    # an error as their last row.
+    more_after_limit: bool = False
+    errors_left: int = 0
 
 
 def _not_done(
     rows: Iterator[dict[str, str]],
     done: DoneImages,
     sharded: bool,
-    skipped: _SkipCount,
+    skipped: _ListingCounts,
     shard_markers: ShardMarkers | None = None,
     marker_tag: str = "",
     config_hash: str = "",
@@ -650,41 +651,39 @@ def _not_done(
             yield row
 
 
-def _at_most(
-    rows: Iterator[dict[str, str]], limit: int, skipped: _SkipCount
+def _limited(
+    rows: Iterator[dict[str, str]], done: DoneImages, limit: int, counts: _ListingCounts
 ) -> Iterator[dict[str, str]]:
-    """The first ``limit`` of ``rows``; one more is looked for, to tell a run that
-    stopped at the limit from one that took the last images there were."""
-    for taken, row in enumerate(rows, 1):
-        yield row
-        if taken == limit:
-            skipped.more_after_limit = next(rows, None) is not None
-            return
-
-
-def _errors_last(
-    rows: Iterator[dict[str, str]], done: DoneImages, limit: int, skipped: _SkipCount
-) -> Iterator[dict[str, str]]:
-    """``rows`` with those whose image's row is an error under this config (and
-    source version) moved after the rest: at most ``limit`` of them are held,
-    as no more can be taken."""
+    """The first ``limit`` of ``rows``, taking those whose image's last row is an
+    error under this config (and source version) only after all the others:
+    images that fail every time would otherwise fill the limit on every run.
+    One row past the limit is looked for, to tell a run that stopped there
+    from one that took the last images there were. At most ``limit`` rows
+    are held back.
+    """
     held: list[dict[str, str]] = []
+    held_in_all = taken = 0
     for row in rows:
-        if len(done.errored) and done.errored_before(row["image_id"], row["source_version"]):
-            skipped.errors_deferred += 1
+        if taken == limit:
+            counts.more_after_limit = True
+            return
+        if len(done.errored) and done.has_error_row(row["image_id"], row["source_version"]):
+            held_in_all += 1
             if len(held) < limit:
                 held.append(row)
-        else:
-            yield row
-    for row in held:
-        skipped.errors_retried += 1
+            continue
+        taken += 1
         yield row
+    held_taken = min(len(held), limit - taken)
+    yield from held[:held_taken]
+    counts.errors_left = held_in_all - held_taken
+    counts.more_after_limit = counts.errors_left > 0
 
 
 def _with_listing_progress(
     rows: Iterator[dict[str, str]],
     noun: str,
-    skipped: _SkipCount,
+    skipped: _ListingCounts,
     interval_s: float = LISTING_PROGRESS_S,
 ) -> Iterator[dict[str, str]]:
     """``rows`` unchanged, with a log line every ``interval_s`` of how far the listing is.
@@ -713,47 +712,69 @@ def part_prefix(run_id: str) -> str:
     return run_id.replace(".", "-")
 
 
-def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> dict[str, list]:
-    """Status and error of each image this run committed.
+@dataclass(frozen=True)
+class _RowsOfRun:
+    ok: int
+    errors: int
+    reasons: collections.Counter  # reason_group → images
+
+
+def _rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> _RowsOfRun:
+    """What this run committed: its images ok and in error, errors by reason.
 
     Only the run's own parts are opened (named after it): an output of years of
     scheduled runs has thousands, each a request on an object store. Parts of
     a compaction that began after the run did (``jobs.compact
-    --even-if-running``) may hold rows moved out of them: those are read too,
-    and each image counted once.
+    --even-if-running``) may hold rows moved out of them: those are read too.
+    Each image counts once (a row of a task Ray ran twice, a row in a compacted
+    part and in one not deleted yet), at 9 bytes a row while counting.
     """
+    return read_again_if_parts_go(lambda: _count_rows_of_run(fs, root, run_id, started_at))
+
+
+def _count_rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> _RowsOfRun:
     mine = (pc.field("run_id") == run_id) & (
         pc.field("written_at") >= pa.scalar(started_at, pa.timestamp("us", "UTC"))
     )
     parts_of_run = f"{part_prefix(run_id)}_"
-    compacted = [
-        name
-        for path in committed_parts(fs, root)
-        if compacted_since(name := path.rsplit("/", 1)[-1], started_at)
-    ]
+    compacted: list[str] = []
+
+    def of_this_run(name: str) -> bool:
+        if compacted_since(name, started_at):
+            compacted.append(name)
+            return True
+        return name.startswith(parts_of_run)
+
+    keys: list[np.ndarray] = []
+    is_ok: list[np.ndarray] = []
+    reason_of_row: dict[int, str] = {}  # error rows only
+    rows = 0
+    columns = ["image_id", "status", "error"]
+    for batch in scan_committed(fs, root, columns, mine, part_named=of_this_run):
+        ok = ok_mask(batch["status"])
+        ids = batch["image_id"].to_pylist()
+        keys.append(np.fromiter(map(image_key, ids), dtype=np.uint64, count=len(ids)))
+        is_ok.append(ok)
+        if not ok.all():
+            failed = np.flatnonzero(~ok)
+            reasons = pc.take(batch["error"], pa.array(failed)).to_pylist()
+            for row, reason in zip(failed.tolist(), reasons, strict=True):
+                if reason is not None:
+                    reason_of_row[rows + row] = reason_group(reason)
+        rows += len(ids)
     if compacted:
         logger.warning(
             "a compaction ran during this run (%s): the counts below are of the rows it kept",
             compacted[0],
         )
-    status: list[str] = []
-    error: list[str | None] = []
-    counted: set[str] = set()
-    for batch in scan_committed(
-        fs,
-        root,
-        ["image_id", "status", "error"],
-        mine,
-        part_named=lambda name: name.startswith(parts_of_run) or name in compacted,
-    ):
-        if compacted:  # a row may be in the compacted part and in one not yet deleted
-            ids = batch["image_id"].to_pylist()
-            keep = [image_id not in counted for image_id in ids]
-            counted.update(ids)
-            batch = batch.filter(pa.array(keep, pa.bool_()))
-        status += batch["status"].to_pylist()
-        error += batch["error"].to_pylist()
-    return {"status": status, "error": error}
+    if not rows:
+        return _RowsOfRun(0, 0, collections.Counter())
+    first_rows = np.unique(np.concatenate(keys), return_index=True)[1]
+    ok_rows = np.concatenate(is_ok)[first_rows]
+    reasons = collections.Counter(
+        reason_of_row[int(row)] for row in first_rows[~ok_rows] if int(row) in reason_of_row
+    )
+    return _RowsOfRun(int(ok_rows.sum()), int((~ok_rows).sum()), reasons)
 
 
 def decode_rows(config: JobConfig) -> int:

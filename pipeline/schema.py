@@ -60,6 +60,13 @@ def schema_for(columns: list[str]) -> pa.Schema:
     return pa.schema([PREDICTION_SCHEMA.field(name) for name in columns])
 
 
+def uri_userinfo(uri: str) -> str:
+    """What stands before the last "@" of a URI's authority ("user:secret" of
+    ``s3://user:secret@bucket/k``); "" where there is none."""
+    authority = uri.partition("//")[2].split("/", 1)[0]
+    return authority.rpartition("@")[0]
+
+
 def strip_url_secrets(text: str) -> str:
     """Remove URL query strings (presigned signatures), userinfo (user:password@), and
     the values of credential parameters wherever they stand."""
@@ -94,11 +101,14 @@ def reason_group(reason: str) -> str:
     → "read: id '…' repeats row N's"), so one kind of failure is one group,
     whatever the ids, sizes or addresses it names.
     """
+    # Quotes first: a quoted id may hold a ":" (column 'a:b').
     general = _QUOTED.sub(lambda quoted: f"{quoted[0][0]}…{quoted[0][0]}", reason)
     return _NUMBER.sub("N", ":".join(general.split(":")[:2]).strip())
 
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# Quotes, not apostrophes: a quote mark that follows a letter or digit (image's,
+# can't, row 3's) opens nothing, nor closes where one follows.
+_QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"")
 _NUMBER = re.compile(r"\b0x[0-9a-fA-F]+|\d+")
 
 
@@ -121,8 +131,7 @@ def storage_problem(
     reason = error_reason(key, error).removeprefix(f"{key}: ")  # the key leads already
     # A client may quote the URI's bucket without its scheme ("Invalid bucket
     # name \"KEY:SECRET@bucket\""), out of reach of strip_url_secrets.
-    userinfo = uri.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
-    if userinfo:
+    if userinfo := uri_userinfo(uri):
         reason = reason.replace(f"{userinfo}@", "")
     hint = next((fix for marker, fix in _STORAGE_HINTS if marker in reason), None)
     hint = hint and hint.format(endpoint=endpoint_setting)

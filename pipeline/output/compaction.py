@@ -37,12 +37,13 @@ _MAPS_PER_DELETE = 1000  # S3's DeleteObjects takes at most this many keys
 # compacted-<when it began, to the second>-<random>_<number>.parquet
 COMPACTED_PART_PREFIX = "compacted-"
 _STAMP_FORMAT = "%Y%m%dT%H%M%S"
+_STAMP_CHARS = len(datetime(2000, 1, 1).strftime(_STAMP_FORMAT))
 
 
 def compacted_since(part_name: str, moment: datetime) -> bool:
     """Whether ``part_name`` is a part of a compaction that began at ``moment`` or
     later (to the second): the only ones that can hold rows written after it."""
-    stamp = part_name.removeprefix(COMPACTED_PART_PREFIX)[: len("20260101T000000")]
+    stamp = part_name.removeprefix(COMPACTED_PART_PREFIX)[:_STAMP_CHARS]
     return part_name.startswith(COMPACTED_PART_PREFIX) and stamp >= f"{moment:{_STAMP_FORMAT}}"
 
 

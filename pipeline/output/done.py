@@ -44,8 +44,11 @@ class DoneImages:
     # read, even with all its images done.
     shard_errors: dict[str, float] = field(default_factory=dict)
     # Sorted keys of the images whose row in the view is an error under this
-    # config and source version: what a run under ``input.limit`` takes last.
+    # config and source version: what a run under ``input.limit`` takes last;
+    # and of those whose error came from their bytes (read:, decode:), which a
+    # shard's unchanged version gives again.
     errored: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    errored_on_bytes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -53,9 +56,11 @@ class DoneImages:
     def has(self, image_id: str, version: str) -> bool:
         return _holds(self.keys, done_key(image_id, version))
 
-    def errored_before(self, image_id: str, version: str) -> bool:
-        """Whether the image's row in the view is an error of this config and version."""
-        return _holds(self.errored, done_key(image_id, version))
+    def has_error_row(self, image_id: str, version: str, on_bytes: bool = False) -> bool:
+        """Whether the image's row in the view is an error of this config and version
+        (with ``on_bytes``: one its bytes caused, at read or decode)."""
+        keys = self.errored_on_bytes if on_bytes else self.errored
+        return _holds(keys, done_key(image_id, version))
 
 
 def _holds(sorted_keys: np.ndarray, key: int) -> bool:
@@ -74,9 +79,10 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
     time: while it picks each image's row the driver keeps 30 bytes per
     committed row (the table in docs/benchmarks.md has what it measured), then
     8 bytes per done image and a count per shard; rows, and the Python strings
-    hashed into keys, live only as long as their batch. Images whose row is an
-    error under ``config_hash`` are kept too (:attr:`DoneImages.errored`), as
-    8 bytes each.
+    hashed into keys, live only as long as their batch (and a byte per row for
+    the stage of its error). Images whose row is an error under ``config_hash``
+    are kept too (:attr:`DoneImages.errored`, ``errored_on_bytes``), as 8 bytes
+    each.
     """
 
     def read() -> DoneImages:
@@ -91,7 +97,15 @@ def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str)
 class _DoneCheckRows:
     """What :func:`load_done_images` keeps of each committed row, in numpy arrays."""
 
-    COLUMNS = ("image_id", "source_uri", "source_version", "config_hash", "status", "written_at")
+    COLUMNS = (
+        "image_id",
+        "source_uri",
+        "source_version",
+        "config_hash",
+        "status",
+        "error",
+        "written_at",
+    )
     # Rows are picked a sixteenth at a time: all of an image's rows share its
     # key's top bits, and a sort's temporaries are several times the arrays.
     BUCKET_BITS = 4
@@ -103,6 +117,7 @@ class _DoneCheckRows:
         self.written: list[np.ndarray] = []
         self.written_null: list[np.ndarray] = []
         self.is_ok: list[np.ndarray] = []
+        self.on_bytes: list[np.ndarray] = []  # an error of the read or decode stage
         self.shard: list[np.ndarray] = []  # number of a member's (shard, version), else -1
         # Shard members' (shard, version), numbered: only they cost Python objects.
         self.shard_numbers: dict[tuple[str, str], int] = {}
@@ -140,7 +155,10 @@ class _DoneCheckRows:
                 shards[member_rows] = [numbers.setdefault(m, len(numbers)) for m in members]
         written, written_null = row_times(batch["written_at"])
         is_ok = ok_mask(batch["status"])
+        on_bytes = np.zeros(count, dtype=bool)
         if not is_ok.all():
+            stage = pc.match_substring_regex(batch["error"], _BYTES_STAGES)
+            on_bytes = pc.fill_null(stage, False).to_numpy(zero_copy_only=False) & ~is_ok
             errors = pa.array(np.flatnonzero(~is_ok & ~written_null))
             whole_shard = pc.match_substring_regex(
                 pc.take(batch["source_uri"], errors), SHARD_URI_PATTERN
@@ -149,11 +167,12 @@ class _DoneCheckRows:
                 self.shard_error_rows.append(self.rows + row)
                 self.shard_error_ids.append(ids[row])
         self.rows += count
-        self.image.append(np.fromiter(map(_image_key, ids), dtype=np.uint64, count=count))
+        self.image.append(np.fromiter(map(image_key, ids), dtype=np.uint64, count=count))
         self.pair.append(pairs)
         self.written.append(written)
         self.written_null.append(written_null)
         self.is_ok.append(is_ok)
+        self.on_bytes.append(on_bytes)
         self.shard.append(shards)
         self.batches += 1
         if self.batches % 256 == 0:
@@ -169,6 +188,7 @@ class _DoneCheckRows:
             self.written,
             self.written_null,
             self.is_ok,
+            self.on_bytes,
             self.shard,
         ]
 
@@ -179,7 +199,7 @@ class _DoneCheckRows:
         for column in self._columns():  # one at a time: each list goes as it is joined
             joined.append(np.concatenate(column))
             column.clear()
-        image, pair, written, written_null, is_ok, shard = joined
+        image, pair, written, written_null, is_ok, on_bytes, shard = joined
         del joined
         bucket_of = (image >> np.uint64(64 - self.BUCKET_BITS)).astype(np.uint8)
         done_rows, errored_rows, errors_in_view = [], [], []
@@ -216,11 +236,22 @@ class _DoneCheckRows:
                 if counts[number]
             }
         )
-        errored = np.unique(pair[np.concatenate(errored_rows)])
-        return DoneImages(np.unique(pair[done]), per_shard, shard_errors, errored)
+        errored = np.concatenate(errored_rows)
+        return DoneImages(
+            np.unique(pair[done]),
+            per_shard,
+            shard_errors,
+            np.unique(pair[errored]),
+            np.unique(pair[errored[on_bytes[errored]]]),
+        )
 
 
-def _image_key(image_id: str) -> int:
-    """64 bits of an image id: how the resume check tells images apart."""
+# Stages whose errors come from an image's bytes: the same bytes fail again.
+_BYTES_STAGES = r"^(read|decode): "
+
+
+def image_key(image_id: str) -> int:
+    """64 bits of an image id: how the resume check (and a run's count of its
+    rows) tells images apart."""
     digest = hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little")

@@ -172,7 +172,9 @@ def test_the_dataset_names_an_image_or_map_that_is_gone(tmp_path):
             {**row("mapless", "ok", 0), "depth_uri": "depth/mapless.png", "width": 6, "height": 4},
         ],
     )
-    with pytest.raises(FileNotFoundError, match=r"image .*deleted.jpg is deleted after it was"):
+    with pytest.raises(
+        FileNotFoundError, match=r"image .*deleted.jpg not found: deleted since it was"
+    ):
         PseudoLabelDataset(str(tmp_path))[0]
-    with pytest.raises(FileNotFoundError, match=r"depth map .*mapless.png is missing"):
+    with pytest.raises(FileNotFoundError, match=r"depth map .*mapless.png not found: missing"):
         PseudoLabelDataset(str(tmp_path), with_images=False)[1]

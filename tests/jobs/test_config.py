@@ -77,9 +77,11 @@ def test_credentials_before_a_bucket_are_refused_without_being_echoed(key):
     with pytest.raises(ConfigError, match=rf"{key}.*credentials in a URI are not read") as raised:
         load_config(None, [f"{name}={value}" for name, value in settings.items()])
     assert "AKIAFAKE04" not in str(raised.value) and "S3CR3T" not in str(raised.value)
-    # "@" further on is part of a key; http(s) userinfo is basic auth.
-    settings[key] = "s3://bucket/user@example.com/photos"
-    load_config(None, [f"{name}={value}" for name, value in settings.items()])
+    # "@" further on is part of a key; http(s) userinfo is basic auth; a name
+    # before "@" without a secret is Azure's container@account.
+    for fine in ["s3://bucket/user@example.com/photos", "abfs://data@acct.dfs.core.windows.net/x"]:
+        settings[key] = fine
+        load_config(None, [f"{name}={value}" for name, value in settings.items()])
 
 
 def test_credentials_in_the_endpoint_url_are_refused_without_being_echoed():
@@ -87,6 +89,8 @@ def test_credentials_in_the_endpoint_url_are_refused_without_being_echoed():
     with pytest.raises(ConfigError, match=r"endpoint_url.*user:secret@ before the host") as raised:
         load_config(None, [*MINIMAL, endpoint])
     assert "AKIAFAKE04" not in str(raised.value) and "S3CR3T" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"before the host"):  # without its scheme
+        load_config(None, [*MINIMAL, "storage.endpoint_url=AKIAFAKE04:S3CR3T-xyz@minio:9000"])
     load_config(None, [*MINIMAL, "storage.endpoint_url=http://127.0.0.1:9000/"])
 
 

@@ -160,6 +160,30 @@ def test_a_manifests_version_column_is_each_entrys_source_version(tmp_path):
         _list(tmp_path / "list.txt", version_column="md5")
 
 
+def test_a_version_column_of_numbers_or_times_is_arrows_text_of_them(tmp_path):
+    from datetime import UTC, datetime
+
+    _write(tmp_path, ("a.jpg", "b.jpg"))
+    modified = [datetime(2026, 12, 4, 10, 30, tzinfo=UTC), None]
+    table = pa.table(
+        {
+            "uri": ["a.jpg", "b.jpg"],
+            "size": [120, 7],
+            "mtime": pa.array(modified, pa.timestamp("ns", "UTC")),
+            "tags": [["x"], []],
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    _, rows = _list(tmp_path / "m.parquet", format="manifest", version_column="size")
+    assert [row["source_version"] for row in rows] == ["120", "7"]
+    _, rows = _list(tmp_path / "m.parquet", format="manifest", version_column="mtime")
+    assert [row["source_version"] for row in rows] == ["2026-12-04 10:30:00.000000000Z", ""]
+    with pytest.raises(InputNotFoundError, match=r"'tags' of manifest .* holds list<"):
+        _list(tmp_path / "m.parquet", format="manifest", version_column="tags")
+    with pytest.raises(ValueError, match=r"'uri' is input\.uri_column too"):
+        _list(tmp_path / "m.parquet", format="manifest", version_column="uri")
+
+
 def test_an_image_a_manifest_names_twice_or_spelt_two_ways_is_listed_once(tmp_path, caplog):
     _write(tmp_path, ("imgs/a.jpg", "imgs/b.jpg"))
     absolute = str(tmp_path / "imgs/a.jpg")

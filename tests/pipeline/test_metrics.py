@@ -47,6 +47,13 @@ def test_reason_groups_do_not_multiply_with_the_ids_or_addresses_they_name():
     assert {reason_label(reason) for reason in repeats} == {
         "read: id '...' (column '...') repeats row N's"
     }
+    # Apostrophes are not quotes: the group keeps its two fields.
+    assert reason_label("decode: image's header says 12×34: PIL can't read it") == (
+        "decode: image's header says NxN"
+    )
+    assert reason_label("read: shard's member 'a/002' has no image: it's empty") == (
+        "read: shard's member '...' has no image"
+    )
     unreadable = "decode: cannot identify image file <_io.BytesIO object at 0x7f3a2b19c0>"
     assert (
         reason_label(unreadable) == "decode: cannot identify image file <_io.BytesIO object at N>"

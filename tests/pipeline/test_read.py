@@ -186,7 +186,8 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
     shard = tmp_path / "000.tar"
     shard.write_bytes(tar_bytes(SAMPLES))
     imageless = image_id_for(f"{shard}#a/002")
-    done = DoneImages(errored=np.array([done_key(imageless, "v0")], dtype=np.uint64))
+    imageless_key = np.array([done_key(imageless, "v0")], dtype=np.uint64)
+    done = DoneImages(errored=imageless_key, errored_on_bytes=imageless_key)
 
     def source_uris(version: str, leave_errors: bool) -> list[str]:
         batches = read_shard(

@@ -1,6 +1,5 @@
 """Pure parts of the job's composition, without Ray."""
 
-import itertools
 import json
 import os
 
@@ -8,13 +7,13 @@ import numpy as np
 import pytest
 
 from jobs.config import load_config
+from pipeline.output.done import DoneImages
 from pipeline.output.runs import start_record_path
 from pipeline.run import (
     DECODE_BATCH_ROWS,
-    _at_most,
     _clear_earlier_results,
-    _errors_last,
-    _SkipCount,
+    _limited,
+    _ListingCounts,
     _top_reasons,
     _with_listing_progress,
     config_hash_for,
@@ -117,7 +116,7 @@ def test_a_runs_count_opens_only_the_parts_named_after_it(tmp_path):
     (tmp_path / "predictions" / "r0_w_000000.parquet").write_bytes(b"PAR1 not a part PAR1")
     fs, root = filesystem_for(str(tmp_path), {})
     counted = _rows_of_run(fs, root, "r1", started)
-    assert counted == {"status": ["ok", "error"], "error": [None, "decode: empty file"]}
+    assert (counted.ok, counted.errors, counted.reasons) == (1, 1, {"decode: empty file": 1})
 
 
 def test_a_runs_count_finds_its_rows_a_compaction_moved_during_the_run(tmp_path, caplog):
@@ -143,14 +142,45 @@ def test_a_runs_count_finds_its_rows_a_compaction_moved_during_the_run(tmp_path,
     write_part(tmp_path, "r1_w_000001.parquet", mine[1:])
     with caplog.at_level("WARNING", logger="pipeline.run"):
         after = _rows_of_run(fs, root, "r1", started)
-    assert before == {"status": ["ok", "error"], "error": [None, "read: SlowDown"]}
-    assert sorted(after["status"]) == ["error", "ok", "ok"]
+    assert (before.ok, before.errors, before.reasons) == (1, 1, {"read: SlowDown": 1})
+    assert (after.ok, after.errors, after.reasons) == (2, 1, {"read: SlowDown": 1})
     assert "a compaction ran during this run (compacted-" in caplog.text
     # For a run that began after the compaction, its parts are not the run's.
-    assert _rows_of_run(fs, root, "r1", datetime.now(UTC) + timedelta(seconds=2)) == {
-        "status": [],
-        "error": [],
-    }
+    later = _rows_of_run(fs, root, "r1", datetime.now(UTC) + timedelta(seconds=2))
+    assert (later.ok, later.errors) == (0, 0)
+
+
+def test_a_runs_count_lists_again_when_a_compaction_deleted_its_parts_meanwhile(
+    tmp_path, monkeypatch
+):
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline import run as run_module
+    from pipeline.output import view
+    from pipeline.output.compaction import compact_predictions
+    from tests.pipeline.output.parts import row, write_part
+
+    started = datetime.now(UTC) - timedelta(seconds=5)
+    for index in range(3):
+        written = {"written_at": started + timedelta(seconds=1)}
+        write_part(
+            tmp_path,
+            f"r1_w_{index:06d}.parquet",
+            [{**row(f"i{index}", "ok", 0, run="r1"), **written}],
+        )
+    fs, root = filesystem_for(str(tmp_path), {})
+    scans = []
+
+    def scan_then_compact(*args, **kwargs):
+        scans.append(1)
+        batches = view.scan_committed(*args, **kwargs)
+        if len(scans) == 1:  # the parts were listed; the compaction deletes them now
+            compact_predictions(str(tmp_path))
+        return batches
+
+    monkeypatch.setattr(run_module, "scan_committed", scan_then_compact)
+    counted = run_module._rows_of_run(fs, root, "r1", started)
+    assert (len(scans), counted.ok, counted.errors) == (2, 3, 0)
 
 
 def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(tmp_path, caplog):
@@ -173,7 +203,7 @@ def test_a_run_with_nothing_done_under_its_config_says_why_everything_is_redone(
 
 
 def test_a_long_listing_says_how_far_it_has_got(caplog):
-    skipped = _SkipCount()
+    skipped = _ListingCounts()
     rows = [{"image_id": str(index)} for index in range(3)]
     listed = _with_listing_progress(iter(rows), "images", skipped, interval_s=0)
     with caplog.at_level("INFO", logger="pipeline.run"):
@@ -254,26 +284,30 @@ def test_under_a_limit_images_that_failed_before_go_after_the_rest():
     failed = ["i0", "i1", "i3"]  # the first images of the listing fail every time
     done = DoneImages(errored=np.sort(np.array([done_key(i, "v1") for i in failed], np.uint64)))
 
-    def taken(limit: int, rows=listed) -> tuple[list[str], _SkipCount]:
-        count = _SkipCount()
-        ordered = itertools.islice(_errors_last(iter(rows), done, limit, count), limit)
-        return [row["image_id"] for row in ordered], count
+    def taken(limit: int, names: list[str] | None = None) -> tuple[list[str], _ListingCounts]:
+        rows = [row for row in listed if names is None or row["image_id"] in names]
+        counts = _ListingCounts()
+        return [row["image_id"] for row in _limited(iter(rows), done, limit, counts)], counts
 
-    first, count = taken(2)
-    assert first == ["i2", "i4"] and count.errors_retried == 0
-    everything, count = taken(10)
+    # The limit met before the listing's end: what is left is not counted.
+    first, counts = taken(2)
+    assert (first, counts.more_after_limit, counts.errors_left) == (["i2", "i4"], True, 0)
+    everything, counts = taken(10)
     assert everything == ["i2", "i4", "i5", "i0", "i1", "i3"]
-    assert (count.errors_deferred, count.errors_retried) == (3, 3)
-    # Only the images not tried yet are left: two of the failed ones are retried.
-    last, count = taken(3, [row for row in listed if row["image_id"] in ["i0", "i1", "i3", "i5"]])
-    assert last == ["i5", "i0", "i1"]
-    assert (count.errors_deferred, count.errors_retried) == (3, 2)
+    assert (counts.more_after_limit, counts.errors_left) == (False, 0)
+    # Only one image not tried yet is left: two of the failed ones go after it.
+    last, counts = taken(3, ["i0", "i1", "i3", "i5"])
+    assert (last, counts.more_after_limit, counts.errors_left) == (["i5", "i0", "i1"], True, 1)
+    exactly, counts = taken(2, ["i0", "i5"])  # the last two there are
+    assert (exactly, counts.more_after_limit, counts.errors_left) == (["i5", "i0"], False, 0)
     # Another source version is another image: not held back.
-    assert taken(1, [{"image_id": "i0", "source_version": "v2"}])[0] == ["i0"]
+    other = [{"image_id": "i0", "source_version": "v2"}, {"image_id": "i1", "source_version": "v1"}]
+    assert [r["image_id"] for r in _limited(iter(other), done, 1, _ListingCounts())] == ["i0"]
 
 
 @pytest.mark.parametrize(("listed", "taken", "more"), [(5, 2, True), (2, 2, False), (1, 1, False)])
 def test_a_limit_says_whether_images_were_left(listed, taken, more):
-    count = _SkipCount()
-    rows = _at_most(iter([{"image_id": str(n)} for n in range(listed)]), 2, count)
-    assert (len(list(rows)), count.more_after_limit) == (taken, more)
+    counts = _ListingCounts()
+    rows = [{"image_id": str(n), "source_version": ""} for n in range(listed)]
+    assert len(list(_limited(iter(rows), DoneImages(), 2, counts))) == taken
+    assert counts.more_after_limit is more

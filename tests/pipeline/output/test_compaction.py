@@ -203,3 +203,29 @@ def test_pruning_stops_when_a_run_is_going(tmp_path):
     pruning = delete_unreferenced_maps(str(tmp_path))
     assert (pruning.maps_deleted, pruning.stopped_for_run) == (0, "going")
     assert fresh.exists()
+
+
+def test_new_local_parts_are_synced_before_any_old_one_is_deleted(tmp_path, monkeypatch):
+    from pipeline.output import compaction
+
+    for index in range(3):
+        write_part(tmp_path, f"r{index}_a.parquet", [row(f"x{index}", "ok", index)])
+    events = []
+    real_fsync, real_remove = os.fsync, compaction.remove_files
+
+    def fsync(descriptor):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{descriptor}").rsplit("/", 1)[-1]))
+        real_fsync(descriptor)
+
+    def remove_files(fs, paths):
+        paths = list(paths)
+        events.extend(("delete", path.rsplit("/", 1)[-1]) for path in paths)
+        real_remove(fs, paths)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(compaction, "remove_files", remove_files)
+    compaction.compact_predictions(str(tmp_path))
+    kinds = [kind for kind, _ in events]
+    synced = [name for kind, name in events if kind == "sync"]
+    assert kinds == ["sync", "sync"] + ["delete"] * 3  # the new part, then its folder
+    assert synced[0].startswith("compacted-") and synced[1] == "predictions"

@@ -58,9 +58,9 @@ def test_done_images_are_ok_rows_of_the_same_config_and_source_version(tmp_path)
     assert found == [True, False, False, False, True, True, True, True, True]
     assert done.has("x", "v1") and not done.has("x", "v2") and not done.has("zz", "v1")
     # Errors: only "z"'s row is an error of this config, and only under its version.
-    assert done.errored_before("z", "v1")
-    assert not any(done.errored_before(i, "v1") for i in ["x", "y", "s", "t", "h", "o"])
-    assert not done.errored_before("z", "v2")
+    assert done.has_error_row("z", "v1") and done.has_error_row("z", "v1", on_bytes=True)
+    assert not any(done.has_error_row(i, "v1") for i in ["x", "y", "s", "t", "h", "o"])
+    assert not done.has_error_row("z", "v2")
 
 
 def test_done_images_are_the_same_whatever_the_parts_per_scan(tmp_path, monkeypatch):
@@ -135,7 +135,7 @@ def test_an_image_is_done_when_its_row_in_the_view_is_ok_under_the_config(
     shown_as = (shown["status"], shown["config_hash"], shown["source_version"])
     assert (shown_as == ("ok", "c1", "v1")) is done_under_c1
     # What a limited run takes last: an image whose row in the view is c1's error.
-    errored = load_done_images(fs, root, "c1").errored_before("x", "v1")
+    errored = load_done_images(fs, root, "c1").has_error_row("x", "v1")
     assert errored is (shown_as == ("error", "c1", "v1"))
     # Compaction keeps the view, and with it what is done.
     compact_predictions(str(tmp_path))
@@ -207,3 +207,21 @@ def test_the_done_check_reads_again_when_a_compaction_replaced_the_parts_it_list
     assert [len(parts) for parts in listings] == [4, 1]
     assert all(done.has(f"x{index}", "v1") for index in range(4)) and len(done) == 4
     assert "a part went while it was being read (a compaction?)" in caplog.text
+
+
+def test_errors_of_an_images_bytes_are_told_from_those_of_later_stages(tmp_path):
+    from pipeline.output.done import load_done_images
+
+    reasons = {
+        "no-image": "read: sample has no image member (extensions found: json)",
+        "corrupt": "decode: truncated or corrupt image data: …",
+        "oom": "infer: out of GPU memory for this image alone",
+        "write": "write: SlowDown",
+    }
+    write_part(
+        tmp_path, "a.parquet", [{**row(i, "error", 0), "error": r} for i, r in reasons.items()]
+    )
+    done = load_done_images(*filesystem_for(str(tmp_path), {}), "c1")
+    assert all(done.has_error_row(image_id, "v1") for image_id in reasons)
+    on_bytes = [i for i in reasons if done.has_error_row(i, "v1", on_bytes=True)]
+    assert on_bytes == ["no-image", "corrupt"]

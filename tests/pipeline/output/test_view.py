@@ -149,3 +149,29 @@ def test_the_streamed_view_stops_if_a_part_changes_between_its_passes(tmp_path, 
     monkeypatch.setattr(pipeline.output.view, "_scan_parts", scan_growing)
     with pytest.raises(RuntimeError, match="changed while being read"):
         list(iter_predictions(str(tmp_path), ["image_id"]))
+
+
+def test_read_predictions_reads_again_when_a_compaction_deleted_a_part_it_listed(
+    tmp_path, monkeypatch
+):
+    from pipeline.output import view
+    from pipeline.output.compaction import compact_predictions
+    from tests.pipeline.output.parts import row, write_part
+
+    for index in range(3):
+        write_part(tmp_path, f"r{index}_a.parquet", [row(f"x{index}", "ok", index)])
+    scans = []
+    real_scan = view._scan_parts
+
+    def scan_then_compact(fs, parts, *args, **kwargs):
+        scans.append(len(parts))
+        if len(scans) == 1:
+            monkeypatch.setattr(view, "_scan_parts", real_scan)  # for the compaction's own
+            compact_predictions(str(tmp_path))  # between the listing and the reads
+            monkeypatch.setattr(view, "_scan_parts", scan_then_compact)
+        return real_scan(fs, parts, *args, **kwargs)
+
+    monkeypatch.setattr(view, "_scan_parts", scan_then_compact)
+    shown = view.read_predictions(str(tmp_path)).to_pylist()
+    assert scans == [3, 1]
+    assert sorted(r["image_id"] for r in shown) == ["x0", "x1", "x2"]
