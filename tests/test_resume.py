@@ -40,27 +40,41 @@ def committed_parts(output: Path) -> list[Path]:
     return sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
 
 
-def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_path, caplog):
+def job_past_its_first_part(
+    tmp_path: Path, checkpoints, run_id: str, width: int, log: Path | None = None
+) -> tuple[subprocess.Popen, Path, Path, list[str]]:
+    """``python -m jobs.run`` over IMAGES photos ``width`` wide, in a process group of
+    its own (the driver and the Ray it starts), once it has committed a part;
+    (the job, its images, its output, its settings)."""
     corpus, output = tmp_path / "images", tmp_path / "output"
-    write_files(
-        corpus,
-        {f"{i:03d}.jpg": encoded(synthetic_photo(640, 480, seed=i), "JPEG") for i in range(IMAGES)},
-    )
+    photos = {f"{i:03d}.jpg": synthetic_photo(width, width * 3 // 4, seed=i) for i in range(IMAGES)}
+    write_files(corpus, {name: encoded(photo, "JPEG") for name, photo in photos.items()})
     settings = depth_job(
         corpus, output, checkpoints, "inference.batch_size=2", "output.rows_per_part=4"
     )
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    job = subprocess.Popen(
-        [sys.executable, "-m", "jobs.run", *(f"--set={s}" for s in [*settings, "run_id=killed"])],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the driver and the Ray it started
-    )
+    with open(log or os.devnull, "w") as said:
+        job = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs.run",
+                *(f"--set={s}" for s in [*settings, f"run_id={run_id}"]),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=said,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 240
     while not committed_parts(output) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    return job, corpus, output, settings
+
+
+def test_a_killed_job_resumes_where_it_stopped(ray_cluster, checkpoints, tmp_path, caplog):
+    job, corpus, output, settings = job_past_its_first_part(tmp_path, checkpoints, "killed", 640)
     still_running = job.poll() is None
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
@@ -101,27 +115,9 @@ def test_a_job_stopped_by_sigterm_exits_130_with_its_stop_recorded(
 ):
     """``kill <pid>``, or the whole group (``timeout(1)``, a terminal's hangup): each
     once aborted in Ray's shutdown after the stop was recorded, exiting 134."""
-    corpus, output = tmp_path / "images", tmp_path / "output"
-    write_files(
-        corpus,
-        {f"{i:03d}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(IMAGES)},
+    job, _, output, _ = job_past_its_first_part(
+        tmp_path, checkpoints, "s", 320, log=tmp_path / "job.log"
     )
-    settings = depth_job(
-        corpus, output, checkpoints, "inference.batch_size=2", "output.rows_per_part=4"
-    )
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    with open(tmp_path / "job.log", "w") as log:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "jobs.run", *(f"--set={s}" for s in [*settings, "run_id=s"])],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 240
-    while not committed_parts(output) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
     assert job.poll() is None, "the job ended before it could be stopped; give it more images"
     if whole_group:
         os.killpg(job.pid, signal.SIGTERM)
