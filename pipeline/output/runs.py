@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -199,17 +200,68 @@ def runs_going(
             for end in (run_id + FINISHED_RECORD_SUFFIX, run_id + ENDED_RECORD_SUFFIX)
             if end in names
         ]
-        # An end record ends the start it names (started_at): not another use
-        # of the run id, earlier or at the same time, whatever the file times
-        # (a copy's, cp -r or a sync). One without started_at (an older
-        # release's) ends the start if it is newer.
-        ended = False
-        for end in ends:
-            same = _ends_that_start(fs, info["name"], end["name"])
-            ended = ended or same or (same is None and modified_time(end) >= renewed_s)
-        if not ended:
+        if not any(_closes(fs, info, end) for end in ends):
             going.append((run_id, now_s - renewed_s))
     return sorted(going, key=lambda run: run[1])
+
+
+def unfinished_runs(
+    output_uri: str, storage_options: dict[str, Any] | None = None, newest: int = 20
+) -> list[dict[str, Any]]:
+    """Of the ``newest`` runs started (by their start records' times), those without a
+    finish record: ``{"run_id", "outcome", "error_type", "at"}``, newest first.
+
+    ``outcome`` is the end record's (``stopped``, ``failed``), else ``going``
+    (renewed lately) or ``did not finish`` (killed, or its machine lost); ``at``
+    is when it ended, or its start record's last renewal (ISO 8601, UTC).
+    """
+    fs, root = filesystem_for(output_uri, storage_options or {})
+    try:
+        listed = fs.ls(forget_listing(fs, join(root, RUNS_FOLDER)), detail=True)
+    except FileNotFoundError:
+        return []
+    names = {info["name"].rsplit("/", 1)[-1]: info for info in listed}
+    starts = sorted(
+        (info for name, info in names.items() if name.endswith(STARTED_RECORD_SUFFIX)),
+        key=modified_time,
+        reverse=True,
+    )[:newest]
+    runs = []
+    for start in starts:
+        run_id = start["name"].rsplit("/", 1)[-1].removesuffix(STARTED_RECORD_SUFFIX)
+        finish = names.get(run_id + FINISHED_RECORD_SUFFIX)
+        if finish is not None and _closes(fs, start, finish):
+            continue
+        renewed_at = datetime.fromtimestamp(modified_time(start), UTC).isoformat()
+        run = {"run_id": run_id, "outcome": "did not finish", "error_type": None, "at": renewed_at}
+        end = names.get(run_id + ENDED_RECORD_SUFFIX)
+        if end is not None and _closes(fs, start, end):
+            record = _record(fs, end["name"])
+            run["outcome"] = str(record.get("outcome") or "ended")
+            run["error_type"] = record.get("error_type")
+            run["at"] = str(record.get("ended_at") or renewed_at)
+        elif time.time() - modified_time(start) < RUN_GOING_WITHIN_S:
+            run["outcome"] = "going"
+        runs.append(run)
+    return runs
+
+
+def _closes(fs: fsspec.AbstractFileSystem, start: dict[str, Any], end: dict[str, Any]) -> bool:
+    """Whether the finish or end record ``end`` (a listing entry) ends the run of the
+    start record ``start``. It ends the start it names (started_at): not another
+    use of the run id, earlier or at the same time, whatever the file times (a
+    copy's, cp -r or a sync). One without started_at (an older release's) ends
+    the start if it is newer."""
+    same = _ends_that_start(fs, start["name"], end["name"])
+    return bool(same) or (same is None and modified_time(end) >= modified_time(start))
+
+
+def _record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    try:
+        record = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _ends_that_start(fs: fsspec.AbstractFileSystem, start_path: str, end_path: str) -> bool | None:

@@ -22,7 +22,7 @@ from pipeline.decode import LARGEST_IMAGE_PIXELS, LARGEST_SIDE_PX, decode_image
 from pipeline.encode import decode_depth_map, decode_segmentation_png
 from pipeline.keys import shard_member_uri, split_shard_member
 from pipeline.output.maps import segmentation_class_names
-from pipeline.output.runs import run_records
+from pipeline.output.runs import run_records, unfinished_runs
 from pipeline.output.view import iter_predictions, read_predictions
 from pipeline.read import ShardInput, iter_shard_images
 from pipeline.report.page import ReportPage, Sample, render_page
@@ -171,15 +171,32 @@ def class_names_or_ids(
 def _runs_table(
     output_uri: str, storage_options: dict[str, Any], this_run: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
-    runs = [
-        {**(record.get("summary") or {}), "finished_at": _shown_time(record.get("finished_at"))}
+    """The newest runs, finished or not: a stopped, failed or killed run's rows are
+    in the view too, so the table names it (its counts are in no record)."""
+    this_id = this_run["run_id"] if this_run is not None else None
+    timed = [
+        (
+            str(record.get("finished_at") or ""),
+            {**(record.get("summary") or {}), "outcome": "finished"},
+        )
         for record in run_records(output_uri, storage_options, RUNS_SHOWN)
     ]
-    if this_run is None:
-        return runs
-    earlier = [run for run in runs if run.get("run_id") != this_run["run_id"]]
-    finished_at = _shown_time(datetime.now(UTC).isoformat())
-    return [{**this_run, "finished_at": finished_at}, *earlier][:RUNS_SHOWN]
+    timed += [
+        (run["at"], {"run_id": run["run_id"], "outcome": _outcome_text(run)})
+        for run in unfinished_runs(output_uri, storage_options, RUNS_SHOWN)
+        if run["run_id"] != this_id
+    ]
+    if this_run is not None:
+        timed = [(when, run) for when, run in timed if run.get("run_id") != this_id]
+        timed.append((datetime.now(UTC).isoformat(), {**this_run, "outcome": "finished"}))
+    timed.sort(key=lambda pair: pair[0], reverse=True)
+    return [{**run, "finished_at": _shown_time(when)} for when, run in timed[:RUNS_SHOWN]]
+
+
+def _outcome_text(run: dict[str, Any]) -> str:
+    if run["outcome"] == "failed" and run.get("error_type"):
+        return f"failed ({run['error_type']})"
+    return str(run["outcome"])
 
 
 def _images_in_shards(

@@ -92,19 +92,30 @@ def _counts_section(stats: OutputStats) -> str:
     )
 
 
+def _run_counts(run: dict[str, Any]) -> str:
+    """A finished run's counts as table cells; a run that did not finish has none
+    (its rows are in the view, its counts in no record)."""
+    if run.get("outcome", "finished") != "finished":
+        return '<td colspan="5" class="muted">no counts: the run wrote no finish record</td>'
+    # .get throughout: records written by earlier versions lack some fields.
+    return (
+        f"<td>{run.get('images_ok', 0):,}</td><td>{run.get('images_error', 0):,}</td>"
+        f"<td>{run.get('images_skipped_done', 0):,}</td><td>{run.get('elapsed_s', 0):,.1f}</td>"
+        f"<td>{run.get('images_per_s', 0):,.2f}</td>"
+    )
+
+
 def _runs_section(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return ""
     header = (
-        "<tr><th>run</th><th>finished (UTC)</th><th>ok</th><th>errors</th><th>already done</th>"
-        "<th>seconds</th><th>images/s</th></tr>"
+        "<tr><th>run</th><th>outcome</th><th>ended (UTC)</th><th>ok</th><th>errors</th>"
+        "<th>already done</th><th>seconds</th><th>images/s</th></tr>"
     )
-    # .get throughout: records written by earlier versions lack some fields.
     rows = "".join(
-        f"<tr><td>{_text(run.get('run_id', '?'))}</td><td>{_text(run.get('finished_at', ''))}</td>"
-        f"<td>{run.get('images_ok', 0):,}</td><td>{run.get('images_error', 0):,}</td>"
-        f"<td>{run.get('images_skipped_done', 0):,}</td><td>{run.get('elapsed_s', 0):,.1f}</td>"
-        f"<td>{run.get('images_per_s', 0):,.2f}</td></tr>"
+        f"<tr><td>{_text(run.get('run_id', '?'))}</td>"
+        f"<td>{_text(run.get('outcome', 'finished'))}</td>"
+        f"<td>{_text(run.get('finished_at', ''))}</td>{_run_counts(run)}</tr>"
         for run in runs
     )
     return f'<section id="runs"><h2>Runs</h2><table>{header}{rows}</table></section>'

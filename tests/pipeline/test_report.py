@@ -512,3 +512,58 @@ def test_the_shard_layout_comes_from_the_run_record():
     record["summary"]["input_format"] = "files"
     assert ShardInput.from_run_record(record) is None
     assert ShardInput.from_run_record({"summary": None, "config": None}) is None
+
+
+def test_the_runs_table_names_runs_that_did_not_finish(tmp_path):
+    import os
+    import time
+
+    from pipeline.report.build import _runs_table
+
+    runs = tmp_path / "_runs"
+    runs.mkdir()
+
+    def record(name: str, content: dict, age_s: float) -> None:
+        (runs / name).write_text(json.dumps(content))
+        when = time.time() - age_s
+        os.utime(runs / name, (when, when))
+
+    started = {"started_at": "2026-12-04T10:00:00+00:00"}
+    record("done.started.json", {**started, "run_id": "done"}, 4000)
+    record(
+        "done.json",
+        {**started, "summary": {"run_id": "done", "images_ok": 3}, "finished_at": T0.isoformat()},
+        3900,
+    )
+    record("stopped.started.json", started, 3000)
+    record(
+        "stopped.ended.json", {**started, "outcome": "stopped", "ended_at": "2026-12-04T11"}, 2900
+    )
+    record("failed.started.json", started, 2000)
+    ended = {**started, "outcome": "failed", "error_type": "OSError", "ended_at": "2026-12-04T12"}
+    record("failed.ended.json", ended, 1900)
+    record("killed.started.json", started, 1800)  # not renewed for 30 minutes
+    record("going.started.json", started, 60)
+    record("this.started.json", started, 1)  # the run writing the report
+    table = _runs_table(str(tmp_path), {}, {"run_id": "this", "images_ok": 1})
+    outcomes = {run["run_id"]: run["outcome"] for run in table}
+    assert outcomes == {
+        "this": "finished",
+        "done": "finished",
+        "stopped": "stopped",
+        "failed": "failed (OSError)",
+        "killed": "did not finish",
+        "going": "going",
+    }
+    assert [run["run_id"] for run in table][:2] == ["this", "going"]  # newest first
+    html = render_page(
+        ReportPage(
+            output_uri=str(tmp_path),
+            generated_at="now",
+            stats=output_stats(predictions([row("a", "ok", 0)])),
+            class_names={},
+            runs=table,
+            samples=[],
+        )
+    )
+    assert html.count("no counts: the run wrote no finish record") == 4
