@@ -244,6 +244,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
 
         predictions_path = join(out_root, PREDICTIONS_FOLDER)
         if block_refs:
+            _set_block_bytes(sharded)
             beacon = _start_beacon()
             dataset = _annotation_dataset(
                 ray.data.from_arrow_refs(block_refs),
@@ -816,6 +817,26 @@ def put_listing_blocks(
         refs.append(ray.put(pa.Table.from_pylist(block)))
         listed += len(block)
     return refs, listed
+
+
+# Ray Data hands a task's output on in blocks of up to this many bytes (128 MiB
+# by default). A shard's read task, fused with decode and (on CPUs) inference,
+# held every row of its shard until 128 MiB of them had built up (456 depth
+# maps at 384 x 384): a run killed mid-shard had committed none of the maps it
+# had written, and its first results waited as long. At 4 MiB a block holds a
+# few inference batches' output. Image files keep Ray's default: each of their
+# read tasks takes one batch, whose output leaves when the task ends.
+SHARD_BLOCK_BYTES = 4 << 20
+
+
+def _set_block_bytes(sharded: bool) -> None:
+    """For the dataset made next: the context is Ray's, for the whole process, and
+    each dataset keeps the one it was made under."""
+    import ray
+    from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = SHARD_BLOCK_BYTES if sharded else DEFAULT_TARGET_MAX_BLOCK_SIZE
 
 
 def _retry_transient_parquet_writes() -> None:

@@ -103,7 +103,10 @@ def reason_group(reason: str) -> str:
     """
     # Quotes first: a quoted id may hold a ":" (column 'a:b').
     general = _QUOTED.sub(lambda quoted: f"{quoted[0][0]}…{quoted[0][0]}", reason)
-    return _NUMBER.sub("N", ":".join(general.split(":")[:2]).strip())
+    group = ":".join(general.split(":")[:2]).strip()
+    if group.count("(") > group.count(")"):  # cut inside "(extensions found: json)"
+        group = group[: group.rindex("(")].rstrip()
+    return _NUMBER.sub("N", group)
 
 
 # Quotes, not apostrophes: a quote mark that follows a letter or digit (image's,

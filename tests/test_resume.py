@@ -262,6 +262,36 @@ def test_parts_are_committed_while_later_images_are_still_annotated(
     assert committed[len(committed) // 2] < last_map  # half the parts before the last map
 
 
+def test_a_shards_rows_are_committed_while_its_later_images_are_annotated(
+    ray_cluster, checkpoints, tmp_path
+):
+    """A shard's rows once left its read task only as blocks of 128 MiB: a run
+    killed mid-shard had committed none of the maps it had written."""
+    from pipeline.run import run_annotation
+    from tests.pipeline.test_shards import tar_bytes
+
+    members = [
+        (f"{i:03d}.jpg", encoded(synthetic_photo(96, 72, seed=i), "JPEG")) for i in range(80)
+    ]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000.tar").write_bytes(tar_bytes(members))
+    output = tmp_path / "output"
+    settings = depth_job(
+        tmp_path / "shards",
+        output,
+        checkpoints,
+        "inference.batch_size=4",
+        "output.rows_per_part=4",
+        "report.enabled=false",
+    )
+    summary = run_annotation(load_config(None, settings))
+    assert summary.images_ok == 80
+    last_map = max(path.stat().st_mtime for path in (output / "depth").rglob("*.png"))
+    committed = sorted(path.stat().st_mtime for path in committed_parts(output))
+    assert len(committed) >= 5
+    assert committed[len(committed) // 2] < last_map  # half the parts before the last map
+
+
 def test_an_incremental_run_skips_shards_whose_images_are_all_done(
     ray_cluster, checkpoints, tmp_path
 ):

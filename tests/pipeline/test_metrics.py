@@ -54,6 +54,8 @@ def test_reason_groups_do_not_multiply_with_the_ids_or_addresses_they_name():
     assert reason_label("read: shard's member 'a/002' has no image: it's empty") == (
         "read: shard's member '...' has no image"
     )
+    no_image = "read: sample has no image member (extensions found: json, txt)"
+    assert reason_label(no_image) == "read: sample has no image member"
     unreadable = "decode: cannot identify image file <_io.BytesIO object at 0x7f3a2b19c0>"
     assert (
         reason_label(unreadable) == "decode: cannot identify image file <_io.BytesIO object at N>"
