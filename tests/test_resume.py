@@ -239,27 +239,35 @@ def test_parts_are_committed_while_later_images_are_still_annotated(
     # On a two-CPU cluster the actor and the encode tasks hold every CPU; a
     # Parquet write that asked for a CPU of its own waited for the last image,
     # so a run stopped before its end had committed nothing to resume from.
-    from pipeline.run import run_annotation
 
     write_files(
         tmp_path / "images",
         {f"{i:03d}.jpg": encoded(synthetic_photo(320, 240, seed=i), "JPEG") for i in range(60)},
     )
-    output = tmp_path / "output"
+    summary, committed, last_map = annotated_with_part_times(
+        tmp_path / "images", tmp_path / "output", checkpoints, batch_size=2
+    )
+    assert summary.images_ok == 60
+    assert len(committed) >= 10
+    assert committed[len(committed) // 2] < last_map  # half the parts before the last map
+
+
+def annotated_with_part_times(images: Path, output: Path, checkpoints, batch_size: int):
+    """(summary, committed parts' times in order, the last map's time) of a run that
+    commits a part every 4 rows."""
+    from pipeline.run import run_annotation
+
     settings = depth_job(
-        tmp_path / "images",
+        images,
         output,
         checkpoints,
-        "inference.batch_size=2",
+        f"inference.batch_size={batch_size}",
         "output.rows_per_part=4",
         "report.enabled=false",
     )
     summary = run_annotation(load_config(None, settings))
-    assert summary.images_ok == 60
     last_map = max(path.stat().st_mtime for path in (output / "depth").rglob("*.png"))
-    committed = sorted(path.stat().st_mtime for path in committed_parts(output))
-    assert len(committed) >= 10
-    assert committed[len(committed) // 2] < last_map  # half the parts before the last map
+    return summary, sorted(path.stat().st_mtime for path in committed_parts(output)), last_map
 
 
 def test_a_shards_rows_are_committed_while_its_later_images_are_annotated(
@@ -267,7 +275,6 @@ def test_a_shards_rows_are_committed_while_its_later_images_are_annotated(
 ):
     """A shard's rows once left its read task only as blocks of 128 MiB: a run
     killed mid-shard had committed none of the maps it had written."""
-    from pipeline.run import run_annotation
     from tests.pipeline.test_shards import tar_bytes
 
     members = [
@@ -275,19 +282,10 @@ def test_a_shards_rows_are_committed_while_its_later_images_are_annotated(
     ]
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "000.tar").write_bytes(tar_bytes(members))
-    output = tmp_path / "output"
-    settings = depth_job(
-        tmp_path / "shards",
-        output,
-        checkpoints,
-        "inference.batch_size=4",
-        "output.rows_per_part=4",
-        "report.enabled=false",
+    summary, committed, last_map = annotated_with_part_times(
+        tmp_path / "shards", tmp_path / "output", checkpoints, batch_size=4
     )
-    summary = run_annotation(load_config(None, settings))
     assert summary.images_ok == 80
-    last_map = max(path.stat().st_mtime for path in (output / "depth").rglob("*.png"))
-    committed = sorted(path.stat().st_mtime for path in committed_parts(output))
     assert len(committed) >= 5
     assert committed[len(committed) // 2] < last_map  # half the parts before the last map
 
