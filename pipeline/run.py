@@ -40,7 +40,7 @@ from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, image_id_for, shard_mark
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.output.compaction import compacted_since
-from pipeline.output.done import DoneImages, image_key, load_done_images
+from pipeline.output.done import DoneImages, load_done_images, text_key
 from pipeline.output.runs import (
     RUN_GOING_WITHIN_S,
     RUNS_FOLDER,
@@ -754,7 +754,7 @@ def _count_rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> _Row
     for batch in scan_committed(fs, root, columns, mine, part_named=of_this_run):
         ok = ok_mask(batch["status"])
         ids = batch["image_id"].to_pylist()
-        keys.append(np.fromiter(map(image_key, ids), dtype=np.uint64, count=len(ids)))
+        keys.append(np.fromiter(map(text_key, ids), dtype=np.uint64, count=len(ids)))
         is_ok.append(ok)
         if not ok.all():
             failed = np.flatnonzero(~ok)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -18,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.listing import iter_objects
+from pipeline.output.done import in_sorted, text_key
 from pipeline.output.maps import MapLocator
 from pipeline.output.runs import RUN_GOING_WITHIN_S, runs_going
 from pipeline.output.view import PREDICTIONS_FOLDER, committed_parts, iter_view, scan_committed
@@ -193,11 +193,11 @@ def delete_unreferenced_maps(
         ):
             listed += len(chunk)
             keys = np.fromiter(
-                (_map_key(full_uri(fs, path).removeprefix(here)) for path in chunk),
+                (text_key(full_uri(fs, path).removeprefix(here)) for path in chunk),
                 dtype=np.uint64,
                 count=len(chunk),
             )
-            named = _in_sorted(referenced, keys)
+            named = in_sorted(referenced, keys)
             unreferenced = [path for path, kept in zip(chunk, named, strict=True) if not kept]
             if not unreferenced:
                 continue
@@ -219,14 +219,6 @@ def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Whether each of ``keys`` is in ``sorted_keys``, by binary search."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool)
-    position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[position] == keys
-
-
 def _referenced_map_keys(
     fs: fsspec.AbstractFileSystem, root: str, locator: MapLocator, here: str
 ) -> np.ndarray:
@@ -238,15 +230,8 @@ def _referenced_map_keys(
             located = (locator(uri, kind) for uri in column.to_pylist() if uri is not None)
             keys.append(
                 np.fromiter(
-                    (_map_key(uri.removeprefix(here)) for uri in located if uri.startswith(here)),
+                    (text_key(uri.removeprefix(here)) for uri in located if uri.startswith(here)),
                     dtype=np.uint64,
                 )
             )
     return np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype=np.uint64)
-
-
-def _map_key(relative_key: str) -> int:
-    """64 bits of a map's key under the output: two keys that share them keep both
-    maps, never lose one."""
-    digest = hashlib.blake2b(relative_key.encode("utf-8", "surrogatepass"), digest_size=8)
-    return int.from_bytes(digest.digest(), "little")

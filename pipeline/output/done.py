@@ -68,6 +68,14 @@ def _holds(sorted_keys: np.ndarray, key: int) -> bool:
     return position < len(sorted_keys) and bool(sorted_keys[position] == key)
 
 
+def in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Whether each of ``keys`` is in ``sorted_keys``: :func:`_holds` for an array."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[position] == keys
+
+
 def load_done_images(fs: fsspec.AbstractFileSystem, root: str, config_hash: str) -> DoneImages:
     """What the committed view says is done: images whose row in :func:`read_predictions`
     is ok and was written with ``config_hash`` (each under its source version).
@@ -167,7 +175,7 @@ class _DoneCheckRows:
                 self.shard_error_rows.append(self.rows + row)
                 self.shard_error_ids.append(ids[row])
         self.rows += count
-        self.image.append(np.fromiter(map(image_key, ids), dtype=np.uint64, count=count))
+        self.image.append(np.fromiter(map(text_key, ids), dtype=np.uint64, count=count))
         self.pair.append(pairs)
         self.written.append(written)
         self.written_null.append(written_null)
@@ -250,8 +258,8 @@ class _DoneCheckRows:
 _BYTES_STAGES = r"^(read|decode): "
 
 
-def image_key(image_id: str) -> int:
-    """64 bits of an image id: how the resume check (and a run's count of its
-    rows) tells images apart."""
-    digest = hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+def text_key(text: str) -> int:
+    """64 bits of a text: how the resume check (and a run's count of its rows)
+    tells image ids apart, and pruning map keys."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little")

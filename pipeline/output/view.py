@@ -144,17 +144,15 @@ def read_again_if_parts_go(read: Callable[[], _Read]) -> _Read:
     """``read()``, from the start again where a part it listed was gone when it
     came to it: a compaction (``jobs.compact``) that began before it replaced
     the part with others holding the same view, which a new listing finds."""
-    for attempt in range(1, _READS_WHILE_PARTS_GO + 1):
+    for _ in range(_READS_WHILE_PARTS_GO - 1):
         try:
             return read()
         except FileNotFoundError as gone:
-            if attempt == _READS_WHILE_PARTS_GO:
-                raise
             logger.info(
                 "a part went while it was being read (a compaction?): reading the parts again (%s)",
                 strip_url_secrets(str(gone)),
             )
-    raise AssertionError("unreachable")
+    return read()
 
 
 def scan_committed(
