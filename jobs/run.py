@@ -82,14 +82,16 @@ def format_summary(summary: RunSummary) -> str:
     if summary.stage_timings_s:
         lines.append(
             f"  {'stage (stages fused by Ray share a line)':<56} {'wall s':>8} {'CPU s':>8}"
+            f" {'tasks':>7}"
         )
         for stage, times in summary.stage_timings_s.items():
             # "MapBatches(read_batch)->MapBatches(decode_batch)" → "read_batch → decode_batch"
             name = re.sub(r"MapBatches\((\w+)\)", r"\1", stage).replace("->", " → ")
-            cpu = times.get("task_cpu_s")
+            cpu, tasks = times.get("task_cpu_s"), times.get("tasks")
             lines.append(
                 f"  {name:<56} {times['operator_wall_s']:>8.1f} "
-                f"{'' if cpu is None else format(cpu, '.1f'):>8}"
+                f"{'' if cpu is None else format(cpu, '.1f'):>8} "
+                f"{'' if tasks is None else format(tasks, 'd'):>7}"
             )
     return "\n".join(lines)
 

@@ -431,7 +431,11 @@ def _annotation_dataset(
         )
     dataset = dataset.map_batches(
         decode_batch,
-        batch_size=decode_rows(config),
+        # Ray fuses read and decode into one task, which takes as many input rows
+        # as the larger batch size: 16 shards read one after another where each
+        # could have had a task. Shards come out of read_shard in batches already
+        # (blocks of up to SHARD_BLOCK_BYTES by the time decode gets them).
+        batch_size=None if input_format in SHARD_FORMATS else decode_rows(config),
         batch_format="numpy",
         fn_kwargs={
             "specs": {task: card.spec for task, card in cards.items()},
@@ -529,7 +533,7 @@ def _depth_kind(config: JobConfig, cards: dict[str, ModelCard]) -> str | None:
 
 
 def stage_timings(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
-    """Seconds per executed operator from Ray Data's stats, for the run report."""
+    """Seconds and tasks per executed operator from Ray Data's stats, for the run report."""
     timings = {}
     summaries, operators = [dataset.get_stats_summary()], []
     while summaries:  # the write's summary holds the earlier operators as parents
@@ -538,6 +542,9 @@ def stage_timings(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
         summaries.extend(summary.parents)
     for operator in operators:
         entry = {"operator_wall_s": round(operator.time_total_s, 3)}
+        if operator.task_rows is not None:
+            # Tasks run: the stage's parallelism (one shard per read task).
+            entry["tasks"] = operator.task_rows.count
         for name, summary in (
             ("task_cpu_s", operator.cpu_time),
             ("task_wall_s", operator.wall_time),

@@ -219,6 +219,30 @@ def test_full_size_depth_maps_and_auto_batch_size(ray_cluster, mixed_corpus, che
         assert depth.shape == (row["height"], row["width"])
 
 
+def test_each_shard_gets_a_read_task_of_its_own(ray_cluster, checkpoints, tmp_path):
+    """Ray fused read and decode into tasks of 16 input rows: 16 shards read one
+    after another in one task, where each could have had a CPU."""
+    from tests.pipeline.test_shards import tar_bytes
+
+    for shard in range(4):
+        members = [(f"{i}.jpg", encoded(synthetic_photo(64, 48, seed=i), "JPEG")) for i in range(2)]
+        write_files(tmp_path / "shards", {f"{shard}.tar": tar_bytes(members)})
+    summary = run_job(
+        ray_cluster,
+        tmp_path / "shards",
+        tmp_path / "output",
+        checkpoints,
+        "models.segmentation=null",
+        "report.enabled=false",
+        # Decode tasks apart from the actors, as on a GPU cluster: with the same
+        # CPU request Ray fuses them into the actor, whose batches set its bundles.
+        "resources.cpus_per_actor=0.5",
+    )
+    assert summary.images_ok == 8
+    stages = summary.stage_timings_s
+    assert stages["MapBatches(read_shard)->MapBatches(decode_batch)"]["tasks"] == 4
+
+
 @pytest.mark.slow
 def test_command_line_job_finishes_with_error_rows_and_exit_0(mixed_corpus, checkpoints, tmp_path):
     """Depth only, Dinov2 backbone (keep-aspect inputs), over good, odd and hostile files."""

@@ -26,8 +26,13 @@ def test_summary_shows_counts_speed_gpus_errors_and_stage_times():
             "MapBatches(read_batch)->MapBatches(decode_batch)": {
                 "operator_wall_s": 50.0,
                 "task_cpu_s": 48.5,
+                "tasks": 40,
             },
-            "MapBatches(InferenceActor)": {"operator_wall_s": 110.0, "task_cpu_s": 30.25},
+            "MapBatches(InferenceActor)": {
+                "operator_wall_s": 110.0,
+                "task_cpu_s": 30.25,
+                "tasks": 120,
+            },
             "Write": {"operator_wall_s": 3.0},
         },
         error_reasons={"decode: truncated or corrupt image data": 20},
@@ -40,10 +45,11 @@ def test_summary_shows_counts_speed_gpus_errors_and_stage_times():
     assert "20 × decode: truncated or corrupt image data" in text
     assert "phases: prepare 1.0 s, list 2.0 s, annotate 117.0 s (in all 120.0 s)" in text
     inference = next(line for line in text.splitlines() if "InferenceActor" in line)
-    assert inference.split() == ["InferenceActor", "110.0", "30.2"]
-    assert "  read_batch → decode_batch " in text
+    assert inference.split() == ["InferenceActor", "110.0", "30.2", "120"]
+    read = next(line for line in text.splitlines() if "read_batch → decode_batch" in line)
+    assert read.split()[-3:] == ["50.0", "48.5", "40"]
     write = next(line for line in text.splitlines() if line.strip().startswith("Write"))
-    assert write.split()[-1] == "3.0"  # no CPU time recorded: left blank
+    assert write.split()[-1] == "3.0"  # no CPU time or tasks recorded: left blank
     on_cpu = format_summary(dataclasses.replace(summary, gpus_requested=0.0)).splitlines()[0]
     assert on_cpu.endswith("(7.50 images/s over the whole run, on CPUs)")
     assert "input.limit" not in first
