@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import functools
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -28,11 +30,16 @@ class JobStalledError(RuntimeError):
 
 
 class ProgressBeacon:
-    """Counts finished rows; a Ray actor (``ray.remote(ProgressBeacon)``) in a job."""
+    """Counts finished rows; a Ray actor (``ray.remote(ProgressBeacon)``) in a job.
+
+    Read tasks also tell it what they left out of each shard they read, which
+    only they can know (:meth:`shard_read`).
+    """
 
     def __init__(self) -> None:
         self.rows = 0
         self.last_progress = time.monotonic()
+        self.shards: dict[tuple[str, str], tuple[int, int]] = {}
 
     def add(self, rows: int) -> None:
         self.rows += rows
@@ -41,6 +48,30 @@ class ProgressBeacon:
     def state(self) -> tuple[int, float]:
         """(rows finished, seconds since the last finished batch)."""
         return self.rows, time.monotonic() - self.last_progress
+
+    def shard_read(self, shard: tuple[str, str], images_done: int, errors_left: int) -> None:
+        """Of shard (URI, version): images left out as done, and under ``input.limit``
+        those left for a run without one. Keyed by shard, so a retried read task
+        counts once."""
+        self.shards[shard] = (images_done, errors_left)
+
+    def shards_read(self) -> dict[tuple[str, str], tuple[int, int]]:
+        return self.shards
+
+
+def shard_read_teller(beacon: Any) -> Callable[[tuple[str, str], int, int], None]:
+    """For :func:`~pipeline.read.read_shard`: tells ``beacon`` of a shard read and
+    waits for it to have heard. The read task ends only after that, and the
+    dataset only after its tasks, so every count is in when the driver asks."""
+    return functools.partial(_tell_shard_read, beacon)
+
+
+def _tell_shard_read(
+    beacon: Any, shard: tuple[str, str], images_done: int, errors_left: int
+) -> None:
+    import ray
+
+    ray.get(beacon.shard_read.remote(shard, images_done, errors_left))
 
 
 def report_progress(batch: pa.Table, beacon: Any) -> pa.Table:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -180,6 +180,7 @@ def read_shard(
     done: DoneImages | None = None,
     config_hash: str = "",
     leave_errors: bool = False,
+    on_shard_read: Callable[[tuple[str, str], int, int], None] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
@@ -196,6 +197,10 @@ def read_shard(
     (:func:`~pipeline.keys.shard_marker_key`): once all those images
     are done, later runs skip it without reading it. One whose every image
     ``done`` holds also leaves :func:`~pipeline.keys.shard_done_marker_key`.
+    ``on_shard_read((shard URI, version), images done, errors left)`` hears
+    what each shard's read left out, for the run's counts
+    (:meth:`~pipeline.progress.ProgressBeacon.shard_read`); it is called as the
+    shard's read ends, within the task.
     """
     listing_errors = batch.get("listing_error", np.full(len(batch["shard_uri"]), ""))
     shards = zip(
@@ -211,13 +216,26 @@ def read_shard(
         rows: list[dict[str, Any]] = []
         read = _ShardRead()
         shard = (str(shard_uri), str(shard_key), str(shard_version))
-        for row in _shard_rows(*shard, shard_input, storage_options, read, done, leave_errors):
-            rows.append(row)
-            if len(rows) == rows_per_batch:
+        try:
+            for row in _shard_rows(*shard, shard_input, storage_options, read, done, leave_errors):
+                rows.append(row)
+                if len(rows) == rows_per_batch:
+                    yield _as_columns(rows)
+                    rows = []
+            if rows:
                 yield _as_columns(rows)
-                rows = []
-        if rows:
-            yield _as_columns(rows)
+        finally:  # also when input.limit stops the read part-way
+            if on_shard_read is not None and done is not None:
+                try:
+                    on_shard_read(
+                        (str(shard_uri), str(shard_version)), read.images_done, read.errors_left
+                    )
+                except Exception as error:  # only a count is lost; the rows are not
+                    logger.warning(
+                        "could not count shard %s: %s",
+                        strip_url_secrets(shard_uri),
+                        strip_url_secrets(str(error)),
+                    )
         # Here only once every row of the shard was taken downstream.
         if output_uri is not None and read.to_the_end:
             shard_uri, shard_version = str(shard_uri), str(shard_version)
@@ -231,8 +249,9 @@ def read_shard(
 
 @dataclass
 class _ShardRead:
-    images: int = 0
-    images_done: int = 0  # of those, already done (with ``done`` given)
+    images: int = 0  # set once read to the end
+    images_done: int = 0  # left out as already done (with ``done`` given), so far
+    errors_left: int = 0  # left out, with ``leave_errors``, for errors of their bytes
     to_the_end: bool = False
 
 
@@ -260,7 +279,7 @@ def _shard_rows(
     done: DoneImages | None = None,
     leave_errors: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    images = with_image = images_done = 0
+    images = with_image = 0
     try:
         for sample in iter_shard_images(shard_uri, shard_input, storage_options):
             images += 1
@@ -268,16 +287,20 @@ def _shard_rows(
             # Resume inside a shard: its images with committed rows go no further.
             is_done = done is not None and done.has(row["image_id"], shard_version)
             with_image += sample.has_image
-            images_done += sample.has_image and is_done
-            if not is_done and not (
+            read.images_done += sample.has_image and is_done
+            if is_done:
+                continue
+            if (
                 leave_errors
                 and done is not None
                 and done.has_error_row(row["image_id"], shard_version, on_bytes=True)
             ):
-                yield row
+                read.errors_left += 1
+                continue
+            yield row
         # The marker counts images only: a sample without one can never be done,
         # and counting it would have every later run read the shard again.
-        read.images, read.images_done, read.to_the_end = with_image, images_done, True
+        read.images, read.to_the_end = with_image, True
     except (ShardError, OSError, ValueError) as problem:
         where = f"after {images} images" if images else "before any image"
         reason = error_reason("read", f"shard failed {where}: {problem}")

@@ -59,7 +59,7 @@ from pipeline.output.view import (
     read_again_if_parts_go,
     scan_committed,
 )
-from pipeline.progress import ProgressBeacon, StallWatchdog
+from pipeline.progress import ProgressBeacon, StallWatchdog, shard_read_teller
 from pipeline.read import ShardInput, read_batch, read_settings_tag, read_shard
 from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
@@ -216,19 +216,29 @@ def run_annotation(config: JobConfig) -> RunSummary:
             to_annotate = _limited(to_annotate, done, config.input.limit, skipped)
         block_refs, listed = put_listing_blocks(to_annotate, sharded, decode_rows(config))
         listing.close()
-        if not listed and not skipped.images:
+        if not listed and not skipped.images and not skipped.shards_skipped:
             raise InputNotFoundError(
                 f"no {'shards' if sharded else 'images'} to annotate under input.uri "
                 f"{strip_url_secrets(config.input.uri)} (input.format {listing.format}, extensions "
                 f"{', '.join(config.input.extensions)})"
             )
-        logger.info(
-            "listed %d %s under %s; %d images already done",
-            listed + (0 if sharded else skipped.images),
-            "shards" if sharded else "images",
-            strip_url_secrets(config.input.uri),
-            skipped.images,
-        )
+        if sharded:
+            logger.info(
+                "listed %d shards under %s; %d to read (their done images are left out "
+                "as they are read), %d with all their %d images done",
+                listed + skipped.shards_skipped,
+                strip_url_secrets(config.input.uri),
+                listed,
+                skipped.shards_skipped,
+                skipped.images,
+            )
+        else:
+            logger.info(
+                "listed %d images under %s; %d already done",
+                listed + skipped.images,
+                strip_url_secrets(config.input.uri),
+                skipped.images,
+            )
         if skipped.errors_left:
             logger.info(
                 "input.limit: %d images whose last rows are errors are left for a later run "
@@ -271,6 +281,14 @@ def run_annotation(config: JobConfig) -> RunSummary:
                     ray_remote_args={"num_cpus": _write_task_cpus()},
                 )
             stage_times = stage_timings(dataset)
+            if sharded:
+                _count_shard_reads(ray.get(beacon.shards_read.remote()), skipped)
+                if skipped.errors_left:
+                    logger.info(
+                        "input.limit: %d shard members whose rows are errors of their bytes "
+                        "were left for a run without a limit (their shards did not change)",
+                        skipped.errors_left,
+                    )
         else:
             stage_times = {}
         timings["annotate"] = time.perf_counter() - started - sum(timings.values())
@@ -413,6 +431,7 @@ def _annotation_dataset(
                 "done": done if len(done) or (limited and len(done.errored)) else None,
                 "config_hash": config_hash,
                 "leave_errors": limited,
+                "on_shard_read": shard_read_teller(beacon),
             },
             num_cpus=decode_cpus,
         )
@@ -614,12 +633,17 @@ def _model_key(card: ModelCard) -> str | None:
 
 @dataclass
 class _ListingCounts:
-    images: int = 0  # listed images (or shards' images) already done
+    images: int = 0  # listed images already done (for shards, see below)
     # Under input.limit: whether images to annotate were left when it was met,
-    # and, where the listing was read to its end, how many of those left have
-    # an error as their last row.
+    # and, where the listing was read to its end (or, for shards, the reads
+    # left them out), how many of those left have an error as their last row.
     more_after_limit: bool = False
     errors_left: int = 0
+    # Shards: those left out whole, their done images counted in ``images``;
+    # of each passed on to be read, its done images as the view counts them
+    # (under any read settings), until its read tells (_count_shard_reads).
+    shards_skipped: int = 0
+    shards_to_read: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _not_done(
@@ -646,17 +670,34 @@ def _not_done(
         if sharded:
             shard = (row["shard_uri"], row["shard_version"])
             images_done = done.per_shard.get(shard, 0)
-            skipped.images += images_done
             stem = shard_marker_stem(*shard, marker_tag)
             shard_id = image_id_for(row["shard_uri"])
             if not markers.can_skip(stem, config_hash, images_done) or markers.error_stands(
                 shard_id, done.shard_errors.get(shard_id)
             ):
+                skipped.shards_to_read[shard] = images_done
                 yield row
+            else:
+                skipped.shards_skipped += 1
+                skipped.images += images_done
         elif len(done) and done.has(row["image_id"], row["source_version"]):
             skipped.images += 1
         else:
             yield row
+
+
+def _count_shard_reads(
+    reads: dict[tuple[str, str], tuple[int, int]], skipped: _ListingCounts
+) -> None:
+    """Add what the shards' reads left out (:meth:`ProgressBeacon.shard_read`) to
+    ``skipped``. The view's count of a shard's done images holds rows of other
+    read settings too (another ``input.id_column`` names its images anew), so
+    a read's own count replaces it; a shard whose read never told (the limit
+    met before it began) keeps the view's."""
+    for shard, view_count in skipped.shards_to_read.items():
+        images_done, errors_left = reads.get(shard, (view_count, 0))
+        skipped.images += images_done
+        skipped.errors_left += errors_left
 
 
 def _limited(

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -175,7 +176,9 @@ def test_a_repeated_limited_run_annotates_the_next_images(ray_cluster, checkpoin
     )
 
 
-def test_limited_runs_move_past_samples_that_fail_every_time(ray_cluster, checkpoints, tmp_path):
+def test_limited_runs_move_past_samples_that_fail_every_time(
+    ray_cluster, checkpoints, tmp_path, caplog
+):
     """A shard whose first samples hold no image: their error rows would fill
     a limit of 2 on every run, and no run would reach the images after them."""
     from pipeline.run import run_annotation
@@ -187,13 +190,40 @@ def test_limited_runs_move_past_samples_that_fail_every_time(ray_cluster, checkp
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "000.tar").write_bytes(tar_bytes(members))
     settings = depth_job(tmp_path / "shards", tmp_path / "output", checkpoints, "input.limit=2")
-    runs = [run_annotation(load_config(None, [*settings, f"run_id=limited-{n}"])) for n in range(3)]
+    with caplog.at_level("INFO", logger="pipeline.run"):
+        runs = [
+            run_annotation(load_config(None, [*settings, f"run_id=limited-{n}"])) for n in range(3)
+        ]
     assert [(run.images_ok, run.images_error) for run in runs] == [(0, 2), (2, 0), (1, 0)]
+    assert [run.images_skipped_done for run in runs] == [0, 0, 2]
+    # The runs after the first said what they left behind (told by the read tasks).
+    left = [r.getMessage() for r in caplog.records if r.getMessage().startswith("input.limit: ")]
+    assert len(left) == 2 and all(message.startswith("input.limit: 2 shard") for message in left)
     view = read_predictions(str(tmp_path / "output")).to_pylist()
     assert sorted(row["status"] for row in view) == ["error", "error", "ok", "ok", "ok"]
     # The shard's images are all done: a run without a limit reads it no more.
     unlimited = run_annotation(load_config(None, [*settings[:-1], "run_id=unlimited"]))
     assert (unlimited.images_ok, unlimited.images_error, unlimited.images_skipped_done) == (0, 0, 3)
+
+
+def test_a_parquet_shard_read_under_another_id_column_counts_no_image_as_done(
+    ray_cluster, checkpoints, tmp_path
+):
+    """The view counts a shard's done images under any read settings; under
+    another input.id_column its images have other ids, and none is done."""
+    from pipeline.run import run_annotation
+
+    photos = [encoded(synthetic_photo(64, 48, seed=i), "JPEG") for i in range(3)]
+    (tmp_path / "shards").mkdir()
+    table = pa.table({"image": photos, "uid": ["u0", "u1", "u2"]})
+    pq.write_table(table, tmp_path / "shards" / "000.parquet")
+    settings = depth_job(
+        tmp_path / "shards", tmp_path / "output", checkpoints, "report.enabled=false"
+    )
+    by_row = run_annotation(load_config(None, [*settings, "run_id=by-row"]))
+    by_uid = run_annotation(load_config(None, [*settings, "input.id_column=uid", "run_id=by-uid"]))
+    assert (by_row.images_ok, by_row.images_skipped_done) == (3, 0)
+    assert (by_uid.images_ok, by_uid.images_skipped_done, by_uid.images_listed) == (3, 0, 3)
 
 
 def test_a_manifests_version_column_has_changed_images_annotated_again(

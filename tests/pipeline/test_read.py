@@ -161,20 +161,34 @@ def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
     first = image_id_for(f"{shard}#a/000")
     done = DoneImages(keys=np.sort(np.array([done_key(first, "v0")], dtype=np.uint64)))
 
-    def source_uris(version: str, done_images: DoneImages | None) -> list[str]:
-        batches = read_shard(
+    told = []
+
+    def read(version: str, done_images: DoneImages | None, rows_per_batch: int = 16):
+        return read_shard(
             _rows(shard_uri=[str(shard)], shard_key=["s/000.tar"], shard_version=[version]),
             ShardInput("webdataset", ("jpg", "png"), "image", None),
             storage_options={},
-            rows_per_batch=16,
+            rows_per_batch=rows_per_batch,
             done=done_images,
+            on_shard_read=lambda *counts: told.append(counts),
         )
-        return [uri for batch in batches for uri in batch["source_uri"].tolist()]
+
+    def source_uris(version: str, done_images: DoneImages | None) -> list[str]:
+        return [uri for batch in read(version, done_images) for uri in batch["source_uri"].tolist()]
 
     everything = source_uris("v0", None)
     assert len(everything) == 4
+    assert told == []  # nothing was done: nothing to count
     assert source_uris("v0", done) == everything[1:]
     assert source_uris("v1", done) == everything  # done for another version of the shard
+    # What each read left out, for the run's count of images already done.
+    assert told == [((str(shard), "v0"), 1, 0), ((str(shard), "v1"), 0, 0)]
+    # A read stopped after its first row (input.limit met) tells what it left out so far.
+    told.clear()
+    stopped = read("v0", done, rows_per_batch=1)
+    next(stopped)
+    stopped.close()
+    assert told == [((str(shard), "v0"), 1, 0)]
 
 
 def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
@@ -189,6 +203,8 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
     imageless_key = np.array([done_key(imageless, "v0")], dtype=np.uint64)
     done = DoneImages(errored=imageless_key, errored_on_bytes=imageless_key)
 
+    told = []
+
     def source_uris(version: str, leave_errors: bool) -> list[str]:
         batches = read_shard(
             _rows(shard_uri=[str(shard)], shard_key=["s/000.tar"], shard_version=[version]),
@@ -197,6 +213,7 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
             rows_per_batch=16,
             done=done,
             leave_errors=leave_errors,
+            on_shard_read=lambda *counts: told.append(counts),
         )
         return [uri for batch in batches for uri in batch["source_uri"].tolist()]
 
@@ -204,6 +221,8 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
     assert f"{shard}#a/002" in everything and len(everything) == 4
     assert source_uris("v0", leave_errors=True) == [u for u in everything if u != f"{shard}#a/002"]
     assert source_uris("v1", leave_errors=True) == everything  # another version: tried again
+    # The member left behind is counted, for the run's summary.
+    assert [errors_left for _, _, errors_left in told] == [0, 1, 0]
 
 
 def test_webdataset_shard_expands_into_image_rows_in_batches(tmp_path):

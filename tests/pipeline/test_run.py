@@ -12,8 +12,10 @@ from pipeline.output.runs import start_record_path
 from pipeline.run import (
     DECODE_BATCH_ROWS,
     _clear_earlier_results,
+    _count_shard_reads,
     _limited,
     _ListingCounts,
+    _not_done,
     _top_reasons,
     _with_listing_progress,
     config_hash_for,
@@ -311,3 +313,28 @@ def test_a_limit_says_whether_images_were_left(listed, taken, more):
     rows = [{"image_id": str(n), "source_version": ""} for n in range(listed)]
     assert len(list(_limited(iter(rows), DoneImages(), 2, counts))) == taken
     assert counts.more_after_limit is more
+
+
+def test_done_shard_images_are_counted_from_the_reads_where_shards_were_read():
+    """The view's count of a shard's done images may hold rows of other read
+    settings (other ids); a read's own count replaces it."""
+    import collections
+
+    from pipeline.keys import shard_marker_stem
+    from pipeline.output.shard_markers import ShardMarkers
+
+    shards = [("s3://b/a.tar", "v1"), ("s3://b/b.tar", "v1"), ("s3://b/c.tar", "v1")]
+    done = DoneImages(
+        keys=np.array([1], dtype=np.uint64),
+        per_shard=collections.Counter({shards[0]: 4, shards[1]: 3, shards[2]: 2}),
+    )
+    markers = ShardMarkers(images={shard_marker_stem(*shards[0]): 4})
+    counts = _ListingCounts()
+    rows = [{"shard_uri": uri, "shard_version": version} for uri, version in shards]
+    passed = list(_not_done(iter(rows), done, True, counts, markers))
+    assert passed == rows[1:]  # a.tar: all 4 of its images done
+    assert (counts.shards_skipped, counts.images) == (1, 4)
+    # b.tar's read found none of its images done and left one error behind;
+    # c.tar was never read (input.limit met first): the view's count stands.
+    _count_shard_reads({shards[1]: (0, 1)}, counts)
+    assert (counts.images, counts.errors_left) == (4 + 0 + 2, 1)
