@@ -13,7 +13,8 @@ On the same images and the same seeded checkpoint, each in a fresh process:
 - **stages**: CPU-ms per image and per megapixel of each stage, called in one
   process on a sample, and map encodings compared (see ``bench/stages.py``).
 
-Images are generated JPEGs of mixed sizes (0.3 to 8 megapixels).
+Images are generated JPEGs of mixed sizes (0.3 to 8 megapixels); with
+``--shards N`` the job reads them packed into N webdataset tars instead.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "110 M parameters) or large (dpt-large shapes, 340 M)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="the job's inference batch")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="the job (pipeline and variants) reads the images packed into this many "
+        "webdataset tars (0: image files)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument(
@@ -85,6 +93,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     work = args.work_dir.resolve()
     images = _generated_images(work / f"images-{args.images}", args.images)
+    job_input = (
+        _packed_in_shards(images, work / f"shards-{args.images}-{args.shards}", args.shards)
+        if args.shards
+        else images
+    )
     model = work / f"model-{args.model_size}-depth"
     if not (model / "config.json").exists():
         from dpt_model.seeded import build_seeded_checkpoint
@@ -102,6 +115,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     params = {
         "images": str(images),
+        "job_input": str(job_input),
         "model": str(model),
         "work": str(work),
         "device": device,
@@ -115,8 +129,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "machine": _machine(device),
         "parameters": {
-            **{key: value for key, value in params.items() if key not in ("images", "work")},
+            **{
+                key: value
+                for key, value in params.items()
+                if key not in ("images", "job_input", "work")
+            },
             "images": args.images,
+            "shards": args.shards,
             "image_sizes": IMAGE_SIZES,
             "model_size": args.model_size,
         },
@@ -208,6 +227,25 @@ def _generated_images(folder: Path, count: int) -> Path:
         if not path.exists():
             width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
             path.write_bytes(encoded(synthetic_photo(width, height, seed=index), "JPEG"))
+    return folder
+
+
+def _packed_in_shards(images: Path, folder: Path, shards: int) -> Path:
+    """The images of ``images`` as ``shards`` webdataset tars of about as many each."""
+    import tarfile
+
+    paths = sorted(images.glob("*.jpg"))
+    if not shards or shards > len(paths):
+        raise ValueError(f"--shards must be from 1 to the number of images ({len(paths)})")
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        target = folder / f"{shard:05d}.tar"
+        if not target.exists():
+            partial = target.with_suffix(".tar.partial")
+            with tarfile.open(partial, "w") as archive:
+                for path in paths[shard::shards]:
+                    archive.add(path, arcname=path.name)
+            partial.rename(target)
     return folder
 
 
@@ -305,7 +343,7 @@ def measure_stages(**params: Any) -> dict[str, Any]:
 
 
 def measure_pipeline(
-    images: str,
+    job_input: str,
     model: str,
     work: str,
     device: str,
@@ -326,7 +364,7 @@ def measure_pipeline(
     config = load_config(
         None,
         [
-            f"input.uri={images}",
+            f"input.uri={job_input}",
             f"output.uri={output}",
             f"models.depth={model}",
             f"inference.batch_size={batch_size}",

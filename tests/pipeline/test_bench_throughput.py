@@ -1,13 +1,14 @@
 """The throughput benchmark runs end to end at toy size and reports what it measured."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pipeline.bench import throughput
 from pipeline.bench.__main__ import main as run_benchmark
 from pipeline.bench.stages import STAGES
-from pipeline.bench.throughput import _map_file_times, pipeline_output
+from pipeline.bench.throughput import _map_file_times, _packed_in_shards, pipeline_output
 from pipeline.encode import decode_depth_png
 from tests.conftest import SEEDED_VIT_DEPTH_HW
 
@@ -126,3 +127,38 @@ def test_map_times_count_one_file_per_image_whichever_maps_the_job_wrote(tmp_pat
         (tmp_path / "depth" / name).write_bytes(b"")
     assert len(_map_file_times(tmp_path)) == 3  # depth first, NPZ too
     assert _map_file_times(tmp_path / "missing") == []
+
+
+def test_shards_pack_every_image_once_and_the_job_reads_them(tmp_path, monkeypatch):
+    import tarfile
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(5):
+        (images / f"{index:05d}.jpg").write_bytes(bytes([index]) * 10)
+    shards = _packed_in_shards(images, tmp_path / "shards", 2)
+    members = {}
+    for tar in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            members[tar.name] = {m.name: archive.extractfile(m).read() for m in archive}
+    assert [len(names) for names in members.values()] == [3, 2]
+    packed = {name: data for names in members.values() for name, data in names.items()}
+    assert packed == {path.name: path.read_bytes() for path in images.iterdir()}
+    assert not list(shards.glob("*.partial"))
+    with pytest.raises(ValueError, match="--shards must be from 1 to the number of images"):
+        _packed_in_shards(images, tmp_path / "too-many", 6)
+
+    handed = []
+    monkeypatch.setattr(
+        throughput, "_run_child", lambda measurement, params: handed.append(params) or {}
+    )
+    monkeypatch.setattr(throughput, "_ratios", lambda results: {})
+    monkeypatch.setattr(throughput, "_report", lambda results: "")
+    arguments = ["throughput", "--images=2", "--shards=2", "--only", "pipeline"]
+    run_benchmark([*arguments, f"--work-dir={tmp_path}", f"--out={tmp_path / 'tp.json'}"])
+    [params] = handed
+    assert sorted(path.name for path in Path(params["job_input"]).iterdir()) == [
+        "00000.tar",
+        "00001.tar",
+    ]
+    assert json.loads((tmp_path / "tp.json").read_text())["parameters"]["shards"] == 2
