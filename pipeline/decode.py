@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 import threading
 import warnings
-from collections.abc import Collection, Mapping
-from typing import NamedTuple
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -227,3 +227,18 @@ def decode_batch(
     out.update(status=status, error=error, width=width, height=height)
     out.update({f"{task}_input": column for task, column in model_inputs.items()})
     return out
+
+
+def decode_in_slices(
+    batch: dict[str, np.ndarray], rows_per_slice: int, **decode_settings: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`decode_batch` over ``batch`` ``rows_per_slice`` rows at a time.
+
+    For a batch of any size (a whole block of a shard's rows, hundreds of
+    thumbnails): the decoded model inputs leave one slice at a time, not all at
+    once.
+    """
+    count = len(batch["image_bytes"])
+    for start in range(0, count, rows_per_slice):
+        part = {key: column[start : start + rows_per_slice] for key, column in batch.items()}
+        yield decode_batch(part, **decode_settings)

@@ -10,17 +10,21 @@ Committed rows stay committed, so the next run picks up what is left.
 from __future__ import annotations
 
 import _thread
+import array
+import collections
 import contextlib
-import functools
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+
+from pipeline.output.done import done_key
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +37,20 @@ class ProgressBeacon:
     """Counts finished rows; a Ray actor (``ray.remote(ProgressBeacon)``) in a job.
 
     Read tasks also tell it what they left out of each shard they read, which
-    only they can know (:meth:`shard_read`).
+    only they can know (:class:`ShardReadTeller`): 24 bytes a shard, for jobs
+    of a million shards.
     """
 
     def __init__(self) -> None:
         self.rows = 0
         self.last_progress = time.monotonic()
-        self.shards: dict[tuple[str, str], tuple[int, int]] = {}
+        # One entry per finished shard read (a retried read adds another; the
+        # last counts): done_key(URI, version), images left out as done, and
+        # under input.limit those left out for errors of their bytes.
+        self.shard_keys = array.array("Q")
+        self.shard_done = array.array("q")
+        self.shard_errors_left = array.array("q")
+        self.shards_reading: collections.Counter[int] = collections.Counter()
 
     def add(self, rows: int) -> None:
         self.rows += rows
@@ -49,29 +60,81 @@ class ProgressBeacon:
         """(rows finished, seconds since the last finished batch)."""
         return self.rows, time.monotonic() - self.last_progress
 
-    def shard_read(self, shard: tuple[str, str], images_done: int, errors_left: int) -> None:
-        """Of shard (URI, version): images left out as done, and under ``input.limit``
-        those left for a run without one. Keyed by shard, so a retried read task
-        counts once."""
-        self.shards[shard] = (images_done, errors_left)
+    def shard_read_started(self, key: int) -> None:
+        self.shards_reading[key] += 1
 
-    def shards_read(self) -> dict[tuple[str, str], tuple[int, int]]:
-        return self.shards
+    def shard_read(self, key: int, images_done: int, errors_left: int) -> None:
+        self.shards_reading[key] -= 1
+        if self.shards_reading[key] <= 0:
+            del self.shards_reading[key]
+        self.shard_keys.append(key)
+        self.shard_done.append(images_done)
+        self.shard_errors_left.append(errors_left)
+
+    def shard_reads(self) -> ShardReads:
+        return ShardReads(
+            np.frombuffer(self.shard_keys, dtype=np.uint64).copy(),
+            np.frombuffer(self.shard_done, dtype=np.int64).copy(),
+            np.frombuffer(self.shard_errors_left, dtype=np.int64).copy(),
+            len(self.shards_reading),
+        )
 
 
-def shard_read_teller(beacon: Any) -> Callable[[tuple[str, str], int, int], None]:
-    """For :func:`~pipeline.read.read_shard`: tells ``beacon`` of a shard read and
-    waits for it to have heard. The read task ends only after that, and the
-    dataset only after its tasks, so every count is in when the driver asks."""
-    return functools.partial(_tell_shard_read, beacon)
+@dataclass(frozen=True)
+class ShardReads:
+    """What the beacon heard of shard reads: per read (a shard's key may repeat,
+    the last entry counting) and how many reads began but have not told yet."""
+
+    keys: np.ndarray
+    images_done: np.ndarray
+    errors_left: np.ndarray
+    still_reading: int
+
+    def last_per_shard(self) -> ShardReads:
+        """One entry per shard: its last read's."""
+        _, last_first = np.unique(self.keys[::-1], return_index=True)
+        keep = len(self.keys) - 1 - last_first
+        return ShardReads(
+            self.keys[keep], self.images_done[keep], self.errors_left[keep], self.still_reading
+        )
 
 
-def _tell_shard_read(
-    beacon: Any, shard: tuple[str, str], images_done: int, errors_left: int
-) -> None:
+class ShardReadTeller:
+    """What :func:`~pipeline.read.read_shard` calls to tell the beacon of its reads.
+
+    The end of a read is told and waited for: the task ends only after that, so
+    once the dataset has run, every read that ended normally has told. Reads
+    that ``input.limit`` cut off are cancelled, maybe after the dataset ends,
+    and tell as they stop: :func:`wait_for_shard_reads`.
+    """
+
+    def __init__(self, beacon: Any) -> None:
+        self.beacon = beacon
+
+    def started(self, shard: tuple[str, str]) -> None:
+        self.beacon.shard_read_started.remote(done_key(*shard))
+
+    def finished(self, shard: tuple[str, str], images_done: int, errors_left: int) -> None:
+        import ray
+
+        told = self.beacon.shard_read.remote(done_key(*shard), images_done, errors_left)
+        ray.get(told, timeout=TELL_TIMEOUT_S)
+
+
+TELL_TIMEOUT_S = 30.0
+
+
+def wait_for_shard_reads(beacon: Any, timeout_s: float = 10.0) -> ShardReads:
+    """The beacon's :class:`ShardReads` once no read is still to tell, or after
+    ``timeout_s`` (a read task killed outright never tells)."""
     import ray
 
-    ray.get(beacon.shard_read.remote(shard, images_done, errors_left))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reads = ray.get(beacon.shard_reads.remote())
+        if not reads.still_reading or time.monotonic() >= deadline:
+            return reads.last_per_shard()
+        time.sleep(0.1)
 
 
 def report_progress(batch: pa.Table, beacon: Any) -> pa.Table:

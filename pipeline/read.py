@@ -11,10 +11,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import fsspec
 import numpy as np
@@ -180,7 +180,7 @@ def read_shard(
     done: DoneImages | None = None,
     config_hash: str = "",
     leave_errors: bool = False,
-    on_shard_read: Callable[[tuple[str, str], int, int], None] | None = None,
+    shard_reads: ShardReadListener | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Expand each shard row into image rows, ``rows_per_batch`` at a time.
 
@@ -197,10 +197,9 @@ def read_shard(
     (:func:`~pipeline.keys.shard_marker_key`): once all those images
     are done, later runs skip it without reading it. One whose every image
     ``done`` holds also leaves :func:`~pipeline.keys.shard_done_marker_key`.
-    ``on_shard_read((shard URI, version), images done, errors left)`` hears
-    what each shard's read left out, for the run's counts
-    (:meth:`~pipeline.progress.ProgressBeacon.shard_read`); it is called as the
-    shard's read ends, within the task.
+    ``shard_reads`` hears of each shard's read as it starts and, as it ends
+    (also cut off part-way), what it left out: the run's counts
+    (:class:`~pipeline.progress.ShardReadTeller`).
     """
     listing_errors = batch.get("listing_error", np.full(len(batch["shard_uri"]), ""))
     shards = zip(
@@ -216,6 +215,9 @@ def read_shard(
         rows: list[dict[str, Any]] = []
         read = _ShardRead()
         shard = (str(shard_uri), str(shard_key), str(shard_version))
+        tell = shard_reads is not None and done is not None
+        if tell:
+            shard_reads.started((str(shard_uri), str(shard_version)))
         try:
             for row in _shard_rows(*shard, shard_input, storage_options, read, done, leave_errors):
                 rows.append(row)
@@ -225,9 +227,9 @@ def read_shard(
             if rows:
                 yield _as_columns(rows)
         finally:  # also when input.limit stops the read part-way
-            if on_shard_read is not None and done is not None:
+            if tell:
                 try:
-                    on_shard_read(
+                    shard_reads.finished(
                         (str(shard_uri), str(shard_version)), read.images_done, read.errors_left
                     )
                 except Exception as error:  # only a count is lost; the rows are not
@@ -245,6 +247,14 @@ def read_shard(
                 keys.append(shard_done_marker_key(shard_uri, shard_version, tag, config_hash))
             for key in keys:
                 _leave_shard_marker(output_uri, storage_options, key, shard_uri)
+
+
+class ShardReadListener(Protocol):
+    """Hears of shard reads (:func:`read_shard`); shards are (URI, version)."""
+
+    def started(self, shard: tuple[str, str]) -> None: ...
+
+    def finished(self, shard: tuple[str, str], images_done: int, errors_left: int) -> None: ...
 
 
 @dataclass

@@ -34,13 +34,13 @@ from pipeline.cluster import (
     head_takes_tasks,
     read_cluster_capacity,
 )
-from pipeline.decode import decode_batch
+from pipeline.decode import decode_batch, decode_in_slices
 from pipeline.infer import InferenceActor, InferenceSettings
 from pipeline.keys import SHARD_FORMATS, SHARDS_FOLDER, image_id_for, shard_marker_stem
 from pipeline.listing import InputNotFoundError, list_input
 from pipeline.metrics import record_skipped
 from pipeline.output.compaction import compacted_since
-from pipeline.output.done import DoneImages, load_done_images, text_key
+from pipeline.output.done import DoneImages, done_key, load_done_images, text_key
 from pipeline.output.runs import (
     RUN_GOING_WITHIN_S,
     RUNS_FOLDER,
@@ -59,7 +59,13 @@ from pipeline.output.view import (
     read_again_if_parts_go,
     scan_committed,
 )
-from pipeline.progress import ProgressBeacon, StallWatchdog, shard_read_teller
+from pipeline.progress import (
+    ProgressBeacon,
+    ShardReads,
+    ShardReadTeller,
+    StallWatchdog,
+    wait_for_shard_reads,
+)
 from pipeline.read import ShardInput, read_batch, read_settings_tag, read_shard
 from pipeline.report import REPORT_FOLDER, class_names_or_ids, write_quality_report
 from pipeline.retry import TRANSIENT_ERROR_WORDS
@@ -224,8 +230,8 @@ def run_annotation(config: JobConfig) -> RunSummary:
             )
         if sharded:
             logger.info(
-                "listed %d shards under %s; %d to read (their done images are left out "
-                "as they are read), %d with all their %d images done",
+                "listed %d shards under %s; %d to open (their done images are left out "
+                "as they are read), %d skipped with all their %d images done",
                 listed + skipped.shards_skipped,
                 strip_url_secrets(config.input.uri),
                 listed,
@@ -282,11 +288,14 @@ def run_annotation(config: JobConfig) -> RunSummary:
                 )
             stage_times = stage_timings(dataset)
             if sharded:
-                _count_shard_reads(ray.get(beacon.shards_read.remote()), skipped)
+                done_in_shards_skipped = skipped.images
+                _count_shard_reads(wait_for_shard_reads(beacon), skipped)
+                record_skipped(skipped.images - done_in_shards_skipped)
                 if skipped.errors_left:
                     logger.info(
                         "input.limit: %d shard members whose rows are errors of their bytes "
-                        "were left for a run without a limit (their shards did not change)",
+                        "were left for a run without a limit (their shards' bytes are "
+                        "unchanged, so they would fail again)",
                         skipped.errors_left,
                     )
         else:
@@ -431,7 +440,7 @@ def _annotation_dataset(
                 "done": done if len(done) or (limited and len(done.errored)) else None,
                 "config_hash": config_hash,
                 "leave_errors": limited,
-                "on_shard_read": shard_read_teller(beacon),
+                "shard_reads": ShardReadTeller(beacon),
             },
             num_cpus=decode_cpus,
         )
@@ -448,22 +457,33 @@ def _annotation_dataset(
             },
             num_cpus=decode_cpus,
         )
-    dataset = dataset.map_batches(
-        decode_batch,
-        # Ray fuses read and decode into one task, which takes as many input rows
-        # as the larger batch size: 16 shards read one after another where each
-        # could have had a task. Shards come out of read_shard in batches already
-        # (blocks of up to SHARD_BLOCK_BYTES by the time decode gets them).
-        batch_size=None if input_format in SHARD_FORMATS else decode_rows(config),
-        batch_format="numpy",
-        fn_kwargs={
-            "specs": {task: card.spec for task, card in cards.items()},
-            "max_image_pixels": config.decode.max_image_pixels,
-            "max_side_px": config.decode.max_side_px,
-            "jpeg_draft": config.decode.jpeg_draft,
-        },
-        num_cpus=decode_cpus,
-    )
+    decode_settings = {
+        "specs": {task: card.spec for task, card in cards.items()},
+        "max_image_pixels": config.decode.max_image_pixels,
+        "max_side_px": config.decode.max_side_px,
+        "jpeg_draft": config.decode.jpeg_draft,
+    }
+    if input_format in SHARD_FORMATS:
+        # Fused read and decode take as many input rows per task as the larger
+        # batch size: at decode's 16, sixteen shards were read one after another
+        # where each could have had a task. Decode takes read's blocks as they
+        # come (several MiB of a shard's rows; hundreds of thumbnails) and
+        # decodes them a batch at a time.
+        dataset = dataset.map_batches(
+            decode_in_slices,
+            batch_size=None,
+            batch_format="numpy",
+            fn_kwargs={"rows_per_slice": decode_rows(config), **decode_settings},
+            num_cpus=decode_cpus,
+        )
+    else:
+        dataset = dataset.map_batches(
+            decode_batch,
+            batch_size=decode_rows(config),
+            batch_format="numpy",
+            fn_kwargs=decode_settings,
+            num_cpus=decode_cpus,
+        )
     actors = config.resources.actors
     pseudo_labels = config.pseudo_labels
     # On a GPU actor pool Ray keeps read/decode in separate CPU tasks that overlap
@@ -562,7 +582,8 @@ def stage_timings(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
     for operator in operators:
         entry = {"operator_wall_s": round(operator.time_total_s, 3)}
         if operator.task_rows is not None:
-            # Tasks run: the stage's parallelism (one shard per read task).
+            # Tasks run (calls, for an actor stage): a read stage runs one per
+            # shard, so fewer tasks than shards would mean shards read in turn.
             entry["tasks"] = operator.task_rows.count
         for name, summary in (
             ("task_cpu_s", operator.cpu_time),
@@ -640,10 +661,11 @@ class _ListingCounts:
     more_after_limit: bool = False
     errors_left: int = 0
     # Shards: those left out whole, their done images counted in ``images``;
-    # of each passed on to be read, its done images as the view counts them
-    # (under any read settings), until its read tells (_count_shard_reads).
+    # of those passed on to be read, by done_key(URI, version), the done
+    # images the view counts (under any read settings; only those with any),
+    # until the reads tell (_count_shard_reads).
     shards_skipped: int = 0
-    shards_to_read: dict[tuple[str, str], int] = field(default_factory=dict)
+    shards_to_read: dict[int, int] = field(default_factory=dict)
 
 
 def _not_done(
@@ -675,29 +697,36 @@ def _not_done(
             if not markers.can_skip(stem, config_hash, images_done) or markers.error_stands(
                 shard_id, done.shard_errors.get(shard_id)
             ):
-                skipped.shards_to_read[shard] = images_done
+                if images_done:
+                    skipped.shards_to_read[done_key(*shard)] = images_done
                 yield row
             else:
+                # The view's count may hold rows under other read settings (other
+                # ids): the shard has no more images than its marker counted.
                 skipped.shards_skipped += 1
-                skipped.images += images_done
+                skipped.images += min(images_done, markers.images.get(stem, images_done))
         elif len(done) and done.has(row["image_id"], row["source_version"]):
             skipped.images += 1
         else:
             yield row
 
 
-def _count_shard_reads(
-    reads: dict[tuple[str, str], tuple[int, int]], skipped: _ListingCounts
-) -> None:
-    """Add what the shards' reads left out (:meth:`ProgressBeacon.shard_read`) to
-    ``skipped``. The view's count of a shard's done images holds rows of other
-    read settings too (another ``input.id_column`` names its images anew), so
-    a read's own count replaces it; a shard whose read never told (the limit
-    met before it began) keeps the view's."""
-    for shard, view_count in skipped.shards_to_read.items():
-        images_done, errors_left = reads.get(shard, (view_count, 0))
-        skipped.images += images_done
-        skipped.errors_left += errors_left
+def _count_shard_reads(reads: ShardReads, skipped: _ListingCounts) -> None:
+    """Add what the shards' reads left out (one entry a shard) to ``skipped``.
+
+    The view's count of a shard's done images holds rows of other read
+    settings too (another ``input.id_column`` names its images anew), so a
+    read's own count replaces it. A shard whose read never told keeps the
+    view's: the limit was met before it began, or its read task was killed.
+    A read cut off part-way (the limit, a shard that breaks) counts what it
+    left out up to there.
+    """
+    to_read = skipped.shards_to_read
+    keys = np.fromiter(to_read.keys(), dtype=np.uint64, count=len(to_read))
+    view_counts = np.fromiter(to_read.values(), dtype=np.int64, count=len(to_read))
+    untold = ~np.isin(keys, reads.keys)
+    skipped.images += int(reads.images_done.sum()) + int(view_counts[untold].sum())
+    skipped.errors_left += int(reads.errors_left.sum())
 
 
 def _limited(
@@ -745,10 +774,11 @@ def _with_listing_progress(
     for listed, row in enumerate(rows, 1):
         if (now := time.monotonic()) >= next_report:
             logger.info(
-                "listing: %s %s so far, %s images already done (%.0f s)",
+                "listing: %s %s so far, %s images already done%s (%.0f s)",
                 f"{listed:,}",
                 noun,
                 f"{skipped.images:,}",
+                " in shards skipped whole" if noun == "shards" else "",
                 now - started,
             )
             next_report = now + interval_s
@@ -827,7 +857,8 @@ def _count_rows_of_run(fs, root: str, run_id: str, started_at: datetime) -> _Row
 
 
 def decode_rows(config: JobConfig) -> int:
-    """Rows per read/decode batch and per early listing block.
+    """Rows per read/decode batch (for shards, per decode slice) and per early
+    listing block.
 
     No more than one inference batch: where read and decode are fused into a
     CPU actor, a task hands nothing on until all its rows are through the

@@ -240,7 +240,7 @@ def test_each_shard_gets_a_read_task_of_its_own(ray_cluster, checkpoints, tmp_pa
     )
     assert summary.images_ok == 8
     stages = summary.stage_timings_s
-    assert stages["MapBatches(read_shard)->MapBatches(decode_batch)"]["tasks"] == 4
+    assert stages["MapBatches(read_shard)->MapBatches(decode_in_slices)"]["tasks"] == 4
 
 
 @pytest.mark.slow

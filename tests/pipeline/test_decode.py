@@ -7,7 +7,13 @@ from PIL import ExifTags, Image
 
 from dpt_model.processing import PreprocessSpec, resize_for_model
 from jobs.sample_images import encoded, synthetic_photo
-from pipeline.decode import DecodeError, decode_batch, decode_image, draft_side_px
+from pipeline.decode import (
+    DecodeError,
+    decode_batch,
+    decode_image,
+    decode_in_slices,
+    draft_side_px,
+)
 from tests.corpus import hostile_files, odd_files, png_declaring_size
 
 LIMITS = {"max_image_pixels": 89_478_485, "max_side_px": 16_384}
@@ -184,6 +190,29 @@ def test_truncated_jpeg_becomes_error_row_and_good_rows_complete():
         assert re.match("decode: " + HOSTILE_REASONS[name], reason), (name, reason)
     assert "image_bytes" not in out
     assert list(out["height"][:1]) == [48] and list(out["width"][:1]) == [64]
+
+
+def test_a_block_of_any_size_is_decoded_a_slice_at_a_time_to_the_same_rows():
+    """A shard's block reaches decode whole (hundreds of thumbnails): its model
+    inputs leave a slice at a time, equal to decoding it in one go."""
+    files = [encoded(synthetic_photo(64, 48, seed=i), "JPEG") for i in range(4)] + [b"junk"]
+    batch = {
+        "source_uri": np.array([f"s#{i}" for i in range(5)], dtype=object),
+        "image_bytes": object_array(files),
+        "status": np.array(["ok"] * 5, dtype=object),
+        "error": np.array([""] * 5, dtype=object),
+    }
+    specs = {"depth": PreprocessSpec()}
+    slices = list(decode_in_slices(batch, 2, specs=specs, **LIMITS))
+    assert [len(part["status"]) for part in slices] == [2, 2, 1]
+    whole = decode_batch(batch, specs, **LIMITS)
+    for key, column in whole.items():
+        joined = [value for part in slices for value in part[key]]
+        if key == "depth_input":
+            assert all(np.array_equal(a, b) for a, b in zip(joined, column, strict=True))
+        else:
+            assert joined == list(column), key
+    assert slices[-1]["status"].tolist() == ["error"]
 
 
 KEEP_ASPECT_518 = PreprocessSpec(

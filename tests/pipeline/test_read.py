@@ -138,6 +138,20 @@ def test_http_images_over_the_byte_limit_are_error_rows(honours_ranges):
     assert sent["/big.jpg"] == (11 if honours_ranges else 1000)
 
 
+class ShardReadsHeard:
+    """A :class:`~pipeline.read.ShardReadListener` that keeps what it heard."""
+
+    def __init__(self) -> None:
+        self.began: list = []
+        self.ended: list = []
+
+    def started(self, shard):
+        self.began.append(shard)
+
+    def finished(self, shard, images_done, errors_left):
+        self.ended.append((shard, images_done, errors_left))
+
+
 def _read_shards(uris, keys, input_format, **options):
     shard_input = ShardInput(
         input_format, ("jpg", "png"), options.get("image_column", "image"), options.get("id_column")
@@ -161,7 +175,7 @@ def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
     first = image_id_for(f"{shard}#a/000")
     done = DoneImages(keys=np.sort(np.array([done_key(first, "v0")], dtype=np.uint64)))
 
-    told = []
+    told = ShardReadsHeard()
 
     def read(version: str, done_images: DoneImages | None, rows_per_batch: int = 16):
         return read_shard(
@@ -170,7 +184,7 @@ def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
             storage_options={},
             rows_per_batch=rows_per_batch,
             done=done_images,
-            on_shard_read=lambda *counts: told.append(counts),
+            shard_reads=told,
         )
 
     def source_uris(version: str, done_images: DoneImages | None) -> list[str]:
@@ -178,17 +192,19 @@ def test_a_shards_done_images_go_no_further_under_their_own_version(tmp_path):
 
     everything = source_uris("v0", None)
     assert len(everything) == 4
-    assert told == []  # nothing was done: nothing to count
+    assert told.ended == []  # nothing was done: nothing to count
     assert source_uris("v0", done) == everything[1:]
     assert source_uris("v1", done) == everything  # done for another version of the shard
     # What each read left out, for the run's count of images already done.
-    assert told == [((str(shard), "v0"), 1, 0), ((str(shard), "v1"), 0, 0)]
+    assert told.ended == [((str(shard), "v0"), 1, 0), ((str(shard), "v1"), 0, 0)]
+    assert told.began == [shard for shard, _, _ in told.ended]
     # A read stopped after its first row (input.limit met) tells what it left out so far.
-    told.clear()
+    told = ShardReadsHeard()
     stopped = read("v0", done, rows_per_batch=1)
     next(stopped)
+    assert (told.began, told.ended) == ([(str(shard), "v0")], [])
     stopped.close()
-    assert told == [((str(shard), "v0"), 1, 0)]
+    assert told.ended == [((str(shard), "v0"), 1, 0)]
 
 
 def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
@@ -203,7 +219,7 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
     imageless_key = np.array([done_key(imageless, "v0")], dtype=np.uint64)
     done = DoneImages(errored=imageless_key, errored_on_bytes=imageless_key)
 
-    told = []
+    told = ShardReadsHeard()
 
     def source_uris(version: str, leave_errors: bool) -> list[str]:
         batches = read_shard(
@@ -213,7 +229,7 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
             rows_per_batch=16,
             done=done,
             leave_errors=leave_errors,
-            on_shard_read=lambda *counts: told.append(counts),
+            shard_reads=told,
         )
         return [uri for batch in batches for uri in batch["source_uri"].tolist()]
 
@@ -222,7 +238,7 @@ def test_under_a_limit_a_shards_members_with_error_rows_are_left_out(tmp_path):
     assert source_uris("v0", leave_errors=True) == [u for u in everything if u != f"{shard}#a/002"]
     assert source_uris("v1", leave_errors=True) == everything  # another version: tried again
     # The member left behind is counted, for the run's summary.
-    assert [errors_left for _, _, errors_left in told] == [0, 1, 0]
+    assert [errors_left for _, _, errors_left in told.ended] == [0, 1, 0]
 
 
 def test_webdataset_shard_expands_into_image_rows_in_batches(tmp_path):

@@ -321,20 +321,37 @@ def test_done_shard_images_are_counted_from_the_reads_where_shards_were_read():
     import collections
 
     from pipeline.keys import shard_marker_stem
+    from pipeline.output.done import done_key
     from pipeline.output.shard_markers import ShardMarkers
+    from pipeline.progress import ProgressBeacon
 
     shards = [("s3://b/a.tar", "v1"), ("s3://b/b.tar", "v1"), ("s3://b/c.tar", "v1")]
+    new_shard = ("s3://b/d.tar", "v1")
+    # a.tar's 4 images are done, and 3 rows under the ids of other read settings.
     done = DoneImages(
         keys=np.array([1], dtype=np.uint64),
-        per_shard=collections.Counter({shards[0]: 4, shards[1]: 3, shards[2]: 2}),
+        per_shard=collections.Counter({shards[0]: 7, shards[1]: 3, shards[2]: 2}),
     )
     markers = ShardMarkers(images={shard_marker_stem(*shards[0]): 4})
     counts = _ListingCounts()
-    rows = [{"shard_uri": uri, "shard_version": version} for uri, version in shards]
+    rows = [{"shard_uri": uri, "shard_version": version} for uri, version in [*shards, new_shard]]
     passed = list(_not_done(iter(rows), done, True, counts, markers))
-    assert passed == rows[1:]  # a.tar: all 4 of its images done
+    assert passed == rows[1:]  # a.tar: all 4 of its images done, counted from its marker
     assert (counts.shards_skipped, counts.images) == (1, 4)
-    # b.tar's read found none of its images done and left one error behind;
-    # c.tar was never read (input.limit met first): the view's count stands.
-    _count_shard_reads({shards[1]: (0, 1)}, counts)
+    assert len(counts.shards_to_read) == 2  # not d.tar: nothing of it is done
+    # b.tar's read (tried twice by Ray) found none of its images done and left
+    # one error behind; d.tar's found nothing; c.tar was never read (the limit
+    # was met first), so the view's count stands.
+    beacon = ProgressBeacon()
+    for shard, images_done, errors_left in [
+        (shards[1], 3, 0),
+        (shards[1], 0, 1),
+        (new_shard, 0, 0),
+    ]:
+        beacon.shard_read_started(done_key(*shard))
+        beacon.shard_read(done_key(*shard), images_done, errors_left)
+    beacon.shard_read_started(done_key(*shards[2]))
+    heard = beacon.shard_reads()
+    assert heard.still_reading == 1 and len(heard.keys) == 3
+    _count_shard_reads(heard.last_per_shard(), counts)
     assert (counts.images, counts.errors_left) == (4 + 0 + 2, 1)
