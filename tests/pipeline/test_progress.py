@@ -216,3 +216,32 @@ def test_progress_through_the_actor_keeps_the_watchdog_quiet(ray_cluster):
     assert time.monotonic() - started > 3 + 0.5  # watched past the timeout and one check
     assert watchdog.stalled_after_rows is None
     assert ray.get(beacon.state.remote())[0] == 25
+
+
+def test_the_driver_waits_for_shard_reads_still_to_tell_and_no_longer_than_its_timeout(
+    ray_cluster,
+):
+    """Ray cancels the reads input.limit cut off without waiting for them; each
+    tells the beacon as it stops, maybe after the dataset has ended."""
+    import threading
+
+    from pipeline.progress import ShardReadTeller, wait_for_shard_reads
+
+    ray = ray_cluster
+    beacon = ray.remote(num_cpus=0)(ProgressBeacon).remote()
+    teller = ShardReadTeller(beacon)
+    teller.started(("s3://b/a.tar", "v1"))
+    teller.finished(("s3://b/a.tar", "v1"), 5, 0)
+    teller.started(("s3://b/b.tar", "v1"))  # cut off: tells 0.5 s from now
+    late = threading.Timer(0.5, teller.finished, (("s3://b/b.tar", "v1"), 2, 1))
+    late.start()
+    started = time.monotonic()
+    reads = wait_for_shard_reads(beacon, timeout_s=20)
+    assert time.monotonic() - started < 10
+    assert (reads.still_reading, sorted(reads.images_done.tolist())) == (0, [2, 5])
+    assert reads.errors_left.tolist().count(1) == 1
+    teller.started(("s3://b/c.tar", "v1"))  # killed outright: never tells
+    started = time.monotonic()
+    reads = wait_for_shard_reads(beacon, timeout_s=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert reads.still_reading == 1 and len(reads.keys) == 2
