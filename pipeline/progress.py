@@ -71,6 +71,11 @@ class ProgressBeacon:
         self.shard_done.append(images_done)
         self.shard_errors_left.append(errors_left)
 
+    def reads_in_flight(self) -> int:
+        """Shards whose reads began and have not told (also one whose first attempt
+        died and whose retry told: a miss the driver waits out, then reports)."""
+        return len(self.shards_reading)
+
     def shard_reads(self) -> ShardReads:
         return ShardReads(
             np.frombuffer(self.shard_keys, dtype=np.uint64).copy(),
@@ -89,6 +94,11 @@ class ShardReads:
     images_done: np.ndarray
     errors_left: np.ndarray
     still_reading: int
+
+    @classmethod
+    def none(cls) -> ShardReads:
+        empty = np.empty(0, dtype=np.int64)
+        return cls(np.empty(0, dtype=np.uint64), empty, empty, 0)
 
     def last_per_shard(self) -> ShardReads:
         """One entry per shard: its last read's."""
@@ -124,17 +134,22 @@ class ShardReadTeller:
 TELL_TIMEOUT_S = 30.0
 
 
-def wait_for_shard_reads(beacon: Any, timeout_s: float = 10.0) -> ShardReads:
-    """The beacon's :class:`ShardReads` once no read is still to tell, or after
-    ``timeout_s`` (a read task killed outright never tells)."""
+def wait_for_shard_reads(beacon: Any, wait_s: float) -> ShardReads:
+    """The beacon's :class:`ShardReads`, one entry a shard, once no read is still
+    to tell or ``wait_s`` has passed (a read task killed outright never tells).
+
+    Only reads that ``input.limit`` cut off can tell after the dataset has run;
+    without a limit, wait 0.
+    """
     import ray
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        reads = ray.get(beacon.shard_reads.remote())
-        if not reads.still_reading or time.monotonic() >= deadline:
-            return reads.last_per_shard()
+    deadline = time.monotonic() + wait_s
+    while (
+        time.monotonic() < deadline
+        and ray.get(beacon.reads_in_flight.remote(), timeout=TELL_TIMEOUT_S) > 0
+    ):
         time.sleep(0.1)
+    return ray.get(beacon.shard_reads.remote(), timeout=TELL_TIMEOUT_S).last_per_shard()
 
 
 def report_progress(batch: pa.Table, beacon: Any) -> pa.Table:

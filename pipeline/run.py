@@ -289,7 +289,7 @@ def run_annotation(config: JobConfig) -> RunSummary:
             stage_times = stage_timings(dataset)
             if sharded:
                 done_in_shards_skipped = skipped.images
-                _count_shard_reads(wait_for_shard_reads(beacon), skipped)
+                _count_shard_reads(_shard_reads(beacon, config), skipped)
                 record_skipped(skipped.images - done_in_shards_skipped)
                 if skipped.errors_left:
                     logger.info(
@@ -709,6 +709,32 @@ def _not_done(
             skipped.images += 1
         else:
             yield row
+
+
+# How long the driver waits for shard reads input.limit cut off to tell what
+# they left out: Ray cancels them without waiting, and each tells as it stops.
+CUT_READS_WAIT_S = 10.0
+
+
+def _shard_reads(beacon: Any, config: JobConfig) -> ShardReads:
+    """What the shard reads told the beacon; none (the view's counts stand) where
+    it cannot say: every row is written by now, and a count is not worth the run."""
+    wait_s = CUT_READS_WAIT_S if config.input.limit is not None else 0.0
+    try:
+        reads = wait_for_shard_reads(beacon, wait_s)
+    except Exception as error:  # the beacon died or did not answer
+        logger.warning(
+            "the shard reads' counts are lost (%s); images already done are counted from the view",
+            type(error).__name__,
+        )
+        return ShardReads.none()
+    if reads.still_reading:
+        logger.warning(
+            "%d shard reads did not tell what they left out (a read task died, or the "
+            "limit cut it off); their images already done are counted from the view",
+            reads.still_reading,
+        )
+    return reads
 
 
 def _count_shard_reads(reads: ShardReads, skipped: _ListingCounts) -> None:

@@ -236,12 +236,18 @@ def test_the_driver_waits_for_shard_reads_still_to_tell_and_no_longer_than_its_t
     late = threading.Timer(0.5, teller.finished, (("s3://b/b.tar", "v1"), 2, 1))
     late.start()
     started = time.monotonic()
-    reads = wait_for_shard_reads(beacon, timeout_s=20)
+    reads = wait_for_shard_reads(beacon, wait_s=20)
     assert time.monotonic() - started < 10
     assert (reads.still_reading, sorted(reads.images_done.tolist())) == (0, [2, 5])
     assert reads.errors_left.tolist().count(1) == 1
-    teller.started(("s3://b/c.tar", "v1"))  # killed outright: never tells
+    # c.tar's first read was killed outright and never told; its retry did.
+    teller.started(("s3://b/c.tar", "v1"))
+    teller.started(("s3://b/c.tar", "v1"))
+    teller.finished(("s3://b/c.tar", "v1"), 0, 0)
     started = time.monotonic()
-    reads = wait_for_shard_reads(beacon, timeout_s=0.5)
+    reads = wait_for_shard_reads(beacon, wait_s=0.5)
     assert 0.5 <= time.monotonic() - started < 5
-    assert reads.still_reading == 1 and len(reads.keys) == 2
+    assert reads.still_reading == 1 and len(reads.keys) == 3
+    started = time.monotonic()
+    assert wait_for_shard_reads(beacon, wait_s=0).still_reading == 1  # no limit: no wait
+    assert time.monotonic() - started < 5

@@ -355,3 +355,22 @@ def test_done_shard_images_are_counted_from_the_reads_where_shards_were_read():
     assert heard.still_reading == 1 and len(heard.keys) == 3
     _count_shard_reads(heard.last_per_shard(), counts)
     assert (counts.images, counts.errors_left) == (4 + 0 + 2, 1)
+
+
+def test_a_beacon_that_cannot_answer_costs_the_shard_counts_not_the_run(caplog):
+    from types import SimpleNamespace
+
+    from pipeline.run import _shard_reads
+
+    def dead(*_):
+        raise RuntimeError("actor died: s3://bucket/key?X-Amz-Signature=secret")
+
+    beacon = SimpleNamespace(
+        shard_reads=SimpleNamespace(remote=dead), reads_in_flight=SimpleNamespace(remote=dead)
+    )
+    config = load_config(None, ["input.uri=/in", "output.uri=/out", "models.depth=/m"])
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        reads = _shard_reads(beacon, config)
+    assert len(reads.keys) == 0 and reads.still_reading == 0
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "counts are lost (RuntimeError)" in warning and "secret" not in warning
