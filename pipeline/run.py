@@ -931,7 +931,7 @@ def put_listing_blocks(
 # had written, and its first results waited as long. At 4 MiB a block holds a
 # few inference batches' output. Image files keep Ray's default: each of their
 # read tasks takes one batch, whose output leaves when the task ends.
-SHARD_BLOCK_BYTES = 4 << 20
+SHARD_OUTPUT_BLOCK_BYTES = 4 << 20
 
 
 def _set_block_bytes(sharded: bool) -> None:
@@ -941,7 +941,9 @@ def _set_block_bytes(sharded: bool) -> None:
     from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 
     context = ray.data.DataContext.get_current()
-    context.target_max_block_size = SHARD_BLOCK_BYTES if sharded else DEFAULT_TARGET_MAX_BLOCK_SIZE
+    context.target_max_block_size = (
+        SHARD_OUTPUT_BLOCK_BYTES if sharded else DEFAULT_TARGET_MAX_BLOCK_SIZE
+    )
 
 
 def _retry_transient_parquet_writes() -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -188,9 +188,8 @@ def delete_unreferenced_maps(
         folder = join(root, kind)
         if not fs.exists(folder):
             continue
-        for chunk in _chunks(
-            (stored.path for stored in iter_objects(fs, folder)), _MAPS_PER_DELETE
-        ):
+        paths = (stored.path for stored in iter_objects(fs, folder))
+        while chunk := list(itertools.islice(paths, _MAPS_PER_DELETE)):
             listed += len(chunk)
             keys = np.fromiter(
                 (text_key(full_uri(fs, path).removeprefix(here)) for path in chunk),
@@ -206,17 +205,6 @@ def delete_unreferenced_maps(
             remove_files(fs, unreferenced)
             deleted += len(unreferenced)
     return MapPruning(listed, deleted)
-
-
-def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _referenced_map_keys(
